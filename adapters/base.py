@@ -1,0 +1,64 @@
+"""The Adapter contract.
+
+An adapter recognises one model family (`matches`), publishes its sites (`sites`), installs
+the stages of a policy with hooks (`install`) and removes every trace of them (`remove`).
+Rules (DESIGN.md): never patch a class globally, never copy a model's forward body, never
+reassign `module.forward`; hooks and per-instance attributes only, all undone by `remove()`.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from tokenreduce.hooks import HookSet, Recorder
+from tokenreduce.reducers.base import SiteInfo
+
+
+def class_names(obj) -> set:
+    """Qualified names of every class in `obj`'s MRO ('timm.models.vision_transformer.VisionTransformer')."""
+    return {f"{c.__module__}.{c.__name__}" for c in type(obj).__mro__}
+
+
+def is_a(obj, *qualnames: str) -> bool:
+    """isinstance by qualified class name: no import of the model library needed."""
+    names = class_names(obj)
+    return any(q in names for q in qualnames)
+
+
+def type_module(obj) -> str:
+    return type(obj).__module__
+
+
+class Adapter:
+    """Base class of every adapter."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
+
+    def __init__(self, model):
+        self.model = model
+        self.hooks = HookSet()
+        self.recorder: Recorder | None = None
+
+    @classmethod
+    def matches(cls, model) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sites(self) -> dict:
+        """name -> SiteInfo for every site of this model."""
+        raise NotImplementedError
+
+    def install(self, stages: list, recorder: Recorder) -> None:
+        """Install [(site, reducer)] (concrete sites, policy order)."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+    def flops(self, record) -> tuple | None:
+        """(reduced, unreduced) analytic FLOPs of the last pass, or None if unknown."""
+        return None
+
+
+def site(name: str, family: str, index=None, depth=None, signals=(), **kw) -> SiteInfo:
+    return SiteInfo(name=name, family=family, index=index, depth=depth, signals=frozenset(signals), **kw)

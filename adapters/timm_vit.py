@@ -1,0 +1,94 @@
+"""timm VisionTransformer (ViT, DeiT incl. distilled, DeiT-III LayerScale, QK-norm, registers)."""
+from __future__ import annotations
+
+from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.registry import register_adapter
+
+from .base import is_a
+from .vit import BlockParts, ViTAdapter, merge_bias
+
+
+@register_adapter
+class TimmViTAdapter(ViTAdapter):
+    name = "timm_vit"
+    family = "timm VisionTransformer"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return is_a(model, "timm.models.vision_transformer.VisionTransformer")
+
+    def __init__(self, model):
+        super().__init__(model)
+        for i, blk in enumerate(model.blocks):
+            if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp", "drop_path2")) or \
+                    not hasattr(blk.attn, "qkv"):
+                raise UnsupportedModelError(
+                    f"timm block {i} is a {type(blk).__name__} with attention {type(getattr(blk, 'attn', None)).__name__}; "
+                    "tokenreduce supports timm's pre-norm Block with fused qkv Attention")
+        self.num_prefix = int(model.num_prefix_tokens)
+        self.cls_index = 0 if getattr(model, "cls_token", None) is not None else None
+        if self.cls_index is None:
+            self.no_cls_note = f"{type(model).__name__} was built without a class token"
+
+    def blocks(self):
+        return list(self.model.blocks)
+
+    def parts(self, i):
+        b = self.model.blocks[i]
+        return BlockParts(attn=b.attn, mlp_in=b.norm2, mlp_out=b.drop_path2)
+
+    def patch_module(self):
+        return getattr(self.model.patch_embed, "proj", None)
+
+    def out_module(self):
+        return self.model.norm
+
+    def attn_dim(self, i):
+        return self.model.blocks[i].attn.attn_dim
+
+    def capture_qk(self, i, want_q, fn):
+        attn = self.model.blocks[i].attn
+
+        def hook(module, args, out):
+            B, N, _ = out.shape
+            qkv = out.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            k = attn.k_norm(qkv[1])
+            q = attn.q_norm(qkv[0][:, :, :1]) if want_q else None
+            fn(q, k, attn.scale)
+        self.hooks.post(attn.qkv, hook)
+
+    def add_attention_bias(self, i, bias_fn):
+        def hook(module, args, kwargs):
+            bias = bias_fn()
+            if bias is None:
+                return None
+            x = args[0] if args else kwargs["x"]
+            bias = merge_bias(kwargs.get("attn_mask"), bias, x.dtype)
+            kwargs = dict(kwargs)
+            kwargs["attn_mask"] = bias
+            return args, kwargs
+        self.hooks.pre(self.model.blocks[i].attn, hook, with_kwargs=True)
+
+    def install_extra(self):
+        m = self.model
+        # ToMe (reference, mae.py): with merged tokens an average pool must weight by size.
+        if getattr(m, "attn_pool", None) is None and getattr(m, "global_pool", "") == "avg" and \
+                not getattr(m, "pool_include_prefix", False):
+            self.hooks.pre(m.fc_norm, self._weighted_avg_pool)
+
+    def _weighted_avg_pool(self, module, args):
+        final = self._pass.final
+        x = args[0]
+        if final is None or bool((final.size == 1).all()) or getattr(self, "_final_x", None) is None:
+            return None
+        tokens = self._final_x
+        if tokens.shape[0] != x.shape[0]:
+            return None
+        P = self.num_prefix
+        w = final.size[:, P:, None].to(tokens.dtype)
+        return ((tokens[:, P:] * w).sum(1) / w.sum(1),)
+
+    def _on_out(self, module, args, output):
+        res = super()._on_out(module, args, output)
+        self._final_x = output if res is None else res
+        return res

@@ -1,0 +1,297 @@
+"""Machinery shared by every plain ViT (a stack of pre-norm blocks): timm, open_clip, HF towers.
+
+Sites
+  vision.layer.{i}  before block i (so vision.layer.{i+1} is "after block i")
+  vision.block.{i}  inside block i, after attention + residual, before the MLP
+  vision.out        the final token sequence, before pooling
+
+How `vision.block.{i}` works without copying the block's forward: a block computes
+    x1 = x + attn_branch(x);   out = x1 + mlp_branch(x1)
+Three hooks on the block's own submodules reduce between the two halves:
+  1. a pre-hook on the MLP branch's first module (whose input is exactly x1) runs the stages
+     and feeds the reduced x1r to the MLP, so the MLP runs on fewer tokens;
+  2. a hook on the MLP branch's last module keeps its output y and hands the block a zero, so
+     the block's own residual add `x1 + 0` still has matching shapes;
+  3. a hook on the block returns x1r + y: exactly the residual add the block would have done.
+With nothing removed the three hooks stay idle, so keep-all is bit-identical by construction.
+Attention rows and keys come from hooks on the q/k projections (fused attention stays on);
+ToMe's proportional attention is an additive float mask passed through the attention's own
+mask argument.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from tokenreduce.errors import SiteError
+from tokenreduce.flops import block_flops, linear_macs
+from tokenreduce.hooks import run_stages
+from tokenreduce.signals import cls_attention, head_mean_keys
+from tokenreduce.stream import TokenStream
+
+from .base import Adapter, site
+
+
+@dataclass
+class BlockParts:
+    attn: nn.Module      # the attention module (gets the mask / bias kwargs)
+    mlp_in: nn.Module    # first module of the MLP branch: its input is x1
+    mlp_out: nn.Module   # last module of the MLP branch: its output is added to x1
+
+
+def read_tokens(output):
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.last_hidden_state
+
+
+def write_tokens(output, x):
+    if torch.is_tensor(output):
+        return x
+    if isinstance(output, tuple):
+        return (x,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [x] + list(output[1:])
+    output.last_hidden_state = x
+    return output
+
+
+def merge_bias(mask, bias, dtype):
+    """An existing attention mask (bool: True = attend, or float logits) plus a float bias."""
+    bias = bias.to(dtype)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return mask + bias
+
+
+class _Pass:
+    """State of one forward through the blocks."""
+
+    def __init__(self):
+        self.state: TokenStream | None = None
+        self.pending: dict = {}   # block -> [x1r, y]
+        self.n0 = 0
+        self.final: TokenStream | None = None
+
+
+class ViTAdapter(Adapter):
+    """Generic adapter over a sequence of ViT blocks; family files fill in the parts."""
+
+    #: number of leading protected tokens (CLS, distillation, registers)
+    num_prefix: int = 1
+    #: index of the CLS token, None when the model has none (SigLIP)
+    cls_index: int | None = 0
+    #: why signals are missing (shown in errors)
+    no_cls_note: str = ""
+
+    # -- family hooks ------------------------------------------------------------------------
+    def blocks(self) -> list:
+        raise NotImplementedError
+
+    def parts(self, i: int) -> BlockParts:
+        raise NotImplementedError
+
+    def patch_module(self) -> nn.Module | None:
+        return None
+
+    def out_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def capture_qk(self, i: int, want_q: bool, fn) -> None:
+        """Install hooks on block i that call fn(q_cls (B,H,1,D) or None, k (B,H,N,D), scale)."""
+        raise NotImplementedError
+
+    def add_attention_bias(self, i: int, bias_fn) -> None:
+        """Install a hook that adds bias_fn() (B,1,1,N) float logits to block i's attention."""
+        raise NotImplementedError
+
+    def install_extra(self) -> None:
+        """Family-specific extras (e.g. size-weighted average pooling)."""
+
+    # -- sites -------------------------------------------------------------------------------
+    def sites(self) -> dict:
+        depth = len(self.blocks())
+        sig = {"keys", "x"} | ({"cls_attn"} if self.cls_index is not None else set())
+        note = self.no_cls_note if self.cls_index is None else ""
+        out = {}
+        for i in range(depth):
+            n = f"vision.layer.{i}"
+            out[n] = site(n, "vision.layer", i, depth, sig if i > 0 else {"x"}, note=note, own_layer=i - 1 if i else None)
+        for i in range(depth):
+            n = f"vision.block.{i}"
+            out[n] = site(n, "vision.block", i, depth, sig, note=note, own_layer=i)
+        out["vision.out"] = site("vision.out", "vision.out", None, depth, sig, note=note, own_layer=depth - 1)
+        return out
+
+    # -- install -----------------------------------------------------------------------------
+    def install(self, stages, recorder) -> None:
+        self.recorder = recorder
+        infos = self.sites()
+        self._infos = infos
+        self._by_site = defaultdict(list)
+        for name, red in stages:
+            self._by_site[name].append(red)
+        key_layers, cls_layers = set(), set()
+        self._prop_attn = self._source = False
+        for name, red in stages:
+            info = infos[name]
+            nd = red.needs(info)
+            for sig, layers in nd.signals.items():
+                for l in layers:
+                    l = info.own_layer if l is None else l
+                    if sig == "keys":
+                        key_layers.add(l)
+                    elif sig == "cls_attn":
+                        cls_layers.add(l)
+            self._prop_attn |= nd.prop_attn
+            self._source |= nd.source
+        self._pass = _Pass()
+        self._grid = None
+        H = self.hooks
+        pm = self.patch_module()
+        if pm is not None:
+            H.post(pm, self._on_patch)
+        blocks = self.blocks()
+        for i, blk in enumerate(blocks):
+            H.pre(blk, partial(self._block_pre, i))
+            H.post(blk, partial(self._block_post, i))
+            if f"vision.block.{i}" in self._by_site:
+                p = self.parts(i)
+                H.pre(p.mlp_in, partial(self._mlp_in, i))
+                H.post(p.mlp_out, partial(self._mlp_out, i))
+            if i in key_layers or i in cls_layers:
+                self.capture_qk(i, i in cls_layers, partial(self._on_qk, i, i in key_layers, i in cls_layers))
+            if self._prop_attn:
+                self.add_attention_bias(i, self._size_bias)
+        H.post(self.out_module(), self._on_out)
+        self.install_extra()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_patch(self, module, args, output):
+        if torch.is_tensor(output) and output.dim() == 4:
+            self._grid = (1, output.shape[-2], output.shape[-1])
+
+    def _begin(self, x):
+        p = self._pass = _Pass()
+        self.recorder.begin()
+        grid = self._grid
+        n_vis = x.shape[1] - self.num_prefix
+        if grid is None or grid[1] * grid[2] != n_vis:
+            side = int(round(n_vis ** 0.5))
+            grid = (1, side, side) if side * side == n_vis else None
+        p.state = TokenStream.start(x, num_prefix=self.num_prefix, grid=grid, track_source=self._source).state()
+        p.n0 = x.shape[1]
+        self.recorder.last.extra["tokens_start"] = p.n0
+
+    def _stream(self, name, x):
+        info = self._infos[name]
+        st = self._pass.state
+        if st is None or st.pos.shape[1] != x.shape[1] or st.pos.shape[0] != x.shape[0]:
+            raise RuntimeError(f"tokenreduce: {name} sees {tuple(x.shape[:2])} tokens but the reduction state "
+                               f"expects {None if st is None else tuple(st.pos.shape)}; was the model called "
+                               "from the middle (not from its first block)?")
+        layer = info.index if info.index is not None else info.depth - 1
+        return st.with_x(x, site=name, layer=layer, depth=info.depth, info=info, own_layer=info.own_layer,
+                         order="prefix")
+
+    def _run(self, name, x):
+        stream, plans = run_stages(self._stream(name, x), self._by_site[name], self.recorder)
+        if stream.valid is not None and not bool(stream.valid.all()):
+            raise SiteError(f"{name}: the plan keeps different numbers of tokens per sample; inside a ViT "
+                            "every sample must keep the same count")
+        self._pass.state = stream.state()
+        return stream.x, bool(plans)
+
+    def _block_pre(self, i, module, args):
+        x = args[0]
+        if i == 0:
+            self._begin(x)
+        out = None
+        name = f"vision.layer.{i}"
+        if name in self._by_site:
+            x, changed = self._run(name, x)
+            out = (x,) + tuple(args[1:])
+        self.recorder.layer(i, x.shape[1])
+        return out
+
+    def _block_post(self, i, module, args, output):
+        pend = self._pass.pending.pop(i, None)
+        if pend is not None:
+            x1r, y = pend
+            output = write_tokens(output, x1r + y)
+        x = read_tokens(output)
+        self.recorder.last.layers[i][1] = x.shape[1]
+        return output if pend is not None else None
+
+    def _mlp_in(self, i, module, args):
+        x1 = args[0]
+        x1r, changed = self._run(f"vision.block.{i}", x1)
+        if not changed:
+            return None
+        self._pass.pending[i] = [x1r, None]
+        return (x1r,) + tuple(args[1:])
+
+    def _mlp_out(self, i, module, args, output):
+        pend = self._pass.pending.get(i)
+        if pend is None or pend[1] is not None:
+            return None
+        pend[1] = output
+        return output.new_zeros(output.shape[0], *([1] * (output.dim() - 1)))
+
+    def _on_qk(self, i, want_keys, want_cls, q_cls, k, scale):
+        st = self._pass.state
+        sig = st.signals
+        if want_keys:
+            sig.put("keys", i, st.pos, head_mean_keys(k))
+        if want_cls:
+            bias = self._size_bias()
+            sig.put("cls_attn", i, st.pos, cls_attention(q_cls, k, scale, bias))
+
+    def _size_bias(self):
+        st = self._pass.state
+        if st is None or not self._prop_attn or bool((st.size == 1).all()):
+            return None
+        return st.size.log()[:, None, None, :]
+
+    def _on_out(self, module, args, output):
+        x = read_tokens(output)
+        changed = False
+        if "vision.out" in self._by_site:
+            x, changed = self._run("vision.out", x)
+        self._pass.final = self._pass.state
+        return write_tokens(output, x) if changed else None
+
+    # -- stats -------------------------------------------------------------------------------
+    def block_costs(self) -> list:
+        if not hasattr(self, "_costs"):
+            costs = []
+            for i, blk in enumerate(self.blocks()):
+                p = self.parts(i)
+                am = linear_macs(p.attn)
+                costs.append((am, linear_macs(blk) - am, self.attn_dim(i)))
+            self._costs = costs
+        return self._costs
+
+    def attn_dim(self, i: int) -> int:
+        raise NotImplementedError
+
+    def flops(self, record):
+        if not record.layers:
+            return None
+        n0 = record.extra.get("tokens_start")
+        reduced = full = 0.0
+        for i, (am, mm, ad) in enumerate(self.block_costs()):
+            if i not in record.layers:
+                continue
+            n_in, n_out = record.layers[i]
+            reduced += block_flops(n_in, n_out, am, mm, ad)
+            full += block_flops(n0, n0, am, mm, ad)
+        return reduced, full

@@ -1,0 +1,114 @@
+"""reduce(model, policy) -> Handle."""
+from __future__ import annotations
+
+from .hooks import Recorder
+from .policy import Policy, describe_sites
+from .registry import find_adapter
+
+_ATTR = "_tokenreduce_handle"
+
+
+class Handle:
+    """A reduction installed on a model. `.remove()` (or leaving a `with` block) undoes it exactly.
+
+    stats: what the last forward did (tokens in/out per site, time in reducers, tokens per
+    layer, analytic FLOPs and their fraction of the unreduced model). trace: per site, the
+    original positions (and sizes, sources) of the surviving tokens in the last forward.
+    """
+
+    def __init__(self, model, policy: Policy, adapter, stages):
+        self.model = model
+        self.policy = policy
+        self.adapter = adapter
+        self.stages = stages
+        self.recorder = Recorder()
+        self.removed = False
+
+    # -- information --------------------------------------------------------------------------
+    @property
+    def sites(self) -> list:
+        return list(self.adapter.sites())
+
+    @property
+    def trace(self) -> dict:
+        return self.recorder.last.trace
+
+    @property
+    def stats(self) -> dict:
+        rec = self.recorder.last
+        sites = {k: {"tokens_in": v.tokens_in / v.calls, "tokens_out": v.tokens_out / v.calls,
+                     "reducer_ms": v.ms, "calls": v.calls}
+                 for k, v in rec.sites.items()}
+        out = {"forwards": self.recorder.forwards, "sites": sites,
+               "reducer_ms": sum(v.ms for v in rec.sites.values()),
+               "tokens_per_layer": {k: v[0] for k, v in rec.layers.items()}}
+        if rec.layers and "tokens_start" in rec.extra:
+            # token count at the start and after each layer: ToMe's 197, 181, ..., 11
+            out["tokens"] = [rec.extra["tokens_start"]] + [v[1] for v in rec.layers.values()]
+        flops = self.adapter.flops(rec)
+        if flops is not None:
+            reduced, full = flops
+            out.update(flops=reduced, flops_unreduced=full, flops_fraction=reduced / full if full else 1.0)
+        out.update(rec.extra)
+        return out
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        if self.removed:
+            return
+        self.adapter.remove()
+        if self.model.__dict__.get(_ATTR) is self:
+            del self.model.__dict__[_ATTR]
+        self.removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        state = "removed" if self.removed else "active"
+        return f"<tokenreduce.Handle {self.adapter.name} [{state}] {self.policy.to_spec() or 'no stages'}>"
+
+
+def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
+    """Install `policy` on `model` in place and return a Handle.
+
+    policy: a Policy, a dict, a one-line spec string or a path to a YAML/JSON file.
+    adapter: an adapter class to use instead of the one the registry finds.
+    Reducing an already reduced model replaces the previous policy.
+    """
+    old = model.__dict__.get(_ATTR)
+    if old is not None:
+        old.remove()
+    policy = Policy.coerce(policy)
+    adapter_cls = adapter or find_adapter(model)
+    ad = adapter_cls(model, **adapter_options)
+    sites = ad.sites()
+    stages = policy.resolve(sites)
+    for site, red in stages:
+        red.check_site(sites[site])
+    handle = Handle(model, policy, ad, stages)
+    ad.install(stages, handle.recorder)
+    model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict
+    return handle
+
+
+def unreduce(model) -> bool:
+    """Remove whatever reduction is installed on `model`. Returns True if there was one."""
+    h = model.__dict__.get(_ATTR)
+    if h is None:
+        return False
+    h.remove()
+    return True
+
+
+def sites(model, **adapter_options) -> dict:
+    """The sites `model` publishes: name -> SiteInfo."""
+    return find_adapter(model)(model, **adapter_options).sites()
+
+
+def describe(model) -> str:
+    return describe_sites(sites(model))

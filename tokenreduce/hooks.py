@@ -1,0 +1,124 @@
+"""Model-agnostic plumbing that adapters share: a set of undoable hooks, running the stages of
+one site, and the per-forward record behind `Handle.stats`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .stream import Plan, TokenStream, apply_plan
+
+
+class HookSet:
+    """Every hook and attribute change an adapter makes, undone in reverse order by `remove()`."""
+
+    def __init__(self):
+        self._undo = []
+
+    def pre(self, module, fn, *, with_kwargs=False, prepend=True):
+        h = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
+        self._undo.append(h.remove)
+        return h
+
+    def post(self, module, fn, *, with_kwargs=False, prepend=True):
+        h = module.register_forward_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
+        self._undo.append(h.remove)
+        return h
+
+    def setattr(self, obj, name, value):
+        """Set a plain attribute on one object (an instance, never a class) and restore it later."""
+        if isinstance(obj, type):
+            raise TypeError("tokenreduce never patches a class; set attributes on instances")
+        inst = vars(obj)
+        had, old = name in inst, inst.get(name)
+        setattr(obj, name, value)
+
+        def undo():
+            if had:
+                setattr(obj, name, old)
+            elif name in vars(obj):
+                delattr(obj, name)  # the class attribute shows through again
+        self._undo.append(undo)
+
+    def on_remove(self, fn):
+        self._undo.append(fn)
+
+    def remove(self):
+        while self._undo:
+            self._undo.pop()()
+
+
+@dataclass
+class SiteRecord:
+    tokens_in: float = 0.0
+    tokens_out: float = 0.0
+    ms: float = 0.0
+    calls: int = 0
+
+
+@dataclass
+class PassRecord:
+    """What happened during one forward of the reduced part of the model."""
+
+    sites: dict = field(default_factory=dict)     # site -> SiteRecord
+    layers: dict = field(default_factory=dict)    # layer key -> (tokens_in, tokens_out) per sample
+    trace: dict = field(default_factory=dict)     # site -> {"pos", "size", "source"} tensors
+    extra: dict = field(default_factory=dict)
+
+
+class Recorder:
+    """Collects per-forward statistics; adapters call `begin()` at the start of each pass."""
+
+    def __init__(self):
+        self.last = PassRecord()
+        self.forwards = 0
+        self.trace_enabled = True
+
+    def begin(self) -> PassRecord:
+        self.last = PassRecord()
+        self.forwards += 1
+        return self.last
+
+    def site(self, name, n_in, n_out, ms):
+        r = self.last.sites.setdefault(name, SiteRecord())
+        r.tokens_in += n_in
+        r.tokens_out += n_out
+        r.ms += ms
+        r.calls += 1
+
+    def layer(self, key, n_in, n_out=None):
+        old = self.last.layers.get(key)
+        n_out = n_in if n_out is None else n_out
+        if old is None:
+            self.last.layers[key] = [n_in, n_out]
+        else:  # a layer that runs again in the same pass (e.g. per decode step): keep the last
+            self.last.layers[key] = [n_in, n_out]
+
+
+def tokens_per_sample(stream: TokenStream) -> float:
+    """Mean number of (valid) tokens per sample."""
+    if stream.valid is None:
+        return float(stream.num_tokens)
+    return float(stream.valid.sum(1).float().mean())
+
+
+def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) -> tuple:
+    """Run the reducers of one site in order. Returns (stream, [applied plans])."""
+    plans = []
+    t0 = time.perf_counter()
+    n_in = tokens_per_sample(stream)
+    for red in reducers:
+        with torch.no_grad():
+            plan = red.plan(stream)
+        if plan is not None:
+            if not isinstance(plan, Plan):
+                raise TypeError(f"{red.name}.plan() must return a Plan or None, got {type(plan).__name__}")
+            stream, plan = apply_plan(stream, plan)
+            plans.append(plan)
+    if recorder is not None:
+        recorder.site(stream.site, n_in, tokens_per_sample(stream), (time.perf_counter() - t0) * 1e3)
+        if recorder.trace_enabled:
+            recorder.last.trace[stream.site] = {"pos": stream.pos, "size": stream.size, "source": stream.source,
+                                                "frame": stream.frame, "valid": stream.valid}
+    return stream, plans

@@ -1,0 +1,116 @@
+"""Pure tensor functions shared by several reducers (no model, no stream)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = None,
+                            sort_unmerged: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Alg. 1).
+
+    Tokens are split alternately into A (even indices) and B (odd). Every A token finds its most
+    similar B token (cosine of `metric`); the r A tokens with the best matches merge into them.
+    Protected tokens never act as a source (their A rows are -inf) and nothing merges into them
+    (their B columns are -inf), which is how the reference protects CLS / distillation tokens.
+
+    metric: (B, N, D). protected: (B, N) bool. Returns
+      keep:   (B, N - r) current indices of the survivors, ordered [unmerged A, all of B]
+              (unmerged A sorted ascending when protected tokens exist, as the reference does
+              with a class token);
+      assign: (B, N) the slot in `keep` each token folds into;
+      score:  (B, N // 2 rounded up) best-match similarity of each A token (for inspection).
+    """
+    B, N, _ = metric.shape
+    dev = metric.device
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    na, nb = a.shape[1], b.shape[1]
+    scores = a @ b.transpose(-1, -2)
+    if protected is not None:
+        scores = scores.masked_fill(protected[:, ::2, None], float("-inf"))
+        scores = scores.masked_fill(protected[:, None, 1::2], float("-inf"))
+        n_prot_a = int(protected[:, ::2].sum(1).max())
+        n_prot = int(protected.sum(1).max())
+    else:
+        n_prot_a = n_prot = 0
+    # the reference clamps r to (N - protected) // 2
+    r = max(0, min(r, (N - n_prot) // 2, na - n_prot_a, nb))
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_idx = edge_idx[:, r:]
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+    if sort_unmerged is None:
+        sort_unmerged = protected is not None and bool(protected.any())
+    if sort_unmerged:
+        unm_idx = unm_idx.sort(dim=1).values
+    n_unm = unm_idx.shape[1]
+    keep = torch.cat([unm_idx * 2, (torch.arange(nb, device=dev) * 2 + 1).expand(B, nb)], dim=1)
+    assign = torch.empty(B, N, dtype=torch.long, device=dev)
+    # B tokens fold into their own slot; unmerged A into theirs; merged A into their dst's slot.
+    assign[:, 1::2] = n_unm + torch.arange(nb, device=dev)
+    assign.scatter_(1, unm_idx * 2, torch.arange(n_unm, device=dev).expand(B, n_unm))
+    assign.scatter_(1, src_idx * 2, n_unm + dst_idx)
+    return keep, assign, node_max
+
+
+def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:
+    """ToMe's per-layer merge schedule (tome.utils.parse_r).
+
+    r: an int (constant, or a linear ramp with `inflection`: 0 = constant, -1 = decreasing from
+    2r to ~0, +1 = increasing), or an explicit list per layer (padded with zeros).
+    """
+    if isinstance(r, (list, tuple)):
+        r = list(r)
+        return r + [0] * (num_layers - len(r)) if len(r) < num_layers else r[:num_layers]
+    min_val = int(r * (1.0 - inflection))
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (num_layers - 1) if num_layers > 1 else 0
+    return [int(min_val + step * i) for i in range(num_layers)]
+
+
+def topk_sorted(scores: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+    """Indices of the k highest scores per row, returned in ascending index order.
+
+    mask: (B, N) bool; False entries are never chosen.
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    idx = scores.topk(k, dim=1).indices
+    return idx.sort(dim=1).values
+
+
+def grid_lattice(h: int, w: int, k: int) -> Tensor:
+    """k points spread evenly over an h x w grid: (k, 2) float (row, col) coordinates."""
+    if k <= 0:
+        return torch.zeros(0, 2)
+    rows = max(1, min(h, round(math.sqrt(k * h / max(w, 1)))))
+    cols = max(1, math.ceil(k / rows))
+    while rows * cols < k:
+        cols += 1
+    ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * h / rows - 0.5
+    xs = (torch.arange(cols, dtype=torch.float32) + 0.5) * w / cols - 0.5
+    pts = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    if pts.shape[0] > k:  # drop evenly spaced extras so the points stay spread out
+        sel = torch.linspace(0, pts.shape[0] - 1, k).round().long()
+        pts = pts[sel]
+    return pts
+
+
+def nearest_unique(points: Tensor, coords: Tensor) -> Tensor:
+    """For each target point, the index of the nearest coordinate not yet taken (greedy).
+
+    points: (k, 2); coords: (n, 2) with n >= k. Returns (k,) distinct indices into coords.
+    """
+    d = torch.cdist(points.float(), coords.float())
+    taken = torch.zeros(coords.shape[0], dtype=torch.bool)
+    out = []
+    for i in range(points.shape[0]):
+        row = d[i].masked_fill(taken, float("inf"))
+        j = int(row.argmin())
+        taken[j] = True
+        out.append(j)
+    return torch.tensor(out, dtype=torch.long)

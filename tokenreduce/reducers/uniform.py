@@ -1,0 +1,65 @@
+"""Spatially uniform pruning baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import grid_lattice, nearest_unique
+from ..registry import register_reducer
+from ..stream import Plan, TokenStream, keep_with_protected
+from .base import Reducer, check_budget
+
+
+@register_reducer
+@dataclass
+class UniformPrune(Reducer):
+    """Spatially uniform pruning: keep `keep` visual tokens spread evenly over each frame's grid.
+
+    The budget is split evenly over frames; inside a frame the survivors are the tokens nearest
+    to a regular lattice of that many points (exactly a strided grid when all tokens are still
+    there). Without a known grid, tokens are taken at evenly spaced indices. Original order.
+    """
+
+    name = "uniform"
+    summary = "keep visual tokens on an even spatial lattice (baseline)"
+    paper = "baseline (no paper)"
+    site_families = ("vision.block", "vision.layer", "vision.out", "projector.out", "llm.layer")
+
+    keep: object = 0.5
+
+    def __post_init__(self):
+        check_budget(self.name, "keep", self.keep)
+
+    def plan(self, stream: TokenStream) -> Plan | None:
+        k = stream.budget(self.keep)
+        if k >= int(stream.num_visual().max()):
+            return None
+        chosen = torch.stack([self._pick(stream, b, k) for b in range(stream.batch)])
+        return Plan(keep=keep_with_protected(stream, chosen))
+
+    @staticmethod
+    def _pick(stream: TokenStream, b: int, k: int) -> torch.Tensor:
+        vis = torch.nonzero(stream.visual[b]).squeeze(1)
+        dev = vis.device
+        if stream.grid is None or stream.patch is None:
+            sel = torch.linspace(0, len(vis) - 1, k).round().long().to(dev)
+            return vis[sel].sort().values
+        _, H, W = stream.grid
+        frames = stream.frame[b, vis]
+        uniq = frames.unique(sorted=True)
+        share = [k // len(uniq) + (1 if i < k % len(uniq) else 0) for i in range(len(uniq))]
+        picked = []
+        for f, kf in zip(uniq.tolist(), share):
+            idx = vis[frames == f]
+            kf = min(kf, len(idx))
+            if kf == 0:
+                continue
+            p = stream.patch[b, idx].cpu()
+            coords = torch.stack([p // W, p % W], -1)
+            picked.append(idx[nearest_unique(grid_lattice(H, W, kf), coords).to(dev)])
+        out = torch.cat(picked) if picked else vis[:0]
+        if len(out) < k:  # frames with too few tokens: top up from the rest, evenly
+            rest = vis[~torch.isin(vis, out)]
+            out = torch.cat([out, rest[torch.linspace(0, len(rest) - 1, k - len(out)).round().long().to(dev)]])
+        return out.sort().values

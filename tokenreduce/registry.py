@@ -1,0 +1,97 @@
+"""Name -> reducer class, model -> adapter class.
+
+First-party reducers and adapters are declared as entry points in our own pyproject exactly as
+a third party would declare theirs (groups `tokenreduce.reducers` and `tokenreduce.adapters`),
+and loaded lazily on first use. The core never imports a model-family module by name.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+from .errors import UnknownMethodError, UnsupportedModelError, choices
+
+REDUCER_GROUP = "tokenreduce.reducers"
+ADAPTER_GROUP = "tokenreduce.adapters"
+
+_reducers: dict = {}
+_adapters: dict = {}
+_loaded = {"reducers": False, "adapters": False}
+
+
+def register_reducer(cls):
+    """Class decorator / function: make a reducer available by its `name`."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} has no `name`")
+    _reducers[cls.name] = cls
+    return cls
+
+
+def register_adapter(cls):
+    """Class decorator / function: make an adapter available for `reduce()` to find."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} has no `name`")
+    _adapters[cls.name] = cls
+    return cls
+
+
+def _load_group(group: str, into: dict) -> None:
+    for ep in entry_points(group=group):
+        if ep.name in into:
+            continue
+        try:
+            into[ep.name] = ep.load()
+        except ImportError as exc:  # an optional dependency is missing: skip, but say why on lookup
+            into.setdefault("__failed__", {})[ep.name] = exc
+
+
+def _load_reducers() -> None:
+    if _loaded["reducers"]:
+        return
+    _load_group(REDUCER_GROUP, _reducers)
+    # Running from a source tree without installation: the core's own reducers are still found.
+    from . import reducers as pkg
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    _loaded["reducers"] = True
+
+
+def _load_adapters() -> None:
+    if _loaded["adapters"]:
+        return
+    _load_group(ADAPTER_GROUP, _adapters)
+    _loaded["adapters"] = True
+
+
+def reducer_names() -> list:
+    _load_reducers()
+    return sorted(k for k in _reducers if not k.startswith("__"))
+
+
+def reducer_class(name: str):
+    _load_reducers()
+    if name not in _reducers or name.startswith("__"):
+        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {choices(reducer_names())}")
+    return _reducers[name]
+
+
+def adapter_classes() -> list:
+    _load_adapters()
+    return sorted((c for k, c in _adapters.items() if not k.startswith("__")),
+                  key=lambda c: -getattr(c, "priority", 0))
+
+
+def find_adapter(model):
+    """The adapter class that recognises `model` (highest priority first)."""
+    classes = adapter_classes()
+    for cls in classes:
+        if cls.matches(model):
+            return cls
+    failed = _adapters.get("__failed__", {})
+    extra = f" (adapters that failed to import: {choices(f'{k}: {v}' for k, v in failed.items())})" if failed else ""
+    supported = choices(f"{c.name} ({c.family})" for c in classes) if classes else \
+        "none registered - is tokenreduce installed (pip install -e .)?"
+    raise UnsupportedModelError(f"no adapter recognises {type(model).__module__}.{type(model).__name__}; "
+                                f"supported families: {supported}{extra}")

@@ -1,0 +1,353 @@
+"""TokenStream (what a reducer sees at a site) and Plan (what it returns).
+
+`apply_plan` is the one function that turns a plan into a shorter stream: a gather for
+pruning, a weighted mean (by default weighted by token size) for merging. Adapters apply the
+same `keep` indices to their side tensors; reducers never slice model tensors themselves.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class Kind(enum.IntEnum):
+    """What a token is. Only VISUAL tokens may be removed or merged away."""
+
+    VISUAL = 0
+    TEXT = 1
+    PROTECTED = 2  # CLS, distillation and register tokens, system prompt: never removed
+
+
+# How apply_plan orders the survivors.
+#   "prefix":   protected tokens first (in their order), then the reducer's order. ViTs read
+#               CLS / distillation tokens by index, the rest of the sequence is a set.
+#   "sequence": original sequence order. Causal LLMs and RoPE need it.
+ORDERS = ("prefix", "sequence")
+
+
+class Signals:
+    """Signals captured by the adapter during this forward, keyed by (name, layer).
+
+    Each value is stored with the original positions (`pos`) of the tokens it was computed on,
+    so a reducer at a later site can read it for the tokens that exist *now*: tokens removed
+    since are skipped, merged tokens read their representative's value.
+    """
+
+    def __init__(self):
+        self._store: dict[tuple[str, int | None], tuple[Tensor, Any]] = {}
+
+    def put(self, name: str, layer: int | None, pos: Tensor, value: Any) -> None:
+        self._store[(name, layer)] = (pos, value)
+
+    def has(self, name: str, layer: int | None = None) -> bool:
+        return (name, layer) in self._store
+
+    def layers(self, name: str) -> list:
+        return sorted(k[1] for k in self._store if k[0] == name and k[1] is not None)
+
+    def raw(self, name: str, layer: int | None = None):
+        return self._store[(name, layer)]
+
+    def get(self, name: str, layer: int | None, pos: Tensor) -> Tensor:
+        """The signal for the tokens whose original positions are `pos` (B, N)."""
+        try:
+            src_pos, value = self._store[(name, layer)]
+        except KeyError:
+            have = ", ".join(f"{n}@{l}" for n, l in self._store) or "none"
+            raise KeyError(f"signal {name!r} at layer {layer} was not captured (captured: {have})") from None
+        return remap(value, src_pos, pos)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
+def remap(value: Tensor, src_pos: Tensor, pos: Tensor) -> Tensor:
+    """Gather `value` (B, N', ...) computed on tokens `src_pos` (B, N') for tokens `pos` (B, N)."""
+    if src_pos.shape == pos.shape and torch.equal(src_pos, pos):
+        return value
+    B = pos.shape[0]
+    table_size = int(max(src_pos.max(), pos.max())) + 1
+    table = torch.zeros(B, table_size, dtype=torch.long, device=pos.device)
+    table.scatter_(1, src_pos, torch.arange(src_pos.shape[1], device=pos.device).expand(B, -1))
+    idx = table.gather(1, pos)
+    return gather_tokens(value, idx)
+
+
+def gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
+    """Gather along dim 1 of `t` (B, N, ...) with `idx` (B, K)."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    extra = t.shape[2:]
+    return t.gather(1, idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra))
+
+
+@dataclass
+class TokenStream:
+    """The tokens at a site, plus everything a reducer may need to know about them.
+
+    x: (B, N, C) token features. pos: (B, N) original position of each token. size: (B, N)
+    how many original tokens each one stands for. kind: (B, N) `Kind` values. frame: (B, N)
+    frame index or -1. grid: (T, H, W) of the visual tokens where known. valid: (B, N) for
+    ragged batches (None = all valid). patch: (B, N) index of each visual token inside its
+    frame's H x W grid (-1 for others). signals: what the adapter captured because a reducer
+    asked. source: optional (B, N, N0) 0/1 matrix of which original tokens each token holds.
+    memo: scratch space that lives for one forward (state spanning several stages).
+    """
+
+    x: Tensor
+    pos: Tensor
+    size: Tensor
+    kind: Tensor
+    frame: Tensor
+    grid: tuple[int, int, int] | None = None
+    valid: Tensor | None = None
+    signals: Signals = field(default_factory=Signals)
+    site: str = ""
+    layer: int | None = None
+    depth: int | None = None
+    source: Tensor | None = None
+    order: str = "prefix"
+    memo: dict = field(default_factory=dict)
+    own_layer: int | None = None  # the layer whose signals `signal(name)` reads by default
+    info: Any = None  # the SiteInfo of the site (adapters set it)
+    patch: Tensor | None = None  # (B, N) index of each visual token inside its frame's grid, -1 otherwise
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def start(cls, x: Tensor, *, num_prefix: int = 0, grid=None, frame: Tensor | None = None,
+              kind: Tensor | None = None, track_source: bool = False, order: str = "prefix",
+              pos: Tensor | None = None) -> "TokenStream":
+        """A fresh stream over all tokens of `x`: positions 0..N-1, sizes 1."""
+        B, N = x.shape[:2]
+        dev = x.device
+        if pos is None:
+            pos = torch.arange(N, device=dev).expand(B, N).clone()
+        if kind is None:
+            kind = torch.full((B, N), int(Kind.VISUAL), dtype=torch.long, device=dev)
+            kind[:, :num_prefix] = int(Kind.PROTECTED)
+        if frame is None:
+            frame = torch.full((B, N), -1, dtype=torch.long, device=dev)
+            if grid is not None:
+                T, H, W = grid
+                n_vis = N - num_prefix
+                if n_vis == T * H * W:
+                    frame[:, num_prefix:] = torch.arange(T, device=dev).repeat_interleave(H * W)
+        vis = kind == int(Kind.VISUAL)
+        patch = torch.full((B, N), -1, dtype=torch.long, device=dev)
+        running = vis.long().cumsum(1) - 1
+        if grid is not None:
+            running = running % (grid[1] * grid[2])
+        patch = torch.where(vis, running, patch)
+        source = None
+        if track_source:
+            source = torch.eye(N, device=dev, dtype=x.dtype if x.is_floating_point() else torch.float32)
+            source = source.expand(B, N, N).clone()
+        return cls(x=x, pos=pos, size=torch.ones(B, N, device=dev, dtype=torch.float32), kind=kind,
+                   frame=frame, grid=tuple(grid) if grid is not None else None, source=source, order=order,
+                   patch=patch)
+
+    def with_x(self, x: Tensor, **kw) -> "TokenStream":
+        """The same bookkeeping over new features (same tokens)."""
+        if x.shape[:2] != self.pos.shape:
+            raise ValueError(f"stream has {tuple(self.pos.shape)} tokens, features have {tuple(x.shape[:2])}")
+        return replace(self, x=x, **kw)
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def visual(self) -> Tensor:
+        """(B, N) bool: tokens a reducer may remove."""
+        m = self.kind == int(Kind.VISUAL)
+        return m if self.valid is None else m & self.valid
+
+    @property
+    def protected(self) -> Tensor:
+        return self.kind != int(Kind.VISUAL)
+
+    def num_visual(self) -> Tensor:
+        """(B,) number of visual tokens per sample."""
+        return self.visual.sum(1)
+
+    def budget(self, keep: int | float, n_visual: int | Tensor | None = None) -> int:
+        """Resolve a `keep` budget (a count, or a fraction in (0, 1]) into a token count.
+
+        Batched streams here carry the same number of visual tokens per sample; a fraction is
+        taken of that number and rounded.
+        """
+        if n_visual is None:
+            nv = self.num_visual()
+            n_visual = int(nv.max()) if nv.numel() else 0
+        n_visual = int(n_visual)
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
+        k = int(round(keep * n_visual)) if isinstance(keep, float) else int(keep)
+        return max(0, min(k, n_visual))
+
+    def signal(self, name: str, layer: int | None = None) -> Tensor:
+        """A captured signal for the current tokens (layer None = this site's own layer)."""
+        return self.signals.get(name, self.own_layer if layer is None else layer, self.pos)
+
+    def state(self) -> "TokenStream":
+        """Everything but the features (kept by adapters between sites)."""
+        return replace(self, x=None)
+
+
+@dataclass
+class Plan:
+    """What a reducer decided: which current tokens survive and, for merging, where the others go.
+
+    keep:   (B, K) indices into the current tokens, in the reducer's order.
+    assign: (B, N) the kept slot (0..K-1) each current token folds into, -1 = dropped. None =
+            pure pruning. A kept token always folds into its own slot.
+    weight: (B, N) merge weights; None = token sizes (size-weighted mean, as ToMe).
+    normalize: divide each merged slot by the sum of its weights (a mean) or not (a sum).
+    valid:  (B, K) for ragged plans (per-sample counts differ); padding slots are False.
+    """
+
+    keep: Tensor
+    assign: Tensor | None = None
+    weight: Tensor | None = None
+    normalize: bool = True
+    valid: Tensor | None = None
+
+    @classmethod
+    def keep_all(cls, stream: TokenStream) -> "Plan":
+        B, N = stream.pos.shape
+        return cls(keep=torch.arange(N, device=stream.pos.device).expand(B, N))
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "Plan":
+        """Keep the True tokens of `mask` (B, N) in original order; ragged counts get padding."""
+        counts = mask.sum(1)
+        K = int(counts.max()) if counts.numel() else 0
+        N = mask.shape[1]
+        # stable: True tokens first, in order
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :K]
+        valid = None
+        if bool((counts != K).any()):
+            valid = torch.arange(K, device=mask.device)[None] < counts[:, None]
+        del N
+        return cls(keep=order, valid=valid)
+
+    @property
+    def num_kept(self) -> int:
+        return self.keep.shape[1]
+
+
+def keep_with_protected(stream: TokenStream, chosen: Tensor) -> Tensor:
+    """Indices of all non-visual tokens plus `chosen` (B, k) visual ones, in original order.
+
+    The common shape of a pruning plan: the reducer picks among visual tokens only.
+    """
+    B, N = stream.pos.shape
+    mask = ~stream.visual
+    if stream.valid is not None:
+        mask &= stream.valid
+    mask = mask.clone()
+    mask.scatter_(1, chosen, True)
+    counts = mask.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError("keep_with_protected needs the same number of protected tokens per sample")
+    return torch.nonzero(mask, as_tuple=False)[:, 1].reshape(B, -1)
+
+
+def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
+    """Permutation of the plan's slots that realises the stream's order rule (None = as is)."""
+    keep = plan.keep
+    if stream.order == "sequence":
+        key = keep.clone()
+        if plan.valid is not None:
+            key = key.masked_fill(~plan.valid, torch.iinfo(key.dtype).max)
+        if bool((key[:, 1:] >= key[:, :-1]).all()):
+            return None
+        return torch.argsort(key, dim=1, stable=True)
+    # prefix: protected first, keep the reducer's order otherwise
+    kind = stream.kind.gather(1, keep)
+    rank = (kind == int(Kind.VISUAL)).to(torch.int8)
+    if plan.valid is not None:
+        rank = rank + (~plan.valid).to(torch.int8) * 2
+    if bool((rank[:, 1:] >= rank[:, :-1]).all()):
+        return None
+    return torch.argsort(rank, dim=1, stable=True)
+
+
+def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
+    """Apply `plan` to `stream`. Returns the new stream and the plan as applied (its `keep`
+    re-ordered by the stream's order rule), so adapters can apply the same indices to their
+    side tensors."""
+    B, N = stream.pos.shape
+    keep = plan.keep
+    if keep.dim() != 2 or keep.shape[0] != B:
+        raise ValueError(f"plan.keep must be (B={B}, K), got {tuple(keep.shape)}")
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= N):
+        raise ValueError(f"plan.keep indices must lie in [0, {N})")
+    keep = keep.to(torch.long)
+    assign = plan.assign
+    if assign is not None:
+        if assign.shape != (B, N):
+            raise ValueError(f"plan.assign must be (B={B}, N={N}), got {tuple(assign.shape)}")
+        assign = assign.to(torch.long).clone()
+        # a kept token always folds into its own slot
+        assign.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand(B, -1))
+
+    # Protected tokens are never removed.
+    kept = torch.zeros(B, N, dtype=torch.bool, device=keep.device)
+    kept.scatter_(1, keep, plan.valid if plan.valid is not None else True)
+    lost = stream.protected & ~kept
+    if stream.valid is not None:
+        lost &= stream.valid
+    if bool(lost.any()):
+        raise ValueError(f"plan at {stream.site or 'site'} removes {int(lost.sum())} protected token(s) "
+                         "(CLS, registers, text); reducers may only remove visual tokens")
+
+    plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=plan.valid)
+    perm = _order_permutation(stream, plan)
+    if perm is not None:
+        keep = keep.gather(1, perm)
+        valid = plan.valid.gather(1, perm) if plan.valid is not None else None
+        if assign is not None:
+            inv = torch.argsort(perm, dim=1)  # old slot -> new slot
+            assign = torch.where(assign >= 0, inv.gather(1, assign.clamp(min=0)), assign)
+        plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=valid)
+
+    K = keep.shape[1]
+    if assign is None:
+        x = gather_tokens(stream.x, keep)
+        size = stream.size.gather(1, keep)
+        source = gather_tokens(stream.source, keep) if stream.source is not None else None
+    else:
+        w = stream.size if plan.weight is None else plan.weight.to(torch.float32)
+        slot = torch.where(assign >= 0, assign, torch.full_like(assign, K))  # K = trash slot
+        wx = stream.x.float() * w[..., None]
+        x = torch.zeros(B, K + 1, stream.x.shape[-1], device=wx.device, dtype=wx.dtype)
+        x.scatter_add_(1, slot[..., None].expand_as(wx), wx)
+        size = torch.zeros(B, K + 1, device=wx.device, dtype=torch.float32).scatter_add_(1, slot, stream.size)
+        if plan.normalize:
+            wsum = torch.zeros(B, K + 1, device=wx.device, dtype=torch.float32).scatter_add_(1, slot, w)
+            x = x / wsum[..., None].clamp(min=1e-12)
+        x = x[:, :K].to(stream.x.dtype)
+        size = size[:, :K]
+        source = None
+        if stream.source is not None:
+            src = torch.zeros(B, K + 1, stream.source.shape[-1], device=wx.device, dtype=stream.source.dtype)
+            src.scatter_add_(1, slot[..., None].expand_as(stream.source), stream.source)
+            source = src[:, :K]
+    out = replace(
+        stream, x=x, pos=stream.pos.gather(1, keep), size=size, kind=stream.kind.gather(1, keep),
+        frame=stream.frame.gather(1, keep), source=source,
+        patch=stream.patch.gather(1, keep) if stream.patch is not None else None,
+        valid=(plan.valid if stream.valid is None else
+               (stream.valid.gather(1, keep) & plan.valid if plan.valid is not None else stream.valid.gather(1, keep))),
+    )
+    return out, plan
