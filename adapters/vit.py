@@ -176,15 +176,18 @@ class ViTAdapter(Adapter):
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_patch(self, module, args, output):
+        # a Conv2d patch embedding gives (B, C, H, W); a Conv3d tubelet embedding (B, C, T, H, W)
         if torch.is_tensor(output) and output.dim() == 4:
             self._grid = (1, output.shape[-2], output.shape[-1])
+        elif torch.is_tensor(output) and output.dim() == 5:
+            self._grid = tuple(output.shape[-3:])
 
     def _begin(self, x):
         p = self._pass = _Pass()
         self.recorder.begin()
         grid = self._grid
         n_vis = x.shape[1] - self.num_prefix
-        if grid is None or grid[1] * grid[2] != n_vis:
+        if grid is None or grid[0] * grid[1] * grid[2] != n_vis:
             side = int(round(n_vis ** 0.5))
             grid = (1, side, side) if side * side == n_vis else None
         p.state = TokenStream.start(x, num_prefix=self.num_prefix, grid=grid, track_source=self._source).state()
