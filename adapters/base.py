@@ -39,6 +39,9 @@ class Adapter:
         self.model = model
         self.hooks = HookSet()
         self.recorder: Recorder | None = None
+        # per-call inputs a reducer may need that the model's forward does not carry (e.g. the
+        # question text for frame selection); the Handle shares its `context` dict here
+        self.context: dict = {}
 
     @classmethod
     def matches(cls, model) -> bool:  # pragma: no cover - abstract

@@ -23,6 +23,9 @@ class Handle:
         self.stages = stages
         self.recorder = Recorder()
         self.removed = False
+        #: inputs for reducers that the model's forward does not carry, e.g.
+        #: handle.context["question"] = ["what colour ..."] for frame selection
+        self.context: dict = adapter.context
 
     # -- information --------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ from .errors import UnknownMethodError, UnsupportedModelError, choices
 
 REDUCER_GROUP = "tokenreduce.reducers"
 ADAPTER_GROUP = "tokenreduce.adapters"
+SCORER_GROUP = "tokenreduce.scorers"
 
 _reducers: dict = {}
 _adapters: dict = {}
@@ -95,3 +96,29 @@ def find_adapter(model):
         "none registered - is tokenreduce installed (pip install -e .)?"
     raise UnsupportedModelError(f"no adapter recognises {type(model).__module__}.{type(model).__name__}; "
                                 f"supported families: {supported}{extra}")
+
+
+# -- frame scorers (models that score frames for frame selection; they live outside the core) --
+_scorers: dict = {}
+
+
+def register_scorer(name: str):
+    """Decorator: make a frame scorer factory available by name to `frame_select`."""
+    def deco(obj):
+        _scorers[name] = obj
+        return obj
+    return deco
+
+
+def scorer_names() -> list:
+    _load_group(SCORER_GROUP, _scorers)
+    return sorted(k for k in _scorers if not k.startswith("__"))
+
+
+def scorer_factory(name: str):
+    _load_group(SCORER_GROUP, _scorers)
+    if name not in _scorers or name.startswith("__"):
+        failed = _scorers.get("__failed__", {})
+        why = f" ({name} failed to import: {failed[name]})" if name in failed else ""
+        raise UnknownMethodError(f"unknown frame scorer {name!r}{why}; valid scorers: {choices(scorer_names())}")
+    return _scorers[name]
