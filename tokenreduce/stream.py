@@ -272,14 +272,18 @@ def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
         if bool((key[:, 1:] >= key[:, :-1]).all()):
             return None
         return torch.argsort(key, dim=1, stable=True)
-    # prefix: protected first, keep the reducer's order otherwise
+    # prefix: protected tokens first in their original relative order (a ViT reads CLS and the
+    # distillation token by index), then the visual tokens in the reducer's order
+    N = stream.pos.shape[1]
+    K = keep.shape[1]
     kind = stream.kind.gather(1, keep)
-    rank = (kind == int(Kind.VISUAL)).to(torch.int8)
+    slot = torch.arange(K, device=keep.device).expand_as(keep)
+    key = torch.where(kind == int(Kind.VISUAL), N + slot, keep)
     if plan.valid is not None:
-        rank = rank + (~plan.valid).to(torch.int8) * 2
-    if bool((rank[:, 1:] >= rank[:, :-1]).all()):
+        key = key.masked_fill(~plan.valid, 2 * N + K)
+    if bool((key[:, 1:] >= key[:, :-1]).all()):
         return None
-    return torch.argsort(rank, dim=1, stable=True)
+    return torch.argsort(key, dim=1, stable=True)
 
 
 def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:

@@ -1,0 +1,108 @@
+"""Policy: every form round-trips; bad input names the valid choices."""
+import json
+
+import pytest
+
+import tokenreduce as tr
+from tokenreduce import Policy, Stage, make_reducer
+from tokenreduce.errors import PolicyError, SiteError, UnknownMethodError, UnsupportedModelError
+
+SPEC = ("vision.block.*=tome(r=13, inflection=-1.0, prop_attn=False); vision.block.4:8=vtc_cls(keep=0.5); "
+        "vision.out=random(keep=64, seed=7); vision.block.-1=uniform(keep=0.25)")
+
+
+def test_spec_round_trip():
+    p = Policy.from_spec(SPEC)
+    assert len(p) == 4
+    assert Policy.from_spec(p.to_spec()) == p
+    assert p.stages[0].reducer.r == 13 and p.stages[0].reducer.inflection == -1.0
+    assert p.stages[2].site == "vision.out"
+
+
+def test_python_dict_yaml_json_round_trip(tmp_path):
+    p = Policy([Stage("vision.block.*", make_reducer("tome", {"r": (8, -1)})),
+                Stage("vision.out", tr.reducer_class("vtc_cls")(keep=64, layers=[3, 4]))])
+    assert Policy.from_dict(p.to_dict()) == p
+    assert Policy.from_dict(json.loads(p.to_json())) == p
+    for name in ("p.yaml", "p.json"):
+        p.save(tmp_path / name)
+        assert Policy.from_file(tmp_path / name) == p
+        assert Policy.coerce(str(tmp_path / name)) == p
+    assert Policy.coerce(p.to_spec()) == p
+    assert Policy.coerce(p.to_dict()) == p
+    assert Policy.coerce(p.stages) == p
+
+
+def test_stage_dict_forms():
+    a = Policy.from_dict({"stages": [{"site": "vision.out", "method": "random", "params": {"keep": 4}}]})
+    b = Policy.from_dict({"stages": [{"site": "vision.out", "method": "random", "keep": 4}]})
+    c = Policy.from_dict({"stages": ["vision.out=random(keep=4)"]})
+    assert a == b == c
+
+
+def test_literals_are_parsed_never_evaluated():
+    with pytest.raises(PolicyError, match="must be a Python literal"):
+        Policy.from_spec("vision.out=random(keep=__import__('os').getpid())")
+
+
+def test_unknown_method_names_valid_ones():
+    with pytest.raises(UnknownMethodError, match=r"unknown method 'tomee'.*valid methods:.*tome.*vtc_cls"):
+        Policy.from_spec("vision.out=tomee(r=1)")
+
+
+def test_unknown_parameter_names_valid_ones():
+    with pytest.raises(PolicyError, match=r"tome: unknown parameter\(s\) rr; valid parameters: r, inflection, prop_attn, trace_source"):
+        Policy.from_spec("vision.block.*=tome(rr=1)")
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("vision.out=vtc_cls(keep=1.5)", "fraction must lie in"),
+    ("vision.out=vtc_cls(keep=-3)", "must be >= 0"),
+    ("vision.out=vtc_cls(ensemble='avg')", "choose one of: sum, mean, max, min"),
+    ("vision.block.*=tome(r='a')", "r must be an int"),
+    ("vision.out=random(4)", "arguments must be named"),
+    ("vision.out random(keep=4)", "expected SITE=METHOD"),
+    ("vision.out=random(keep=4", "unbalanced"),
+    ("vision..out=random", "malformed site"),
+])
+def test_bad_values(spec, match):
+    with pytest.raises(PolicyError, match=match):
+        Policy.from_spec(spec)
+
+
+def test_unknown_site_names_valid_ones(vit_case):
+    model = vit_case.build()
+    with pytest.raises(SiteError, match=r"unknown site 'vision.blok.1'; valid sites: vision.layer.\{0..\d+\}, "
+                                        r"vision.block.\{0..\d+\}, vision.out"):
+        tr.reduce(model, "vision.blok.1=random(keep=4)")
+    with pytest.raises(SiteError, match=r"vision.block has indices 0..\d+"):
+        tr.reduce(model, "vision.block.99=random(keep=4)")
+    with pytest.raises(SiteError, match="tome cannot run at site 'vision.out'; it runs at: vision.block.{i}, vision.layer.{i}"):
+        tr.reduce(model, "vision.out=tome(r=2)")
+
+
+def test_site_patterns_expand(vit_case):
+    model = vit_case.build()
+    sites = tr.sites(model)
+    depth = sites["vision.out"].depth
+    p = Policy.from_spec("vision.block.*=tome(r=1); vision.block.1:3=random(keep=0.9); vision.block.-1=uniform(keep=0.9)")
+    resolved = [s for s, _ in p.resolve(sites)]
+    assert resolved == [f"vision.block.{i}" for i in range(depth)] + ["vision.block.1", "vision.block.2",
+                                                                       f"vision.block.{depth - 1}"]
+
+
+def test_policy_file_path_in_reduce(tmp_path, vit_case):
+    model = vit_case.build()
+    path = tmp_path / "policy.yaml"
+    path.write_text("stages:\n  - site: vision.block.0\n    method: tome\n    params: {r: 2}\n")
+    with tr.reduce(model, str(path)) as h:
+        vit_case.run(model, vit_case.inputs())
+        assert h.stats["tokens_per_layer"][1] == h.stats["tokens_start"] - 2
+    with pytest.raises(PolicyError, match="not found"):
+        tr.reduce(model, str(tmp_path / "missing.yaml"))
+
+
+def test_unsupported_model_lists_families():
+    import torch
+    with pytest.raises(UnsupportedModelError, match=r"no adapter recognises torch.nn.modules.linear.Linear; supported families:.*timm"):
+        tr.reduce(torch.nn.Linear(2, 2), "vision.out=random(keep=1)")

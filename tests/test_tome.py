@@ -1,0 +1,86 @@
+"""ToMe anchors (ALGORITHMS.md §8.1, §8.2) and the pure matching function."""
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.ops import bipartite_soft_matching, parse_r
+from tokenreduce.stream import Plan, TokenStream, apply_plan
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+
+
+def _counts(model, r, batch=1):
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with tr.reduce(model, f"vision.block.*=tome(r={r!r})") as h, torch.no_grad():
+        model(x)
+        return h.stats["tokens"], h.trace
+
+
+def test_vit_b16_r16_counts(vit_b16):
+    tokens, trace = _counts(vit_b16, 16)
+    assert tokens == [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+
+
+def test_vit_b16_r13_ends_at_41_sizes_sum_cls_first(vit_b16):
+    tokens, trace = _counts(vit_b16, 13, batch=2)
+    assert tokens[-1] == 41
+    last = trace["vision.block.11"]
+    assert torch.equal(last["size"].sum(1), torch.full((2,), 197.0))
+    assert torch.equal(last["pos"][:, 0], torch.zeros(2, dtype=torch.long))   # CLS stays at index 0
+    assert float(last["size"][:, 0].max()) == 1.0                              # and is never merged
+
+
+def test_decreasing_schedule(vit_b16):
+    sched = parse_r(12, 8, -1.0)
+    assert sched[0] == 16 and sched[-1] <= 1
+    assert sched == sorted(sched, reverse=True)
+    tokens, _ = _counts(vit_b16, (8, -1))
+    assert tokens[1] == 197 - 16
+
+
+def test_per_layer_list(vit_b16):
+    tokens, _ = _counts(vit_b16, [10, 0, 5])
+    assert tokens[:5] == [197, 187, 187, 182, 182]
+
+
+def test_merge_with_unit_sizes_is_pair_average():
+    """merge_wavg with all sizes 1 is a plain average of the merged tokens (§8.2)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4)
+    s = TokenStream.start(x, num_prefix=1)
+    keep, assign, _ = bipartite_soft_matching(x, 3, s.protected)
+    out, plan = apply_plan(s, Plan(keep=keep, assign=assign))
+    for b in range(2):
+        for slot in range(out.num_tokens):
+            members = (plan.assign[b] == slot).nonzero().squeeze(1)
+            assert torch.allclose(out.x[b, slot], x[b, members].mean(0), atol=1e-6)
+            assert out.size[b, slot] == len(members)
+    assert out.num_tokens == 9 - 3
+
+
+def test_r_is_clamped_and_protected_never_merged():
+    x = torch.randn(1, 11, 8)
+    prot = torch.zeros(1, 11, dtype=torch.bool)
+    prot[:, :2] = True  # CLS + distillation token
+    keep, assign, _ = bipartite_soft_matching(x, 100, prot)
+    assert keep.shape[1] == 11 - (11 - 2) // 2
+    assert assign[0, 0] != assign[0, 1]
+    # nothing else folds into a protected token
+    for p in (0, 1):
+        assert int((assign[0] == assign[0, p]).sum()) == 1
+
+
+def test_proportional_attention_changes_later_layers(vit_b16):
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with tr.reduce(vit_b16, "vision.block.*=tome(r=8)"):
+            a = vit_b16(x)
+        with tr.reduce(vit_b16, "vision.block.*=tome(r=8, prop_attn=False)"):
+            b = vit_b16(x)
+    assert not torch.allclose(a, b)
