@@ -66,7 +66,13 @@ class Signals:
 
 
 def remap(value: Tensor, src_pos: Tensor, pos: Tensor) -> Tensor:
-    """Gather `value` (B, N', ...) computed on tokens `src_pos` (B, N') for tokens `pos` (B, N)."""
+    """Gather `value` (B, N', ...) computed on tokens `src_pos` (B, N') for tokens `pos` (B, N).
+
+    A value that is not a tensor (e.g. a list of question strings, one per sample) describes
+    the samples, not their tokens, and is returned unchanged.
+    """
+    if not torch.is_tensor(value):
+        return value
     if src_pos.shape == pos.shape and torch.equal(src_pos, pos):
         return value
     B = pos.shape[0]

@@ -1,0 +1,103 @@
+"""Wall-clock benchmarks that print ratios (baseline vs reduced in one process, interleaved).
+
+Timings on a shared machine are noisy: runs of the two models alternate, the first runs are
+thrown away, and we report medians together with os.getloadavg().
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import tokenreduce as tr
+
+from .models import call_vision, image_size, load_model
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, runs: int, warmup: int, device) -> dict:
+    """Median milliseconds of each callable, runs interleaved so load changes hit all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, f in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine() -> dict:
+    info = {"loadavg": [round(v, 2) for v in os.getloadavg()], "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", batch=8, runs=10, warmup=3,
+              device="cpu", dtype="float32", image=None) -> dict:
+    """Baseline vs reduced ms/batch, speed-up, analytic FLOPs fraction, tokens per layer."""
+    if isinstance(model, str):
+        name, model = model, load_model(model)
+    else:
+        name = type(model).__name__
+    dt = getattr(torch, dtype)
+    model = model.to(device=device, dtype=dt).eval()
+    reduced = copy.deepcopy(model)
+    handle = tr.reduce(reduced, policy)
+    size = image or image_size(model)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dt)
+    load_before = machine()
+
+    def run(m):
+        with torch.inference_mode():
+            return call_vision(m, x)
+    ms = time_interleaved({"baseline": lambda: run(model), "reduced": lambda: run(reduced)}, runs, warmup, device)
+    stats = handle.stats
+    frac = stats.get("flops_fraction", 1.0)
+    speedup = ms["baseline"] / ms["reduced"]
+    out = {
+        "benchmark": "vit", "model": name, "policy": handle.policy.to_spec(), "batch": batch, "image": size,
+        "device": str(device), "dtype": dtype, "runs": runs, "warmup": warmup,
+        "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
+        "speedup": round(speedup, 3), "flops_fraction": round(frac, 4),
+        "flops_bound_speedup": round(1.0 / frac, 3), "speedup_vs_flops_bound": round(speedup * frac, 3),
+        "reducer_ms": round(stats["reducer_ms"], 3), "tokens": stats.get("tokens"),
+        "machine_before": load_before, "machine_after": machine(),
+    }
+    handle.remove()
+    return out
+
+
+def format_vit(res: dict) -> str:
+    lines = [
+        f"model {res['model']}  batch {res['batch']}  {res['image']}px  {res['device']} {res['dtype']}",
+        f"policy {res['policy']}",
+        f"baseline {res['baseline_ms']:.1f} ms/batch   reduced {res['reduced_ms']:.1f} ms/batch   "
+        f"speed-up {res['speedup']:.2f}x",
+        f"FLOPs fraction {res['flops_fraction']:.3f}  (FLOPs-bound speed-up {res['flops_bound_speedup']:.2f}x; "
+        f"measured / bound = {res['speedup_vs_flops_bound']:.2f})",
+        f"tokens per layer {res['tokens']}",
+        f"time in reducers {res['reducer_ms']:.2f} ms/forward",
+        f"load average {res['machine_before']['loadavg']} -> {res['machine_after']['loadavg']}",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(res, path) -> None:
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)

@@ -1,0 +1,136 @@
+"""The `tokenreduce` command line.
+
+    tokenreduce methods
+    tokenreduce sites MODEL
+    tokenreduce bench vit --model vit_base_patch16_224 --policy "vision.block.*=tome(r=13)"
+    tokenreduce quality --out out/quality
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cmd_methods(args) -> int:
+    import tokenreduce as tr
+    rows = []
+    for name, cls in tr.methods().items():
+        if name.endswith("_test"):
+            continue
+        rows.append((name, cls.summary, cls.paper, ", ".join(cls.site_families)))
+    if args.json:
+        print(json.dumps([dict(zip(("name", "summary", "paper", "sites"), r)) for r in rows], indent=2))
+        return 0
+    w = max(len(r[0]) for r in rows)
+    for name, summary, paper, fams in rows:
+        print(f"{name:<{w}}  {summary}\n{'':<{w}}  paper: {paper}\n{'':<{w}}  sites: {fams}")
+    return 0
+
+
+def cmd_sites(args) -> int:
+    import tokenreduce as tr
+    from tokenreduce.policy import describe_sites
+    from .models import load_model
+    model = load_model(args.model)
+    adapter = tr.find_adapter(model)
+    sites = adapter(model).sites()
+    if args.json:
+        print(json.dumps({n: {"family": s.family, "index": s.index, "depth": s.depth,
+                              "signals": sorted(s.signals), "structured": s.structured} for n, s in sites.items()},
+                         indent=2))
+        return 0
+    print(f"{args.model}: adapter {adapter.name} ({adapter.family})")
+    print(f"sites: {describe_sites(sites)}")
+    seen = set()
+    for s in sites.values():
+        key = (s.family, tuple(sorted(s.signals)), s.structured)
+        if key in seen:
+            continue
+        seen.add(key)
+        extra = f"  ({s.note})" if s.note else ""
+        print(f"  {s.family:<14} signals: {', '.join(sorted(s.signals)) or '-'}"
+              f"{'  [structured plans only]' if s.structured else ''}{extra}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "vit":
+        from .bench import bench_vit, format_vit, write_json
+        res = bench_vit(args.model or "vit_base_patch16_224", args.policy or "vision.block.*=tome(r=13)",
+                        batch=args.batch, runs=args.runs, warmup=args.warmup, device=args.device,
+                        dtype=args.dtype, image=args.image)
+        print(format_vit(res))
+    else:
+        try:
+            import importlib
+            mod = importlib.import_module(f"tokenreduce.eval.bench_{args.what}")
+        except ImportError:
+            print(f"benchmark {args.what!r} is not available; valid: vit, vlm, video", file=sys.stderr)
+            return 2
+        res = mod.main_from_args(args)
+        from .bench import write_json
+    if args.json:
+        write_json(res, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from . import quality
+    return quality.main(["--out", args.out] + (["--quick"] if args.quick else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenreduce", description="Visual-token reduction for ViTs, VLMs and video models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("methods", help="list the registered reduction methods")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_methods)
+    s = sub.add_parser("sites", help="list the sites of a model",
+                       description="MODEL: timm:NAME, open_clip:NAME, hf:PRESET or hf:path/config.json")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_sites)
+    b = sub.add_parser("bench", help="baseline vs reduced wall-clock benchmark")
+    b.add_argument("what", choices=["vit", "vlm", "video"])
+    b.add_argument("--model", default=None)
+    b.add_argument("--policy", default=None)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--image", type=int, default=None, help="input resolution (default: the model's)")
+    b.add_argument("--runs", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    b.add_argument("--json", default=None, help="write the result as JSON here")
+    b.add_argument("--frames", type=int, default=None)
+    b.add_argument("--layers", type=int, default=None)
+    b.set_defaults(fn=cmd_bench)
+    q = sub.add_parser("quality", help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy")
+    q.add_argument("--out", default="out/quality")
+    q.add_argument("--quick", action="store_true")
+    q.set_defaults(fn=cmd_quality)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except Exception as exc:  # show a user error as one line, not a traceback
+        from tokenreduce.errors import TokenReduceError
+        if isinstance(exc, (TokenReduceError, ValueError, FileNotFoundError)):
+            print(f"tokenreduce: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
