@@ -1,0 +1,37 @@
+"""The `tokenreduce` command line."""
+import json
+
+from tokenreduce.eval.cli import main
+
+
+def test_methods_lists_registry(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name in ("tome", "vtc_cls", "random", "uniform"):
+        assert name in rows and rows[name]["paper"]
+    assert "arXiv:2210.09461" in rows["tome"]["paper"]
+
+
+def test_sites(capsys):
+    assert main(["sites", "timm:vit_tiny_patch16_224"]) == 0
+    out = capsys.readouterr().out
+    assert "vision.block.{0..11}" in out and "vision.out" in out and "timm_vit" in out
+    assert main(["sites", "hf:tiny-siglip"]) == 0
+    assert "SigLIP has no [CLS] token" in capsys.readouterr().out
+
+
+def test_sites_bad_model_is_one_line_error(capsys):
+    assert main(["sites", "hf:no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert "presets:" in err and "tiny-clip" in err and "Traceback" not in err
+
+
+def test_bench_vit_writes_json(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert main(["bench", "vit", "--model", "hf:tiny-clip", "--batch", "2", "--runs", "2",
+                 "--warmup", "1", "--policy", "vision.block.*=tome(r=2)", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert res["tokens"] == [65, 63, 61, 59, 57]
+    assert 0 < res["flops_fraction"] < 1 and res["baseline_ms"] > 0 and res["reduced_ms"] > 0
+    assert len(res["machine_before"]["loadavg"]) == 3
+    assert "speed-up" in capsys.readouterr().out
