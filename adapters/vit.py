@@ -78,6 +78,7 @@ class _Pass:
     def __init__(self):
         self.state: TokenStream | None = None
         self.pending: dict = {}   # block -> [x1r, y]
+        self.after: dict = {}     # block -> stream state after the block (for feature-layer selection)
         self.n0 = 0
         self.final: TokenStream | None = None
 
@@ -132,7 +133,9 @@ class ViTAdapter(Adapter):
         return out
 
     # -- install -----------------------------------------------------------------------------
-    def install(self, stages, recorder) -> None:
+    def install(self, stages, recorder, extra_needs=()) -> None:
+        """extra_needs: [(SiteInfo, Needs)] for stages that run outside this tower but read its
+        signals (a VLM adapter's `vision.out`)."""
         self.recorder = recorder
         infos = self.sites()
         self._infos = infos
@@ -141,9 +144,7 @@ class ViTAdapter(Adapter):
             self._by_site[name].append(red)
         key_layers, cls_layers = set(), set()
         self._prop_attn = self._source = False
-        for name, red in stages:
-            info = infos[name]
-            nd = red.needs(info)
+        for info, nd in [(infos[n], r.needs(infos[n])) for n, r in stages] + list(extra_needs):
             for sig, layers in nd.signals.items():
                 for l in layers:
                     l = info.own_layer if l is None else l
@@ -182,9 +183,17 @@ class ViTAdapter(Adapter):
         elif torch.is_tensor(output) and output.dim() == 5:
             self._grid = tuple(output.shape[-3:])
 
+    #: whether a pass through this tower starts a new record (False when a VLM adapter owns it;
+    #: then layer records are keyed ("vision", i) so they do not collide with the LLM's)
+    owns_record = True
+
+    def layer_key(self, i):
+        return i if self.owns_record else ("vision", i)
+
     def _begin(self, x):
         p = self._pass = _Pass()
-        self.recorder.begin()
+        if self.owns_record:
+            self.recorder.begin()
         grid = self._grid
         n_vis = x.shape[1] - self.num_prefix
         if grid is None or grid[0] * grid[1] * grid[2] != n_vis:
@@ -192,7 +201,7 @@ class ViTAdapter(Adapter):
             grid = (1, side, side) if side * side == n_vis else None
         p.state = TokenStream.start(x, num_prefix=self.num_prefix, grid=grid, track_source=self._source).state()
         p.n0 = x.shape[1]
-        self.recorder.last.extra["tokens_start"] = p.n0
+        self.recorder.last.extra["tokens_start" if self.owns_record else "vision_tokens_start"] = p.n0
 
     def _stream(self, name, x):
         info = self._infos[name]
@@ -222,7 +231,7 @@ class ViTAdapter(Adapter):
         if name in self._by_site:
             x, changed = self._run(name, x)
             out = (x,) + tuple(args[1:])
-        self.recorder.layer(i, x.shape[1])
+        self.recorder.layer(self.layer_key(i), x.shape[1])
         return out
 
     def _block_post(self, i, module, args, output):
@@ -231,7 +240,8 @@ class ViTAdapter(Adapter):
             x1r, y = pend
             output = write_tokens(output, x1r + y)
         x = read_tokens(output)
-        self.recorder.last.layers[i][1] = x.shape[1]
+        self.recorder.last.layers[self.layer_key(i)][1] = x.shape[1]
+        self._pass.after[i] = self._pass.state
         return output if pend is not None else None
 
     def _mlp_in(self, i, module, args):
@@ -289,12 +299,12 @@ class ViTAdapter(Adapter):
     def flops(self, record):
         if not record.layers:
             return None
-        n0 = record.extra.get("tokens_start")
+        n0 = record.extra.get("tokens_start" if self.owns_record else "vision_tokens_start")
         reduced = full = 0.0
         for i, (am, mm, ad) in enumerate(self.block_costs()):
-            if i not in record.layers:
+            if self.layer_key(i) not in record.layers:
                 continue
-            n_in, n_out = record.layers[i]
+            n_in, n_out = record.layers[self.layer_key(i)]
             reduced += block_flops(n_in, n_out, am, mm, ad)
             full += block_flops(n0, n0, am, mm, ad)
         return reduced, full

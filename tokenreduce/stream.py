@@ -251,21 +251,13 @@ class Plan:
         return self.keep.shape[1]
 
 
-def keep_with_protected(stream: TokenStream, chosen: Tensor) -> Tensor:
-    """Indices of all non-visual tokens plus `chosen` (B, k) visual ones, in original order.
-
-    The common shape of a pruning plan: the reducer picks among visual tokens only.
-    """
-    B, N = stream.pos.shape
+def keep_visual(stream: TokenStream, chosen: Tensor) -> Plan:
+    """A pruning plan: every non-visual token (CLS, text, padding) plus the `chosen` (B, k)
+    visual ones, in original order. The common shape of a plan when a reducer picks among visual
+    tokens only; samples that end up with different counts get a ragged (padded) plan."""
     mask = ~stream.visual
-    if stream.valid is not None:
-        mask &= stream.valid
-    mask = mask.clone()
-    mask.scatter_(1, chosen, True)
-    counts = mask.sum(1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError("keep_with_protected needs the same number of protected tokens per sample")
-    return torch.nonzero(mask, as_tuple=False)[:, 1].reshape(B, -1)
+    mask = mask.scatter(1, chosen, True)
+    return Plan.from_mask(mask)
 
 
 def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:

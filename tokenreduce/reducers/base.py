@@ -67,14 +67,16 @@ class Reducer:
     # -- validation ---------------------------------------------------------------------------
     def check_site(self, site: SiteInfo) -> None:
         """Raise SiteError when this reducer cannot run at `site` (called by reduce())."""
+        if site.structured and not self.structured:
+            why = f": {site.note}" if site.note else " (whole frames or temporal slices)"
+            raise SiteError(f"site {site.name!r} accepts only structured reducers{why}; {self.name} makes "
+                            f"unstructured plans. Structured reducers that run here: "
+                            f"{choices(_structured_names(site.family))}")
         if self.site_families and site.family not in self.site_families:
             raise SiteError(f"{self.name} cannot run at site {site.name!r}; it runs at: "
                             f"{choices(f + ('.{i}' if f in _INDEXED else '') for f in self.site_families)}")
-        if site.structured and not self.structured:
-            raise SiteError(f"site {site.name!r} accepts only structured reducers (whole frames or "
-                            f"temporal slices); {self.name} makes unstructured plans")
         for sig, layers in self.needs(site).signals.items():
-            if sig not in site.signals:
+            if sig.split(":")[0] not in site.signals:  # "name:arg" carries a parameter
                 why = f" ({site.note})" if site.note else ""
                 raise SiteError(f"{self.name} at {site.name!r} needs the signal {sig!r}, which this model "
                                 f"cannot provide{why}; signals available here: {choices(sorted(site.signals))}")
@@ -111,6 +113,20 @@ class Reducer:
 
 
 _INDEXED = {"vision.block", "vision.layer", "llm.layer", "stage"}
+
+
+def _structured_names(family: str) -> list:
+    """Registered reducers whose plans keep or drop whole frames / slices and run at `family`."""
+    from ..registry import reducer_class, reducer_names
+    out = []
+    for n in reducer_names():
+        try:
+            cls = reducer_class(n)
+            if getattr(cls, "structured", False) and (not cls.site_families or family in cls.site_families):
+                out.append(n)
+        except Exception:  # a plugin that fails to load does not spoil the message
+            continue
+    return out
 
 
 # -- parameter checks shared by reducers ------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from ..errors import PolicyError
 from ..ops import topk_sorted
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream, keep_with_protected
+from ..stream import Plan, TokenStream, keep_visual
 from .base import Reducer, check_budget
 
 
@@ -17,8 +17,9 @@ from .base import Reducer, check_budget
 class RandomPrune(Reducer):
     """Random token pruning: the control every score-based method must beat at the same budget.
 
-    Keeps `keep` visual tokens drawn uniformly at random per sample, in original order. The
-    draw depends only on `seed` and the site's layer, so the same input gives the same output.
+    Keeps `keep` visual tokens drawn uniformly at random, in original order. The draw depends
+    only on `seed`, the site and each token's rank among the visual tokens of its sample, so the
+    same input gives the same output, alone or inside any (padded) batch.
     """
 
     name = "random"
@@ -39,5 +40,9 @@ class RandomPrune(Reducer):
         if k >= int(stream.num_visual().max()):
             return None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + (stream.layer or 0) * 7919 + len(stream.site))
-        scores = torch.rand(stream.pos.shape, generator=g).to(stream.x.device)
-        return Plan(keep=keep_with_protected(stream, topk_sorted(scores, k, stream.visual)))
+        # one draw indexed by each token's rank among the visual tokens of its sample: the same
+        # tokens survive whatever the padding or the batch around them
+        table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
+        rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
+        scores = table[rank]
+        return keep_visual(stream, topk_sorted(scores, k, stream.visual))

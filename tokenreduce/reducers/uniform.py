@@ -7,7 +7,7 @@ import torch
 
 from ..ops import grid_lattice, nearest_unique
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream, keep_with_protected
+from ..stream import Plan, TokenStream, keep_visual
 from .base import Reducer, check_budget
 
 
@@ -36,7 +36,7 @@ class UniformPrune(Reducer):
         if k >= int(stream.num_visual().max()):
             return None
         chosen = torch.stack([self._pick(stream, b, k) for b in range(stream.batch)])
-        return Plan(keep=keep_with_protected(stream, chosen))
+        return keep_visual(stream, chosen)
 
     @staticmethod
     def _pick(stream: TokenStream, b: int, k: int) -> torch.Tensor:

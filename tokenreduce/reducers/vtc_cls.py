@@ -8,7 +8,7 @@ import torch
 from ..errors import PolicyError
 from ..ops import topk_sorted
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream, keep_with_protected
+from ..stream import Plan, TokenStream, keep_visual
 from .base import Needs, Reducer, SiteInfo, check_budget, check_choice
 
 ENSEMBLES = ("sum", "mean", "max", "min")
@@ -83,4 +83,4 @@ class VTCCLS(Reducer):
         if k >= int(stream.num_visual().max()):
             return None
         chosen = topk_sorted(self.scores(stream, layers), k, stream.visual)
-        return Plan(keep=keep_with_protected(stream, chosen))
+        return keep_visual(stream, chosen)

@@ -1,0 +1,478 @@
+"""Hugging Face LLaVA family on transformers 5.2x: LLaVA-1.5 (Llava), LLaVA-NeXT (anyres tiles),
+LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video and Qwen2-VL (M-RoPE).
+
+Sites
+  frames            video models: whole frames before the vision tower (LLaVA-OneVision, NeXT-Video)
+  vision.block.{i}  vision.layer.{i}   inside the tower (LLaVA-1.5; delegated to the tower adapter)
+  vision.out        the selected feature layer, before the projector (LLaVA-1.5)
+  projector.out     each image's / video's tokens as they will enter the LLM (every model)
+  llm.layer.{k}     before decoder layer k (every model)
+
+Everything before the LLM goes through the model's own `get_image_features` /
+`get_video_features` (wrapped per instance), which both `forward()` and `generate()` call (the
+`mm_encoder_outputs` path). A forward pre-hook on the model then shortens each placeholder run
+of `input_ids` (and the attention mask, labels, position ids) to the tokens that survived, left
+padding ragged samples. Positions: 1-D RoPE models re-index contiguously after pre-LLM pruning
+(what VTC-CLS, VisionZip and PruMerge do); Qwen2-VL keeps each survivor's M-RoPE position
+computed on the full sequence. Inside the LLM, survivors always keep their original positions.
+Outputs (logits) are scattered back to the caller's sequence length, so they stay aligned with
+the input ids; dropped positions read zeros.
+"""
+from __future__ import annotations
+
+import functools
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from tokenreduce.errors import SiteError, UnsupportedModelError
+from tokenreduce.hooks import run_stages
+from tokenreduce.registry import register_adapter
+from tokenreduce.stream import Kind, TokenStream
+
+from .base import Adapter, is_a, site
+from .frames import FRAMES, frames_site_info, reduce_frames
+from .hf_llm import LLMSites, gather_positions, gather_seq
+from .hf_vision import HFVisionAdapter
+
+_T = "transformers.models."
+KINDS = {
+    _T + "llava.modeling_llava.LlavaForConditionalGeneration": "llava",
+    _T + "llava_next.modeling_llava_next.LlavaNextForConditionalGeneration": "llava_next",
+    _T + "llava_onevision.modeling_llava_onevision.LlavaOnevisionForConditionalGeneration": "onevision",
+    _T + "llava_next_video.modeling_llava_next_video.LlavaNextVideoForConditionalGeneration": "next_video",
+    _T + "qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration": "qwen2_vl",
+}
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images")
+SEQ_KEYS = {"input_ids": 0, "attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+class _Item:
+    """One image / video as it enters the LLM: its final token state and its placeholder count."""
+
+    def __init__(self, state: TokenStream, n_placeholders: int, pos_offset: int = 0):
+        self.state = state
+        self.n = n_placeholders
+        self.offset = pos_offset  # item position = state.pos - offset
+
+
+class _Prompt:
+    """How one prefill shortened the caller's sequence, kept for the decode steps after it."""
+
+    def __init__(self, col_map: Tensor, L_full: int, dropped: Tensor, orig_mask: Tensor | None):
+        self.col_map = col_map      # (B, L') original column of each new column, -1 = new padding
+        self.L_full = L_full
+        self.dropped = dropped      # (B,) real tokens removed per sample
+        self.orig_mask = orig_mask
+
+
+@register_adapter
+class LlavaFamilyAdapter(Adapter):
+    name = "hf_llava"
+    family = "transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL"
+    priority = 10
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return is_a(model, *KINDS)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.kind = next(k for q, k in KINDS.items() if is_a(model, q))
+        self.base = model.model
+        self.cfg = model.config
+        self.lm = self.base.language_model
+        self.tower = getattr(self.base, "vision_tower", None) or getattr(self.base, "visual", None)
+        self.image_token = getattr(self.cfg, "image_token_id", getattr(self.cfg, "image_token_index", None))
+        self.video_token = getattr(self.cfg, "video_token_id", getattr(self.cfg, "video_token_index", None))
+        self.tower_adapter = None
+        if self.kind == "llava" and HFVisionAdapter.matches(self.tower):
+            self.tower_adapter = HFVisionAdapter(self.tower)
+            self.tower_adapter.owns_record = False
+        self.llm = LLMSites(self.lm, self.hooks, None, self.context)
+        self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
+        self._items: dict = {}
+        self._vout: list = []
+        self._video_frames = None
+        self._features_begun = False
+        self.prompt: _Prompt | None = None
+
+    # -- sites --------------------------------------------------------------------------------
+    def feature_block(self) -> int:
+        """Index of the tower block whose output LLaVA feeds the projector."""
+        vfl = self.cfg.vision_feature_layer
+        if isinstance(vfl, (list, tuple)):
+            return -100
+        depth = len(self.tower_adapter.blocks())
+        return depth + vfl if vfl < 0 else vfl - 1
+
+    def sites(self) -> dict:
+        out = {}
+        if self.kind in ("onevision", "next_video"):
+            out[FRAMES] = frames_site_info()
+        if self.tower_adapter is not None:
+            tower = self.tower_adapter.sites()
+            out.update({k: v for k, v in tower.items() if k != "vision.out"})
+            tv = tower["vision.out"]
+            fb = self.feature_block()
+            out["vision.out"] = site("vision.out", "vision.out", None, tv.depth, tv.signals, note=tv.note,
+                                     own_layer=fb if fb >= 0 else None)
+            out["projector.out"] = site("projector.out", "projector.out", None, tv.depth, tv.signals, note=tv.note,
+                                        own_layer=fb if fb >= 0 else None)
+        else:
+            out["projector.out"] = site("projector.out", "projector.out", None, None, {"x"})
+        out.update(self.llm.site_infos())
+        return out
+
+    # -- install ------------------------------------------------------------------------------
+    def install(self, stages, recorder) -> None:
+        self.recorder = recorder
+        self.llm.recorder = recorder
+        infos = self.sites()
+        self.infos = infos
+        by = {}
+        for name, red in stages:
+            by.setdefault(name, []).append(red)
+        self.by_site = by
+        tower_stages = [(n, r) for n, r in stages if n.startswith(("vision.block.", "vision.layer."))]
+        if tower_stages and isinstance(self.cfg.vision_feature_layer, (list, tuple)):
+            raise SiteError("reductions inside the vision tower need a single vision_feature_layer; this model "
+                            f"concatenates layers {self.cfg.vision_feature_layer}")
+        extra = [(infos[n], r.needs(infos[n])) for n, r in stages if n in ("vision.out", "projector.out")]
+        self._tower_active = self.tower_adapter is not None and bool(
+            tower_stages or "vision.out" in by or any(nd.signals for _, nd in extra))
+        if self._tower_active:
+            self.tower_adapter.hooks = self.hooks
+            self.tower_adapter.install(tower_stages, recorder, extra_needs=extra)
+        elif "vision.out" in by:
+            raise SiteError(f"vision.out needs a transformers CLIP/SigLIP tower; this model has {type(self.tower).__name__}")
+        H = self.hooks
+        if self._tower_active:
+            H.pre(self.base.multi_modal_projector, self._vision_out)
+        for modality in ("image", "video"):
+            fn = getattr(self.base, f"get_{modality}_features", None)
+            if fn is not None:
+                H.setattr(self.base, f"get_{modality}_features", self._wrap_features(fn, modality))
+        self.llm.install([(n, r) for n, r in stages if n.startswith("llm.layer.")])
+        H.pre(self.model, self._model_pre, with_kwargs=True)
+        H.post(self.model, self._model_post)
+
+    # -- before the LLM -----------------------------------------------------------------------
+    def _vision_out(self, module, args):
+        """LLaVA-1.5: the selected tower features before the projector (reduced if asked)."""
+        x = args[0]
+        P = 1 if self.cfg.vision_feature_select_strategy == "default" else 0
+        st = self.tower_adapter._pass.after.get(self.feature_block())
+        if st is None or st.pos.shape[1] - P != x.shape[1]:
+            raise SiteError("vision.out: the projector input does not match the tower's feature layer "
+                            f"({tuple(x.shape)}); is vision_feature_layer a single layer?")
+        st = _slice_state(st, P)
+        info = self.infos["vision.out"]
+        stream = st.with_x(x, site="vision.out", layer=info.own_layer, depth=info.depth, info=info,
+                           own_layer=info.own_layer, order="prefix")
+        plans = []
+        if "vision.out" in self.by_site:
+            stream, plans = run_stages(stream, self.by_site["vision.out"], self.recorder)
+        self._vout.append((stream.state(), P))
+        return (stream.x,) + tuple(args[1:]) if plans else None
+
+    def _wrap_features(self, fn, modality):
+        @functools.wraps(fn)
+        def get_features(*args, **kwargs):
+            if not self._features_begun:  # generate() computes features before its prefill forward
+                self.recorder.begin()
+                self._features_begun = True
+            self._vout = []
+            if modality == "video":
+                args, kwargs = self._reduce_frames(args, kwargs)
+            out = fn(*args, **kwargs)
+            grids = kwargs.get(f"{modality}_grid_thw", args[1] if len(args) > 1 and self.kind == "qwen2_vl" else None)
+            self._reduce_projector_out(out, modality, grids)
+            return out
+        return get_features
+
+    def _reduce_frames(self, args, kwargs):
+        key = "pixel_values_videos"
+        video = kwargs[key] if key in kwargs else args[0]
+        if video is not None and video.dim() == 5:
+            self._video_frames = video.shape[1]
+            if FRAMES in self.by_site:
+                reduced, _ = reduce_frames(video, 1, self.by_site[FRAMES], self.context, self.infos, self.recorder)
+                if reduced is not None:
+                    self._video_frames = reduced.shape[1]
+                    if key in kwargs:
+                        kwargs = dict(kwargs, **{key: reduced})
+                    else:
+                        args = (reduced,) + tuple(args[1:])
+        return args, kwargs
+
+    def _fresh_item_state(self, x: Tensor, modality: str, index: int, grids) -> TokenStream:
+        """Token bookkeeping for one unreduced item (N, D)."""
+        N = x.shape[0]
+        dev = x.device
+        kind = torch.full((1, N), int(Kind.VISUAL), dtype=torch.long, device=dev)
+        frame = torch.full((1, N), -1, dtype=torch.long, device=dev)
+        patch = torch.arange(N, device=dev)[None].clone()
+        grid = None
+        newline = getattr(self.base, "image_newline", None)
+        if newline is not None:
+            is_nl = (x == newline.to(x.dtype)[None]).all(-1)
+            kind[0, is_nl] = int(Kind.PROTECTED)
+        n_vis = int((kind == int(Kind.VISUAL)).sum())
+        if self.kind == "qwen2_vl" and grids is not None:
+            t, h, w = (int(v) for v in grids[index])
+            m = getattr(self.tower, "spatial_merge_size", 2)
+            grid = (t, h // m, w // m)
+        elif modality == "video" and self.kind in ("onevision", "next_video"):
+            frames = self._video_frames
+            per = n_vis // frames if frames else 0
+            side = int(round(per ** 0.5))
+            if frames and per * frames == n_vis:
+                grid = (frames, side, side) if side * side == per else (frames, 1, per)
+        elif self.kind == "llava":
+            side = int(round(N ** 0.5))
+            grid = (1, side, side) if side * side == N else None
+        vis = kind[0] == int(Kind.VISUAL)
+        if grid is not None and grid[0] * grid[1] * grid[2] == n_vis:
+            per = grid[1] * grid[2]
+            r = torch.arange(n_vis, device=dev)
+            frame[0, vis] = r // per
+            patch[0, vis] = r % per
+        patch[0, ~vis] = -1
+        st = TokenStream.start(x[None], kind=kind, frame=frame, order="prefix").state()
+        st.patch, st.grid = patch, grid
+        return st
+
+    def _reduce_projector_out(self, out, modality, grids):
+        feats = out.pooler_output
+        as_tensor = torch.is_tensor(feats)
+        items = [f for f in feats]
+        states = []
+        vout = self._vout[-1] if modality == "image" and self._vout else None
+        if vout is not None and vout[0].pos.shape[0] != len(items):
+            raise SiteError(f"{len(items)} image feature items but the projector saw {vout[0].pos.shape[0]} images")
+        for i, x in enumerate(items):
+            if vout is not None:  # LLaVA-1.5: the tower's bookkeeping, CLS dropped by the strategy
+                st, P = vout
+                states.append(_Item(_row(st, i), self._placeholder_count(P), P))
+            else:
+                states.append(_Item(self._fresh_item_state(x, modality, i, grids), x.shape[0]))
+        if "projector.out" in self.by_site:
+            items, states = self._run_items(items, states)
+        if self.position_policy == "original":  # Qwen2-VL: each token sits at its own M-RoPE position
+            for i, it in enumerate(states):
+                order = torch.argsort(it.state.pos[0])
+                items[i], states[i] = items[i][order], _Item(_select(it.state, order), it.n, it.offset)
+        if as_tensor:
+            lens = {t.shape[0] for t in items}
+            out.pooler_output = torch.stack(items) if len(lens) == 1 else torch.cat(items)[None]
+        else:
+            out.pooler_output = items if isinstance(feats, list) else type(feats)(items)
+        self._items[id(out)] = (modality, states)
+
+    def _placeholder_count(self, P) -> int:
+        """LLaVA-1.5: the processor puts one placeholder per token of the unreduced tower."""
+        return self.tower_adapter._pass.n0 - P
+
+    def _run_items(self, items, states):
+        info = self.infos["projector.out"]
+        reds = self.by_site["projector.out"]
+        groups: dict = {}
+        for i, x in enumerate(items):
+            groups.setdefault(x.shape[0], []).append(i)
+        items, states = list(items), list(states)
+        for idx in groups.values():
+            x = torch.stack([items[i] for i in idx])
+            st = _stack_states([states[i].state for i in idx])
+            # the LLM reads these tokens in sequence order (newline tokens sit between rows)
+            stream = st.with_x(x, site="projector.out", layer=None, depth=info.depth, info=info,
+                               own_layer=info.own_layer, order="sequence")
+            stream, plans = run_stages(stream, reds, self.recorder)
+            for r, i in enumerate(idx):
+                row = _row(stream.state(), r)
+                xr = stream.x[r]
+                if stream.valid is not None:
+                    keep = stream.valid[r]
+                    xr, row = xr[keep], _select(row, keep)
+                items[i] = xr
+                states[i] = _Item(row, states[i].n, states[i].offset)
+        return items, states
+
+    # -- the prompt: shorten placeholder runs -------------------------------------------------
+    def _model_pre(self, module, args, kwargs):
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], tuple(args[1:])
+        ids = kwargs.get("input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        if not prefill:
+            return (args, self._decode_inputs(kwargs)) if self.prompt is not None else None
+        if not self._features_begun:
+            self.recorder.begin()
+        self._features_begun = False
+        self.prompt = None
+        if ids is None:
+            return None
+        if self.kind == "qwen2_vl" and kwargs.get("position_ids") is None and (
+                kwargs.get("image_grid_thw") is not None or kwargs.get("video_grid_thw") is not None):
+            pos, deltas = self.base.get_rope_index(
+                ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"), image_grid_thw=kwargs.get("image_grid_thw"),
+                video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=kwargs.get("attention_mask"))
+            kwargs["position_ids"] = pos
+            self.base.rope_deltas = deltas
+        if any(kwargs.get(k) is not None for k in PIXEL_KEYS):
+            self._features_begun = True  # this forward's record is already open
+            kwargs = self.model._prepare_multimodal_encoder_kwargs_for_generation(kwargs)
+            self._features_begun = False
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        plan = []  # (token id, [items])
+        for modality, token in (("image", self.image_token), ("video", self.video_token)):
+            out = mm.get(modality)
+            if out is None:
+                continue
+            rec = self._items.pop(id(out), None)
+            if rec is None:  # features computed elsewhere: take them as they are
+                feats = out.pooler_output
+                feats = list(feats) if not torch.is_tensor(feats) else [f for f in feats]
+                rec = (modality, [_Item(self._fresh_item_state(f, modality, i, None), f.shape[0]) for i, f in
+                                  enumerate(feats)])
+            plan.append((token, rec[1]))
+        self._items = {}
+        return args, self._shorten(kwargs, plan)
+
+    def _shorten(self, kwargs, plan):
+        ids = kwargs["input_ids"]
+        B, L = ids.shape
+        dev = ids.device
+        keep = torch.ones(B, L, dtype=torch.bool, device=dev)
+        kind = torch.full((B, L), int(Kind.TEXT), dtype=torch.long, device=dev)
+        frame = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        patch = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        size = torch.ones(B, L, device=dev)
+        changed = False
+        for token, items in plan:
+            cols = (ids == token).nonzero()  # row-major: (b, col)
+            start = 0
+            for it in items:
+                run = cols[start:start + it.n]
+                start += it.n
+                if len(run) != it.n:
+                    raise SiteError(f"the prompt has fewer placeholder tokens ({token}) than the features need")
+                b = int(run[0, 0])
+                item_pos = (it.state.pos[0] - it.offset).clamp(min=0, max=it.n - 1)
+                keep[b, run[:, 1]] = False
+                # the features fill the kept placeholders in column order (masked_scatter), so the
+                # k-th feature's bookkeeping goes to the k-th kept column
+                chosen = run[item_pos.sort().values, 1]
+                keep[b, chosen] = True
+                kind[b, chosen] = it.state.kind[0]
+                frame[b, chosen] = it.state.frame[0]
+                patch[b, chosen] = it.state.patch[0] if it.state.patch is not None else -1
+                size[b, chosen] = it.state.size[0]
+                changed |= len(chosen) != it.n
+            if start != len(cols):
+                raise SiteError(f"the prompt has {len(cols)} placeholder tokens ({token}) but the features fill {start}")
+        am = kwargs.get("attention_mask")
+        valid0 = am.bool() if am is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
+        counts = keep.sum(1)
+        Lp = int(counts.max())
+        # new layout: kept columns of each sample, left padded to the longest
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Lp]
+        slot = torch.arange(Lp, device=dev)[None]
+        pad = slot < (Lp - counts)[:, None]
+        shift = (Lp - counts)[:, None]
+        src = (slot - shift).clamp(min=0)
+        col_map = order.gather(1, src).masked_fill(pad, -1)
+        new = {}
+        for key, fill in SEQ_KEYS.items():
+            t = kwargs.get(key)
+            if torch.is_tensor(t) and t.shape == (B, L):
+                g = t.gather(1, col_map.clamp(min=0))
+                new[key] = g.masked_fill(pad, fill)
+        if "attention_mask" not in new and bool(pad.any()):
+            new["attention_mask"] = (~pad).long()
+        valid = (~pad) & valid0.gather(1, col_map.clamp(min=0))
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            if self.position_policy == "original" or not changed:
+                g = gather_positions(pos, col_map.clamp(min=0))
+                new["position_ids"] = g.masked_fill(pad, 0) if g.dim() == 2 else g.masked_fill(pad[None], 0)
+            else:  # contiguous re-index over the shortened prompt (generate's cumsum convention)
+                new["position_ids"] = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs.update(new)
+        dropped = valid0.sum(1) - valid.sum(1)
+        if changed or bool(pad.any()):
+            self.prompt = _Prompt(col_map, L, dropped, am)
+        g = lambda t: t.gather(1, col_map.clamp(min=0))
+        tpl = TokenStream(x=None, pos=torch.arange(Lp, device=dev).expand(B, Lp).clone(), size=g(size),
+                          kind=g(kind).masked_fill(pad, int(Kind.TEXT)), frame=g(frame).masked_fill(pad, -1),
+                          valid=valid, order="sequence", patch=g(patch).masked_fill(pad, -1))
+        self.llm.pending_template = tpl
+        self.recorder.last.extra["prompt_tokens"] = L
+        self.recorder.last.extra["llm_input_tokens"] = float(valid.sum(1).float().mean())
+        return kwargs
+
+    def _decode_inputs(self, kwargs):
+        p = self.prompt
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() == 2 and am.shape[1] > p.col_map.shape[1]:
+            head = am[:, :p.L_full].gather(1, p.col_map.clamp(min=0)).masked_fill(p.col_map < 0, 0)
+            kwargs["attention_mask"] = torch.cat([head, am[:, p.L_full:]], dim=1)
+        pos = kwargs.get("position_ids")
+        if self.position_policy == "contiguous":
+            if pos is not None and pos.dim() == 2:
+                kwargs["position_ids"] = pos - p.dropped[:, None].to(pos.dtype)
+        elif pos is None and am is not None and self.base.rope_deltas is not None:
+            q = kwargs["input_ids"].shape[1]
+            text = (am.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+            kwargs["position_ids"] = text[None].expand(3, -1, -1) + self.base.rope_deltas[None]
+        return kwargs
+
+    def _model_post(self, module, args, output):
+        p = self.prompt
+        logits = getattr(output, "logits", None)
+        if p is None or logits is None or logits.shape[1] != p.col_map.shape[1] or logits.shape[1] <= 1:
+            return None
+        full = logits.new_zeros(logits.shape[0], p.L_full + 1, logits.shape[-1])
+        idx = p.col_map.masked_fill(p.col_map < 0, p.L_full)
+        full.scatter_(1, idx[..., None].expand_as(logits), logits)
+        output.logits = full[:, :p.L_full]
+        return output
+
+    # -- stats --------------------------------------------------------------------------------
+    def flops(self, record):
+        parts = [f for f in (self.llm.flops(record),
+                             self.tower_adapter.flops(record) if self._tower_active else None) if f]
+        if not parts:
+            return None
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+# -- state helpers ---------------------------------------------------------------------------------
+_FIELDS = ("pos", "size", "kind", "frame", "patch", "valid", "source")
+
+
+def _map_state(st: TokenStream, fn) -> TokenStream:
+    from dataclasses import replace
+    return replace(st, **{f: fn(getattr(st, f)) for f in _FIELDS if getattr(st, f) is not None})
+
+
+def _slice_state(st, P):
+    return _map_state(st, lambda t: t[:, P:]) if P else st
+
+
+def _row(st, b):
+    return _map_state(st, lambda t: t[b:b + 1])
+
+
+def _select(st, keep):
+    return _map_state(st, lambda t: t[:, keep])
+
+
+def _stack_states(states):
+    from dataclasses import replace
+    first = states[0]
+    return replace(first, **{f: torch.cat([getattr(s, f) for s in states]) for f in _FIELDS
+                             if getattr(first, f) is not None})

@@ -1,0 +1,378 @@
+"""`llm.layer.{k}` sites inside a Hugging Face decoder LM (Llama, Qwen2, Qwen2-VL's text model...).
+
+Prefill: a forward pre-hook on decoder layer k runs the stages on the hidden states and gathers
+the per-layer side inputs every later layer receives (rotary cos/sin, position ids, the 4-D
+mask on both axes). Survivors keep their original RoPE positions. Each layer's KV cache keeps
+the length that layer saw. Decode: layers after a reduction get a mask rebuilt for their own
+cache length (kept prefill columns + new tokens), so the key axis lines up with their cache.
+Ragged plans (per-sample counts differ) become right padding masked out as keys.
+
+Attention rows come from a wrapper registered through transformers' AttentionInterface
+("tokenreduce_<impl>"): it sees post-RoPE q/k of the layers a reducer asked about, computes the
+few rows needed and delegates to the model's own implementation (SDPA stays on, no layer runs
+twice). The wrapper is inert for every module without a capture callback.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from tokenreduce.flops import attention_flops, linear_macs
+from tokenreduce.hooks import run_stages
+from tokenreduce.signals import last_query_attention
+from tokenreduce.stream import Kind, TokenStream
+
+from .base import site
+
+PREFIX = "tokenreduce_"
+CAPTURE_ATTR = "_tokenreduce_capture"
+
+
+# -- attention interface wrapper ----------------------------------------------------------------
+def _base_attention(impl: str, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if impl == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _make_wrapper(impl: str):
+    def tokenreduce_attention(module, query, key, value, attention_mask, **kwargs):
+        cb = module.__dict__.get(CAPTURE_ATTR)
+        if cb is not None:
+            cb(query, key, attention_mask, kwargs.get("scaling", getattr(module, "scaling", None)))
+        return _base_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)
+    tokenreduce_attention.__name__ = f"{PREFIX}{impl}"
+    return tokenreduce_attention
+
+
+def wrapped_attention_name(impl: str) -> str:
+    """Register (once) `tokenreduce_<impl>`: the model's own attention plus score capture."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    impl = impl or "eager"
+    if impl.startswith(PREFIX):
+        return impl
+    name = PREFIX + impl
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_wrapper(impl))
+    if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
+    return name
+
+
+# -- tensor helpers -------------------------------------------------------------------------------
+def gather_seq(t, idx: Tensor, dim: int):
+    """Gather axis `dim` of `t` (batch first) with idx (B, L'); a broadcast batch of 1 is expanded."""
+    if t is None or not torch.is_tensor(t):
+        return t
+    B = idx.shape[0]
+    if t.shape[0] == 1 and B > 1:
+        t = t.expand(B, *t.shape[1:])
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = B, idx.shape[1]
+    index = idx.reshape(shape).expand(*[idx.shape[1] if d == dim else t.shape[d] for d in range(t.dim())])
+    return t.gather(dim, index)
+
+
+def gather_positions(pos, idx: Tensor):
+    """position_ids (B, L), (1, L) or M-RoPE (3|4, B, L): gather the last axis."""
+    if pos is None:
+        return None
+    if pos.dim() == 2:
+        return gather_seq(pos, idx, 1)
+    if pos.shape[1] == 1 and idx.shape[0] > 1:
+        pos = pos.expand(pos.shape[0], idx.shape[0], pos.shape[2])
+    return pos.gather(2, idx[None].expand(pos.shape[0], -1, -1))
+
+
+def gather_rotary(pe, idx: Tensor):
+    """(cos, sin) of shape (B|1, L, D) or (3, B|1, L, D) (M-RoPE): gather the token axis."""
+    if pe is None:
+        return None
+    out = []
+    for t in pe:
+        if t.dim() == 4:  # (3, B, L, D)
+            if t.shape[1] == 1 and idx.shape[0] > 1:
+                t = t.expand(t.shape[0], idx.shape[0], *t.shape[2:])
+            out.append(t.gather(2, idx[None, :, :, None].expand(t.shape[0], -1, -1, t.shape[-1])))
+        else:
+            out.append(gather_seq(t, idx, 1))
+    return tuple(out)
+
+
+def mask_from_valid(kv_valid: Tensor, q_len: int, like, causal: bool) -> Tensor | None:
+    """A 4-D mask (B, 1, q, K) in the format of `like` (bool: True = attend; float: additive)."""
+    B, K = kv_valid.shape
+    allowed = kv_valid[:, None, None, :].expand(B, 1, q_len, K)
+    if causal and q_len > 1:
+        qpos = torch.arange(K - q_len, K, device=kv_valid.device)
+        allowed = allowed & (torch.arange(K, device=kv_valid.device)[None, :] <= qpos[:, None])[None, None]
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    out = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+    return out.masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def reindex_mask(mask, idx: Tensor, valid: Tensor | None):
+    """Gather both axes of a prefill mask; keys in padding slots are masked out."""
+    if mask is None or not torch.is_tensor(mask):
+        if valid is None:
+            return mask
+        L = idx.shape[1]
+        return mask_from_valid(valid, L, None, causal=True)
+    if mask.dim() == 2:  # flash-style (B, L) padding mask
+        m = gather_seq(mask, idx, 1)
+        return m if valid is None else m * valid.to(m.dtype)
+    m = gather_seq(mask, idx, 2)
+    m = gather_seq(m, idx, 3)
+    if valid is not None:
+        if m.dtype == torch.bool:
+            m = m & valid[:, None, None, :]
+        else:
+            m = m.masked_fill(~valid[:, None, None, :], torch.finfo(m.dtype).min)
+    return m
+
+
+class _Session:
+    """What one prefill decided, kept for the decode steps that follow it."""
+
+    def __init__(self, template: TokenStream | None):
+        self.template = template
+        self.state: TokenStream | None = None
+        self.cols: dict = {}      # layer -> (B, L_j) indices into the LLM input sequence
+        self.valid: dict = {}     # layer -> (B, L_j) bool: real (not padding) key columns
+        self.cur_cols = None
+        self.cur_valid = None     # (B, L_j) real tokens: neither prompt padding nor plan padding
+        self.cur_slot = None      # (B, L_j) False for padding slots a ragged plan introduced
+        self.L0 = 0
+        self.changed = False
+        self.scatter_pending = False
+
+
+class LLMSites:
+    """The llm.layer.{k} sites of one decoder LM; owned by a VLM adapter."""
+
+    def __init__(self, lm, hooks, recorder, context):
+        self.lm = lm
+        self.layers = list(lm.layers)
+        self.hooks = hooks
+        self.recorder = recorder
+        self.context = context
+        self.session: _Session | None = None
+        self.pending_template: TokenStream | None = None
+        self.by_site: dict = {}
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def site_infos(self) -> dict:
+        out = {}
+        for k in range(self.depth):
+            n = f"llm.layer.{k}"
+            sig = {"x", "qk", "last_query_attn"} if k > 0 else {"x"}
+            out[n] = site(n, "llm.layer", k, self.depth, sig, own_layer=k - 1 if k else None,
+                          note="" if k else "no layer has run before llm.layer.0")
+        return out
+
+    # -- install ------------------------------------------------------------------------------
+    def install(self, stages: list) -> None:
+        infos = self.site_infos()
+        self.infos = infos
+        for name, red in stages:
+            self.by_site.setdefault(name, []).append(red)
+        if not self.by_site:
+            return
+        self.first = min(int(n.rsplit(".", 1)[1]) for n in self.by_site)
+        capture = {}
+        for name, red in stages:
+            info = infos[name]
+            for sig, layers in red.needs(info).signals.items():
+                for l in layers:
+                    l = info.own_layer if l is None else l
+                    if sig != "x":
+                        capture.setdefault(l, set()).add(sig)
+        self.capture = capture
+        H = self.hooks
+        H.pre(self.lm, self._lm_pre, with_kwargs=True)
+        H.post(self.lm, self._lm_post)
+        for j in range(self.first, self.depth):
+            H.pre(self.layers[j], partial(self._layer_pre, j), with_kwargs=True)
+        if capture:
+            cfg = self.lm.config
+            old = cfg._attn_implementation
+            cfg._attn_implementation = wrapped_attention_name(old)
+            H.on_remove(lambda: setattr(cfg, "_attn_implementation", old))
+            for j, sigs in capture.items():
+                attn = self.layers[j].self_attn
+                H.setattr(attn, CAPTURE_ATTR, partial(self._on_attention, j, sigs))
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _lm_pre(self, module, args, kwargs):
+        self._fresh = True
+        return None
+
+    def _start(self, hs: Tensor, kwargs) -> _Session:
+        tpl = self.pending_template
+        self.pending_template = None
+        B, L = hs.shape[:2]
+        if tpl is None or tpl.pos.shape != (B, L):
+            am = kwargs.get("attention_mask")
+            tpl = TokenStream.start(hs, kind=torch.full((B, L), int(Kind.TEXT), dtype=torch.long, device=hs.device),
+                                    order="sequence").state()
+        s = _Session(tpl)
+        s.state = tpl
+        s.L0 = L
+        s.cur_cols = torch.arange(L, device=hs.device).expand(B, L)
+        s.cur_slot = torch.ones(B, L, dtype=torch.bool, device=hs.device)
+        s.cur_valid = tpl.valid if tpl.valid is not None else s.cur_slot
+        self.session = s
+        self.recorder.last.extra["llm_tokens_start"] = L
+        return s
+
+    def _is_prefill(self, j, hs, kwargs) -> bool:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if hs.shape[1] <= 1:
+            return False
+        if cache is None:
+            return True
+        try:
+            return cache.get_seq_length(j) == 0
+        except TypeError:
+            return cache.get_seq_length() == 0
+
+    def _layer_pre(self, j, module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        if self._is_prefill(j, hs, kwargs):
+            return self._prefill_layer(j, hs, args, kwargs)
+        return self._decode_layer(j, hs, args, kwargs)
+
+    def _prefill_layer(self, j, hs, args, kwargs):
+        if j == self.first and getattr(self, "_fresh", True):
+            self._fresh = False
+            self._start(hs, kwargs)
+        s = self.session
+        name = f"llm.layer.{j}"
+        if name in self.by_site:
+            info = self.infos[name]
+            stream = s.state.with_x(hs, site=name, layer=j, depth=self.depth, info=info, own_layer=info.own_layer,
+                                    order="sequence")
+            stream, plans = run_stages(stream, self.by_site[name], self.recorder)
+            for p in plans:
+                s.cur_cols = s.cur_cols.gather(1, p.keep)
+                s.cur_valid = s.cur_valid.gather(1, p.keep)
+                s.cur_slot = s.cur_slot.gather(1, p.keep)
+                if p.valid is not None:
+                    s.cur_valid = s.cur_valid & p.valid
+                    s.cur_slot = s.cur_slot & p.valid
+            if plans:
+                s.changed = True
+                hs = stream.x
+            s.state = stream.state()
+        s.cols[j] = s.cur_cols
+        s.valid[j] = s.cur_valid
+        self.recorder.layer(("llm", j), float(s.cur_valid.sum(1).float().mean()))
+        if not s.changed:
+            return None
+        s.scatter_pending = True
+        idx = s.cur_cols
+        # prompt padding is already in the model's mask; only padding slots of ragged plans are new
+        ragged = None if bool(s.cur_slot.all()) else s.cur_slot
+        kwargs = dict(kwargs)
+        if "position_embeddings" in kwargs:
+            kwargs["position_embeddings"] = gather_rotary(kwargs["position_embeddings"], idx)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = gather_positions(kwargs["position_ids"], idx)
+        am = kwargs.get("attention_mask")
+        if isinstance(am, dict):
+            kwargs["attention_mask"] = {k: reindex_mask(v, idx, ragged) for k, v in am.items()}
+        else:
+            kwargs["attention_mask"] = reindex_mask(am, idx, ragged)
+        if args:
+            args = (hs,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hs
+        return args, kwargs
+
+    def _decode_layer(self, j, hs, args, kwargs):
+        s = self.session
+        if s is None or not s.changed or j not in s.cols:
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        q = hs.shape[1]
+        kept = s.valid[j]
+        try:
+            past = cache.get_seq_length(j) if cache is not None else kept.shape[1]
+        except TypeError:
+            past = kept.shape[1]
+        extra = past + q - kept.shape[1]  # decode tokens since the prefill, this one included
+        if extra < 0:
+            return None
+        am = kwargs.get("attention_mask")
+        like = am if torch.is_tensor(am) else None
+        # keys: the columns this layer kept at prefill, then every token decoded since
+        kv_valid = torch.cat([kept, kept.new_ones(kept.shape[0], extra)], dim=1)
+        if like is not None and like.dim() == 2:
+            mask = kv_valid.to(like.dtype)
+        elif like is None and bool(kv_valid.all()):
+            mask = None
+        else:
+            mask = mask_from_valid(kv_valid, q, like, causal=True)
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = mask if not isinstance(am, dict) else {k: mask for k in am}
+        return args, kwargs
+
+    def _lm_post(self, module, args, output):
+        s = self.session
+        if s is None or not s.changed or not s.scatter_pending:
+            return None
+        s.scatter_pending = False
+        hs = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        # scatter back to the input length so outputs stay aligned with the input ids; dropped
+        # positions read zeros (their logits carry no information); padding slots go to a spare column
+        B, L0 = hs.shape[0], s.L0
+        full = hs.new_zeros(B, L0 + 1, hs.shape[-1])
+        idx = s.cur_cols.masked_fill(~s.cur_slot, L0)
+        full.scatter_(1, idx[..., None].expand_as(hs), hs)
+        full = full[:, :L0]
+        if hasattr(output, "last_hidden_state"):
+            output.last_hidden_state = full
+            return output
+        return (full,) + tuple(output[1:])
+
+    # -- signals ------------------------------------------------------------------------------
+    def _on_attention(self, j, sigs, query, key, mask, scaling):
+        s = self.session
+        if s is None or query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
+            return  # decode steps: no signal (reducers here act at prefill)
+        st = s.state
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        valid = s.cur_valid
+        for sig in sigs:
+            base, _, arg = sig.partition(":")
+            if base == "qk":
+                st.signals.put("qk", j, st.pos, (query.detach(), key.detach(), scale, valid))
+            elif base == "last_query_attn":
+                n = int(arg) if arg else 1
+                st.signals.put(sig, j, st.pos, last_query_attention(query.detach(), key.detach(), scale, n=n,
+                                                                    key_mask=valid))
+
+    # -- stats --------------------------------------------------------------------------------
+    def flops(self, record):
+        L0 = record.extra.get("llm_tokens_start")
+        if L0 is None:
+            return None
+        reduced = full = 0.0
+        for j, layer in enumerate(self.layers):
+            macs = linear_macs(layer)
+            attn = layer.self_attn
+            ad = attn.q_proj.out_features
+            n = record.layers.get(("llm", j), [L0])[0]
+            reduced += 2.0 * n * macs + attention_flops(n, n, ad) / 2  # causal: half the matrix
+            full += 2.0 * L0 * macs + attention_flops(L0, L0, ad) / 2
+        return reduced, full
