@@ -116,10 +116,12 @@ class LlavaFamilyAdapter(Adapter):
             out.update({k: v for k, v in tower.items() if k != "vision.out"})
             tv = tower["vision.out"]
             fb = self.feature_block()
+            # the tower runs all its layers before the projector: every layer's signals exist here
+            own = fb if fb >= 0 else None
             out["vision.out"] = site("vision.out", "vision.out", None, tv.depth, tv.signals, note=tv.note,
-                                     own_layer=fb if fb >= 0 else None)
+                                     own_layer=own, max_layer=tv.depth - 1)
             out["projector.out"] = site("projector.out", "projector.out", None, tv.depth, tv.signals, note=tv.note,
-                                        own_layer=fb if fb >= 0 else None)
+                                        own_layer=own, max_layer=tv.depth - 1)
         else:
             out["projector.out"] = site("projector.out", "projector.out", None, None, {"x"})
         out.update(self.llm.site_infos())

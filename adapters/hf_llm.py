@@ -145,6 +145,7 @@ class _Session:
         self.template = template
         self.state: TokenStream | None = None
         self.cols: dict = {}      # layer -> (B, L_j) indices into the LLM input sequence
+        self.sizes: dict = {}     # layer -> (B, L_j) token sizes (proportional attention)
         self.valid: dict = {}     # layer -> (B, L_j) bool: real (not padding) key columns
         self.cur_cols = None
         self.cur_valid = None     # (B, L_j) real tokens: neither prompt padding nor plan padding
@@ -190,8 +191,10 @@ class LLMSites:
             return
         self.first = min(int(n.rsplit(".", 1)[1]) for n in self.by_site)
         capture = {}
+        self.prop_attn = False
         for name, red in stages:
             info = infos[name]
+            self.prop_attn |= red.needs(info).prop_attn
             for sig, layers in red.needs(info).signals.items():
                 for l in layers:
                     l = info.own_layer if l is None else l
@@ -276,6 +279,7 @@ class LLMSites:
             s.state = stream.state()
         s.cols[j] = s.cur_cols
         s.valid[j] = s.cur_valid
+        s.sizes[j] = s.state.size
         self.recorder.layer(("llm", j), float(s.cur_valid.sum(1).float().mean()))
         if not s.changed:
             return None
@@ -289,10 +293,8 @@ class LLMSites:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = gather_positions(kwargs["position_ids"], idx)
         am = kwargs.get("attention_mask")
-        if isinstance(am, dict):
-            kwargs["attention_mask"] = {k: reindex_mask(v, idx, ragged) for k, v in am.items()}
-        else:
-            kwargs["attention_mask"] = reindex_mask(am, idx, ragged)
+        fix = lambda m: self._size_bias(reindex_mask(m, idx, ragged), s.state.size, hs)
+        kwargs["attention_mask"] = {k: fix(v) for k, v in am.items()} if isinstance(am, dict) else fix(am)
         if args:
             args = (hs,) + tuple(args[1:])
         else:
@@ -319,13 +321,35 @@ class LLMSites:
         kv_valid = torch.cat([kept, kept.new_ones(kept.shape[0], extra)], dim=1)
         if like is not None and like.dim() == 2:
             mask = kv_valid.to(like.dtype)
-        elif like is None and bool(kv_valid.all()):
+        elif like is None and bool(kv_valid.all()) and not self._has_sizes(s.sizes[j]):
             mask = None
         else:
             mask = mask_from_valid(kv_valid, q, like, causal=True)
+            sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
+            mask = self._size_bias(mask, sizes, hs)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask if not isinstance(am, dict) else {k: mask for k in am}
         return args, kwargs
+
+    def _has_sizes(self, size):
+        return self.prop_attn and not bool((size == 1).all())
+
+    def _size_bias(self, mask, size, hs):
+        """Proportional attention (ToMe's log(size) on the key logits) where sizes differ from 1;
+        with fractional sizes this is a differentiable soft key mask."""
+        if not self._has_sizes(size):
+            return mask
+        B, K = size.shape
+        bias = size.clamp(min=1e-6).log().to(hs.dtype)[:, None, None, :]
+        if mask is None:
+            mask = mask_from_valid(torch.ones(B, K, dtype=torch.bool, device=hs.device), hs.shape[1],
+                                   hs.new_empty(0), causal=True)
+        elif mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=hs.dtype, device=mask.device).masked_fill(~mask, torch.finfo(hs.dtype).min)
+        elif mask.dim() == 2:
+            raise RuntimeError("proportional attention / soft masks need a 4-D mask (sdpa or eager attention), "
+                               "not flash-attention's padding mask")
+        return mask + bias
 
     def _lm_post(self, module, args, output):
         s = self.session

@@ -109,7 +109,7 @@ def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) 
     t0 = time.perf_counter()
     n_in = tokens_per_sample(stream)
     for red in reducers:
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and red.differentiable):
             plan = red.plan(stream)
         if plan is not None:
             if not isinstance(plan, Plan):

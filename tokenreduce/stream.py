@@ -219,6 +219,9 @@ class Plan:
     weight: (B, N) merge weights; None = token sizes (size-weighted mean, as ToMe).
     normalize: divide each merged slot by the sum of its weights (a mean) or not (a sum).
     valid:  (B, K) for ragged plans (per-sample counts differ); padding slots are False.
+    size_scale: (B, K) optional factor on the survivors' sizes. Where an adapter turns sizes into
+            attention logits (proportional attention), a fractional size is a soft mask: a
+            trainable reducer can keep every token and still learn which ones matter.
     """
 
     keep: Tensor
@@ -226,6 +229,7 @@ class Plan:
     weight: Tensor | None = None
     normalize: bool = True
     valid: Tensor | None = None
+    size_scale: Tensor | None = None
 
     @classmethod
     def keep_all(cls, stream: TokenStream) -> "Plan":
@@ -258,6 +262,19 @@ def keep_visual(stream: TokenStream, chosen: Tensor) -> Plan:
     mask = ~stream.visual
     mask = mask.scatter(1, chosen, True)
     return Plan.from_mask(mask)
+
+
+def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
+    """Keep the `k` highest-scoring visual tokens of each sample (k: int or (B,) counts) plus
+    every non-visual token, in original order. Per-sample counts may differ (ragged plan)."""
+    vis = stream.visual
+    B, N = vis.shape
+    k = torch.as_tensor(k, device=scores.device).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
+    s = scores.float().masked_fill(~vis, float("-inf"))
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+    chosen = vis & (rank < k.to(rank.device)[:, None])
+    return Plan.from_mask(~vis | chosen)
 
 
 def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
@@ -313,7 +330,8 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         raise ValueError(f"plan at {stream.site or 'site'} removes {int(lost.sum())} protected token(s) "
                          "(CLS, registers, text); reducers may only remove visual tokens")
 
-    plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=plan.valid)
+    plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=plan.valid,
+                size_scale=plan.size_scale)
     perm = _order_permutation(stream, plan)
     if perm is not None:
         keep = keep.gather(1, perm)
@@ -321,7 +339,9 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         if assign is not None:
             inv = torch.argsort(perm, dim=1)  # old slot -> new slot
             assign = torch.where(assign >= 0, inv.gather(1, assign.clamp(min=0)), assign)
-        plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=valid)
+        scale = plan.size_scale.gather(1, perm) if plan.size_scale is not None else None
+        plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=valid,
+                    size_scale=scale)
 
     K = keep.shape[1]
     if assign is None:
@@ -345,6 +365,8 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
             src = torch.zeros(B, K + 1, stream.source.shape[-1], device=wx.device, dtype=stream.source.dtype)
             src.scatter_add_(1, slot[..., None].expand_as(stream.source), stream.source)
             source = src[:, :K]
+    if plan.size_scale is not None:
+        size = size * plan.size_scale
     out = replace(
         stream, x=x, pos=stream.pos.gather(1, keep), size=size, kind=stream.kind.gather(1, keep),
         frame=stream.frame.gather(1, keep), source=source,

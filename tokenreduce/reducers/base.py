@@ -19,7 +19,8 @@ class SiteInfo:
     a reducer here; structured: only structured plans (whole frames / slices) are accepted;
     note: why a usual signal is missing (shown in errors). own_layer: the layer whose signals
     a reducer reads here by default (block i at vision.block.i, block i-1 at vision.layer.i,
-    the last block at vision.out); no signal from a later layer can exist at this site.
+    the last block at vision.out); max_layer: the latest layer whose signals exist here (default
+    own_layer; a VLM's tower has run all its layers before its `vision.out`).
     """
 
     name: str
@@ -30,6 +31,7 @@ class SiteInfo:
     structured: bool = False
     note: str = ""
     own_layer: int | None = None
+    max_layer: int | None = None
 
 
 @dataclass
@@ -57,6 +59,9 @@ class Reducer:
     site_families: ClassVar[tuple] = ()
     #: True when every plan keeps or drops whole frames / temporal slices
     structured: ClassVar[bool] = False
+    #: True when plan() must run with autograd on (trainable reducers); otherwise plans are
+    #: computed under no_grad (merges stay differentiable through apply_plan either way)
+    differentiable: ClassVar[bool] = False
 
     def needs(self, site: SiteInfo) -> Needs:
         return Needs()
@@ -86,9 +91,10 @@ class Reducer:
                 if not (0 <= layer < site.depth):
                     raise SiteError(f"{self.name} at {site.name!r} asks for {sig!r} at layer {layer}; "
                                     f"valid layers: 0..{site.depth - 1}")
-                if site.own_layer is not None and layer > site.own_layer:
+                last = site.max_layer if site.max_layer is not None else site.own_layer
+                if last is not None and layer > last:
                     raise SiteError(f"{self.name} at {site.name!r} asks for {sig!r} from layer {layer}, "
-                                    f"which runs after this site; use layers <= {site.own_layer}")
+                                    f"which runs after this site; use layers <= {last}")
 
     def params(self) -> dict:
         """Parameters that differ from their defaults (what a spec string needs)."""

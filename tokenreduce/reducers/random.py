@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicyError
-from ..ops import topk_sorted
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream, keep_visual
+from ..stream import Plan, TokenStream, keep_top_visual
 from .base import Reducer, check_budget
 
 
@@ -45,4 +44,4 @@ class RandomPrune(Reducer):
         table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
         rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
         scores = table[rank]
-        return keep_visual(stream, topk_sorted(scores, k, stream.visual))
+        return keep_top_visual(stream, scores, k)

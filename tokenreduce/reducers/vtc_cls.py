@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicyError
-from ..ops import topk_sorted
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream, keep_visual
+from ..stream import Plan, TokenStream, keep_top_visual
 from .base import Needs, Reducer, SiteInfo, check_budget, check_choice
 
 ENSEMBLES = ("sum", "mean", "max", "min")
@@ -82,5 +81,4 @@ class VTCCLS(Reducer):
         k = stream.budget(self.keep)
         if k >= int(stream.num_visual().max()):
             return None
-        chosen = topk_sorted(self.scores(stream, layers), k, stream.visual)
-        return keep_visual(stream, chosen)
+        return keep_top_visual(stream, self.scores(stream, layers), k)
