@@ -94,7 +94,8 @@ class LlavaFamilyAdapter(Adapter):
         self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
         self._items: dict = {}
         self._vout: list = []
-        self._video_frames = None
+        self._video_frames = self._frames_total = None
+        self._frames_kept = None
         self._features_begun = False
         self.prompt: _Prompt | None = None
 
@@ -197,54 +198,66 @@ class LlavaFamilyAdapter(Adapter):
     def _reduce_frames(self, args, kwargs):
         key = "pixel_values_videos"
         video = kwargs[key] if key in kwargs else args[0]
+        self._frames_kept = None
         if video is not None and video.dim() == 5:
-            self._video_frames = video.shape[1]
+            self._video_frames = self._frames_total = video.shape[1]
             if FRAMES in self.by_site:
-                reduced, _ = reduce_frames(video, 1, self.by_site[FRAMES], self.context, self.infos, self.recorder)
+                reduced, kept = reduce_frames(video, 1, self.by_site[FRAMES], self.context, self.infos, self.recorder)
                 if reduced is not None:
-                    self._video_frames = reduced.shape[1]
+                    self._video_frames, self._frames_kept = reduced.shape[1], kept
                     if key in kwargs:
                         kwargs = dict(kwargs, **{key: reduced})
                     else:
                         args = (reduced,) + tuple(args[1:])
         return args, kwargs
 
-    def _fresh_item_state(self, x: Tensor, modality: str, index: int, grids) -> TokenStream:
-        """Token bookkeeping for one unreduced item (N, D)."""
+    def _fresh_item_state(self, x: Tensor, modality: str, index: int, grids) -> tuple:
+        """Token bookkeeping for one item (N, D) as the projector produced it, and the number of
+        placeholders the processor wrote for it (more than N when frames were dropped)."""
         N = x.shape[0]
         dev = x.device
         kind = torch.full((1, N), int(Kind.VISUAL), dtype=torch.long, device=dev)
         frame = torch.full((1, N), -1, dtype=torch.long, device=dev)
-        patch = torch.arange(N, device=dev)[None].clone()
-        grid = None
+        patch = torch.full((1, N), -1, dtype=torch.long, device=dev)
+        pos = torch.arange(N, device=dev)[None].clone()
+        grid, n_placeholders = None, N
         newline = getattr(self.base, "image_newline", None)
         if newline is not None:
-            is_nl = (x == newline.to(x.dtype)[None]).all(-1)
-            kind[0, is_nl] = int(Kind.PROTECTED)
-        n_vis = int((kind == int(Kind.VISUAL)).sum())
+            kind[0, (x == newline.to(x.dtype)[None]).all(-1)] = int(Kind.PROTECTED)
+        vis = kind[0] == int(Kind.VISUAL)
+        n_vis = int(vis.sum())
+        frames_kept = None
         if self.kind == "qwen2_vl" and grids is not None:
             t, h, w = (int(v) for v in grids[index])
             m = getattr(self.tower, "spatial_merge_size", 2)
             grid = (t, h // m, w // m)
-        elif modality == "video" and self.kind in ("onevision", "next_video"):
-            frames = self._video_frames
-            per = n_vis // frames if frames else 0
+        elif modality == "video" and self.kind in ("onevision", "next_video") and self._video_frames:
+            T = self._video_frames
+            per = n_vis // T
             side = int(round(per ** 0.5))
-            if frames and per * frames == n_vis:
-                grid = (frames, side, side) if side * side == per else (frames, 1, per)
+            if per * T == n_vis:
+                grid = (T, side, side) if side * side == per else (T, 1, per)
+            if self._frames_kept is not None:  # frames were dropped before the tower
+                frames_kept = self._frames_kept[index]
         elif self.kind == "llava":
             side = int(round(N ** 0.5))
             grid = (1, side, side) if side * side == N else None
-        vis = kind[0] == int(Kind.VISUAL)
         if grid is not None and grid[0] * grid[1] * grid[2] == n_vis:
             per = grid[1] * grid[2]
             r = torch.arange(n_vis, device=dev)
-            frame[0, vis] = r // per
-            patch[0, vis] = r % per
-        patch[0, ~vis] = -1
-        st = TokenStream.start(x[None], kind=kind, frame=frame, order="prefix").state()
+            f, p = r // per, r % per
+            if frames_kept is not None:  # positions and frame numbers of the original video
+                T0 = self._frames_total
+                f = frames_kept.to(dev)[f]
+                extra = N - n_vis
+                pos[0, vis] = f * per + p
+                pos[0, ~vis] = T0 * per + torch.arange(extra, device=dev)
+                n_placeholders = T0 * per + extra
+                grid = (T0, grid[1], grid[2])
+            frame[0, vis], patch[0, vis] = f, p
+        st = TokenStream.start(x[None], kind=kind, frame=frame, pos=pos, order="prefix").state()
         st.patch, st.grid = patch, grid
-        return st
+        return st, n_placeholders
 
     def _reduce_projector_out(self, out, modality, grids):
         feats = out.pooler_output
@@ -259,7 +272,7 @@ class LlavaFamilyAdapter(Adapter):
                 st, P = vout
                 states.append(_Item(_row(st, i), self._placeholder_count(P), P))
             else:
-                states.append(_Item(self._fresh_item_state(x, modality, i, grids), x.shape[0]))
+                states.append(_Item(*self._fresh_item_state(x, modality, i, grids)))
         if "projector.out" in self.by_site:
             items, states = self._run_items(items, states)
         if self.position_policy == "original":  # Qwen2-VL: each token sits at its own M-RoPE position
@@ -338,8 +351,7 @@ class LlavaFamilyAdapter(Adapter):
             if rec is None:  # features computed elsewhere: take them as they are
                 feats = out.pooler_output
                 feats = list(feats) if not torch.is_tensor(feats) else [f for f in feats]
-                rec = (modality, [_Item(self._fresh_item_state(f, modality, i, None), f.shape[0]) for i, f in
-                                  enumerate(feats)])
+                rec = (modality, [_Item(*self._fresh_item_state(f, modality, i, None)) for i, f in enumerate(feats)])
             plan.append((token, rec[1]))
         self._items = {}
         return args, self._shorten(kwargs, plan)

@@ -217,7 +217,13 @@ class LLMSites:
 
     # -- hooks --------------------------------------------------------------------------------
     def _lm_pre(self, module, args, kwargs):
-        self._fresh = True
+        """A prefill starts a session before any layer runs (signal layers may precede sites)."""
+        hs = kwargs.get("inputs_embeds")
+        if hs is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            hs = torch.empty(*ids.shape, 0, device=ids.device) if ids is not None else None  # shape only
+        if hs is not None and self._is_prefill(0, hs, kwargs):
+            self._start(hs, kwargs)
         return None
 
     def _start(self, hs: Tensor, kwargs) -> _Session:
@@ -256,9 +262,6 @@ class LLMSites:
         return self._decode_layer(j, hs, args, kwargs)
 
     def _prefill_layer(self, j, hs, args, kwargs):
-        if j == self.first and getattr(self, "_fresh", True):
-            self._fresh = False
-            self._start(hs, kwargs)
         s = self.session
         name = f"llm.layer.{j}"
         if name in self.by_site:

@@ -1,0 +1,191 @@
+"""LLaVA family (LLaVA-1.5, NeXT, OneVision, NeXT-Video, Qwen2-VL) on tiny configs: DESIGN.md
+invariants 1-4 and 6 under SDPA and eager, batch 1 and batch 2 left-padded, forward and generate;
+FastV's anchor (ALGORITHMS.md §8.7)."""
+import pytest
+import torch
+
+import tokenreduce as tr
+
+pytest.importorskip("transformers")
+import vlm_models as V  # noqa: E402
+
+NEW = 4
+CASES = [(name, attn) for name in V.BUILDERS for attn in ("sdpa", "eager")]
+
+
+@pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def case(request):
+    name, attn = request.param
+    return V.BUILDERS[name](attn)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model, inputs, **kw):
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, **kw)
+
+
+def assert_same_generation(batched, b, single, tol=1e-4):
+    """Batch row b and a batch-1 run give the same tokens, except where the two best scores are
+    tied within float noise (then both runs must agree up to that step)."""
+    for t in range(NEW):
+        sb, s1 = batched.scores[t][b], single.scores[t][0]
+        assert torch.allclose(sb, s1, atol=tol), f"step {t}: scores differ by {(sb - s1).abs().max():.2e}"
+        top2 = s1.topk(2).values
+        if batched.sequences[b, -NEW + t] != single.sequences[0, -NEW + t]:
+            assert float(top2[0] - top2[1]) < tol, f"step {t}: different tokens without a tie"
+            return
+
+
+def _keep_all_spec(case):
+    spec = "projector.out=keep_all_test; llm.layer.1=keep_all_test; llm.layer.3=keep_all_test(merge=True)"
+    if case.name == "llava":
+        spec += "; vision.block.1=keep_all_test(merge=True); vision.out=keep_all_test"
+    if case.video and case.name != "qwen2_vl":
+        spec = "frames=keep_all_test; " + spec
+    return spec
+
+
+def test_keep_all_is_identical(case):
+    """Invariant 1 (forward logits and generated tokens)."""
+    base = _logits(case.model, case.batch)
+    g0 = _generate(case.model, case.batch)
+    with tr.reduce(case.model, _keep_all_spec(case)) as h:
+        out = _logits(case.model, case.batch)
+        g = _generate(case.model, case.batch)
+        assert h.stats["sites"]["llm.layer.1"]["tokens_out"] == h.stats["sites"]["llm.layer.1"]["tokens_in"]
+    assert torch.equal(out, base)
+    assert torch.equal(g.sequences, g0.sequences)
+
+
+def test_remove_restores_exactly(case):
+    """Invariant 2: hooks, per-instance wrappers and the attention implementation all go away."""
+    m = case.model
+    base = _logits(m, case.batch)
+    impl = m.model.language_model.config._attn_implementation
+    n_hooks = sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+    h = tr.reduce(m, "projector.out=random(keep=0.5); llm.layer.2=fastv(ratio=0.5)")
+    assert m.model.language_model.config._attn_implementation == f"tokenreduce_{impl}"
+    assert "get_image_features" in vars(m.model)
+    reduced = _logits(m, case.batch)
+    assert not torch.equal(reduced, base)
+    h.remove()
+    assert torch.equal(_logits(m, case.batch), base)
+    assert m.model.language_model.config._attn_implementation == impl
+    assert "get_image_features" not in vars(m.model) and "get_video_features" not in vars(m.model)
+    assert sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules()) == n_hooks
+
+
+def _masked_reference(model, inputs, K, kept_cols):
+    """The unreduced model with the dropped keys masked out in layers >= K."""
+    B, L = inputs["input_ids"].shape
+    dropped = torch.ones(B, L, dtype=torch.bool)
+    dropped.scatter_(1, kept_cols, False)
+
+    def hook(module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        if am is None:
+            am = torch.ones(L, L, dtype=torch.bool).tril()[None, None].expand(B, 1, L, L)
+        if am.dtype == torch.bool:
+            am = am & ~dropped[:, None, None, :]
+        else:
+            am = am.masked_fill(dropped[:, None, None, :], torch.finfo(am.dtype).min)
+        kwargs["attention_mask"] = am
+        return args, kwargs
+    layers = model.model.language_model.layers
+    hs = [layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(K, len(layers))]
+    try:
+        return _logits(model, inputs)
+    finally:
+        for x in hs:
+            x.remove()
+
+
+def test_drop_at_layer_equals_masking(case):
+    """Invariant 3: dropping tokens at llm.layer.K == masking the same keys in layers >= K."""
+    K = 2
+    with tr.reduce(case.model, f"llm.layer.{K}=fastv(ratio=0.5)") as h:
+        pruned = _logits(case.model, case.batch)
+        kept = h.trace[f"llm.layer.{K}"]["pos"]
+    assert kept.shape[1] < case.batch["input_ids"].shape[1]
+    ref = _masked_reference(case.model, case.batch, K, kept)
+    assert torch.allclose(pruned[:, -1], ref[:, -1], atol=1e-5), (pruned[:, -1] - ref[:, -1]).abs().max()
+
+
+@pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)",
+                                  "projector.out=random(keep=0.5); llm.layer.1=fastv(ratio=0.5)"])
+def test_generate_batch_matches_single(case, spec):
+    """Invariant 4: generate with KV cache, batch 2 left-padded == each sample alone."""
+    with tr.reduce(case.model, spec) as h:
+        g = _generate(case.model, case.batch)
+        lens = [layer.keys.shape[-2] for layer in g.past_key_values.layers]
+        singles = [_generate(case.model, s) for s in case.singles]
+    # each layer's cache keeps its own length: shorter after the reduction
+    assert lens[-1] < lens[0] or spec.startswith("projector")
+    for b, single in enumerate(singles):
+        assert_same_generation(g, b, single)
+
+
+def test_same_input_same_output(case):
+    """Invariant 6."""
+    with tr.reduce(case.model, "projector.out=random(keep=0.6, seed=3); llm.layer.2=fastv(ratio=0.3)"):
+        a = _logits(case.model, case.batch)
+        b = _logits(case.model, case.batch)
+    assert torch.equal(a, b)
+
+
+def test_fastv_keeps_round_n_and_original_positions():
+    """§8.7: round(n(1-R)) image tokens plus every text token; positions = original indices."""
+    case = V.llava("sdpa")
+    m, single = case.model, case.singles[0]
+    n, L = case.visual, single["input_ids"].shape[1]
+    seen = {}
+    layer3 = m.model.language_model.layers[3]
+    for R in (0.5, 0.75):
+        with tr.reduce(m, f"llm.layer.2=fastv(ratio={R})") as h:
+            hook = layer3.register_forward_pre_hook(
+                lambda mod, a, kw: seen.__setitem__("pos", kw["position_ids"]), with_kwargs=True)
+            _logits(m, single)
+            hook.remove()
+            kept = h.trace["llm.layer.2"]["pos"][0]
+        is_img = single["input_ids"][0] == V.IMG
+        assert int(is_img[kept].sum()) == round(n * (1 - R))
+        assert int((~is_img[kept]).sum()) == int((~is_img).sum())          # all text kept
+        assert torch.equal(seen["pos"][0], kept)                              # original positions
+        assert kept.shape[0] == L - (n - round(n * (1 - R)))
+
+
+def test_vision_sites_on_llava15():
+    """VTC-CLS at vision.out scores with the tower's CLS rows; ToMe inside the tower; both
+    shorten the prompt and generate works."""
+    case = V.llava("sdpa")
+    with tr.reduce(case.model, "vision.block.*=tome(r=1); vision.out=vtc_cls(keep=6, start=0)") as h:
+        g = _generate(case.model, case.batch)
+        st = h.stats
+    assert st["sites"]["vision.out"]["tokens_out"] == 6
+    assert st["llm_input_tokens"] < case.batch["attention_mask"].sum(1).float().mean()
+    assert g.sequences.shape[1] == case.batch["input_ids"].shape[1] + NEW
+    assert 0 < st["flops_fraction"] < 1
+
+
+def test_frames_site_on_video_models():
+    for build in (V.llava_onevision, V.llava_next_video):
+        case = build("sdpa")
+        with tr.reduce(case.model, "frames=drop_last_test(n=2)") as h:
+            g = _generate(case.model, case.batch)
+            assert h.stats["sites"]["frames"]["tokens_out"] == 2
+            assert h.stats["llm_input_tokens"] < case.batch["attention_mask"].sum(1).float().mean()
+        assert g.sequences.shape[1] == case.batch["input_ids"].shape[1] + NEW
+
+
+def test_unsupported_site_is_refused():
+    case = V.llava_onevision("sdpa")
+    from tokenreduce.errors import SiteError
+    with pytest.raises(SiteError, match=r"unknown site 'vision.out'; valid sites: llm.layer.\{0..3\}, frames, projector.out"):
+        tr.reduce(case.model, "vision.out=random(keep=4)")
+    with pytest.raises(SiteError, match="fastv cannot run at site 'projector.out'"):
+        tr.reduce(case.model, "projector.out=fastv(ratio=0.5)")
