@@ -424,7 +424,7 @@ class LlavaFamilyAdapter(Adapter):
                           kind=g(kind).masked_fill(pad, int(Kind.TEXT)), frame=g(frame).masked_fill(pad, -1),
                           valid=valid, order="sequence", patch=g(patch).masked_fill(pad, -1))
         self.llm.pending_template = tpl
-        self.recorder.last.extra["prompt_tokens"] = L
+        self.recorder.last.extra["prompt_tokens"] = float(valid0.sum(1).float().mean())
         self.recorder.last.extra["llm_input_tokens"] = float(valid.sum(1).float().mean())
         return kwargs
 

@@ -391,9 +391,10 @@ class LLMSites:
 
     # -- stats --------------------------------------------------------------------------------
     def flops(self, record):
-        L0 = record.extra.get("llm_tokens_start")
+        L0 = record.extra.get("llm_input_tokens", record.extra.get("llm_tokens_start"))
         if L0 is None:
             return None
+        L_full = record.extra.get("prompt_tokens", L0)  # before any pre-LLM shortening
         reduced = full = 0.0
         for j, layer in enumerate(self.layers):
             macs = linear_macs(layer)
@@ -401,5 +402,5 @@ class LLMSites:
             ad = attn.q_proj.out_features
             n = record.layers.get(("llm", j), [L0])[0]
             reduced += 2.0 * n * macs + attention_flops(n, n, ad) / 2  # causal: half the matrix
-            full += 2.0 * L0 * macs + attention_flops(L0, L0, ad) / 2
+            full += 2.0 * L_full * macs + attention_flops(L_full, L_full, ad) / 2
         return reduced, full

@@ -135,7 +135,9 @@ class Policy:
             return cls.from_file(obj)
         if isinstance(obj, str):
             s = obj.strip()
-            if s.lower().endswith((".yaml", ".yml", ".json")) or (("=" not in s) and Path(s).exists()):
+            if not s:
+                return cls([])
+            if s.lower().endswith((".yaml", ".yml", ".json")) or (("=" not in s) and Path(s).is_file()):
                 return cls.from_file(s)
             return parse_spec(s)
         raise PolicyError(f"cannot build a policy from {type(obj).__name__}; give a Policy, a dict, "
