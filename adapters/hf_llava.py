@@ -270,7 +270,11 @@ class LlavaFamilyAdapter(Adapter):
         for i, x in enumerate(items):
             if vout is not None:  # LLaVA-1.5: the tower's bookkeeping, CLS dropped by the strategy
                 st, P = vout
-                states.append(_Item(_row(st, i), self._placeholder_count(P), P))
+                row = _row(st, i)
+                if row.valid is not None:  # a ragged vision.out plan: padding rows never reach the LLM
+                    keep = row.valid[0]
+                    items[i], row = x[keep], _select(row, keep)
+                states.append(_Item(row, self._placeholder_count(P), P))
             else:
                 states.append(_Item(*self._fresh_item_state(x, modality, i, grids)))
         if "projector.out" in self.by_site:

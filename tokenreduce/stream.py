@@ -317,8 +317,11 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         if assign.shape != (B, N):
             raise ValueError(f"plan.assign must be (B={B}, N={N}), got {tuple(assign.shape)}")
         assign = assign.to(torch.long).clone()
-        # a kept token always folds into its own slot
-        assign.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand(B, -1))
+        # a kept token always folds into its own slot (padding slots of a ragged plan claim nothing)
+        src = torch.arange(keep.shape[1], device=keep.device).expand(B, -1)
+        if plan.valid is not None:
+            src = torch.where(plan.valid, src, assign.gather(1, keep))
+        assign.scatter_(1, keep, src)
 
     # Protected tokens are never removed.
     kept = torch.zeros(B, N, dtype=torch.bool, device=keep.device)
