@@ -58,70 +58,25 @@ def stream_site(stream: TokenStream) -> SiteInfo | None:
     return stream.info if isinstance(stream.info, SiteInfo) else None
 
 
-_PADDING_CLAIMS: list = []
-
-
-def padding_claims() -> bool:
-    """Whether apply_plan lets a padding slot (valid=False) claim its token away from the slot
-    the plan's `assign` gives it. Checked once on a 2-token stream, so this module keeps working,
-    exactly, the day apply_plan stops doing so."""
-    if not _PADDING_CLAIMS:
-        from ..stream import apply_plan
-        st = TokenStream.start(torch.tensor([[[1.0], [2.0]]]))
-        plan = Plan(keep=torch.tensor([[0, 1]]), assign=torch.tensor([[0, 0]]), normalize=False,
-                    valid=torch.tensor([[True, False]]))
-        out, _ = apply_plan(st, plan)
-        _PADDING_CLAIMS.append(float(out.x[0, 0, 0]) != 3.0)
-    return _PADDING_CLAIMS[0]
-
-
 def pack(stream: TokenStream, keeps: list, assign: Tensor | None = None, weight: Tensor | None = None,
-         normalize: bool = True, spare: list | None = None) -> Plan:
+         normalize: bool = True) -> Plan:
     """One Plan from per-sample kept indices (each a 1-D tensor in the reducer's order).
 
-    Samples that keep fewer tokens than the longest get padding slots (valid=False). The
-    current apply_plan makes every slot of `keep`, padding included, claim its token, so a
-    padding slot must point at a token that folds nowhere else: first invalid (batch padding)
-    tokens, then tokens the plan drops (assign == -1), then, only if those run out, the tokens
-    listed in `spare[b]` (least harm first), which are then dropped from their merge. Where
-    apply_plan leaves the tokens of padding slots where `assign` puts them (`padding_claims()`
-    is False) any token the sample does not keep serves, and nothing is lost.
+    Samples that keep fewer tokens than the longest get padding slots (valid=False) pointing at
+    tokens the sample does not keep; apply_plan lets padding slots claim nothing, so those tokens
+    stay wherever `assign` sends them.
     """
     B, N = stream.pos.shape
     dev = stream.pos.device
     K = max((len(k) for k in keeps), default=0)
-    if assign is not None:
-        assign = assign.clone()
     rows, valid = [], torch.ones(B, K, dtype=torch.bool, device=dev)
     for b, kb in enumerate(keeps):
         kb = kb.to(device=dev, dtype=torch.long)
         short = K - len(kb)
         if short:
-            taken = torch.zeros(N, dtype=torch.bool, device=dev)
-            taken[kb] = True
-            cand = []
-            if stream.valid is not None:
-                cand.append(torch.nonzero(~stream.valid[b] & ~taken).squeeze(1))
-            if assign is not None and not padding_claims():
-                assign_free = ~taken if stream.valid is None else ~taken & stream.valid[b]
-                cand.append(torch.nonzero(assign_free).squeeze(1))
-            elif assign is not None:
-                free = (assign[b] < 0) & ~taken
-                if stream.valid is not None:
-                    free &= stream.valid[b]
-                cand.append(torch.nonzero(free).squeeze(1))
-            else:
-                rest = ~taken if stream.valid is None else ~taken & stream.valid[b]
-                cand.append(torch.nonzero(rest).squeeze(1))
-            pad = torch.cat(cand)[:short] if cand else kb[:0]
-            if len(pad) < short and spare is not None and assign is not None:
-                more = spare[b].to(device=dev, dtype=torch.long)
-                more = more[~torch.isin(more, torch.cat([kb, pad]))][:short - len(pad)]
-                assign[b, more] = -1
-                pad = torch.cat([pad, more])
-            if len(pad) < short:  # cannot happen: fewer tokens than slots
-                raise RuntimeError("tokenreduce: no token left to pad a ragged plan")
-            kb = torch.cat([kb, pad])
+            free = torch.ones(N, dtype=torch.bool, device=dev)
+            free[kb] = False
+            kb = torch.cat([kb, torch.nonzero(free).squeeze(1)[:short]])
             valid[b, K - short:] = False
         rows.append(kb)
     keep = torch.stack(rows) if rows else torch.zeros(B, 0, dtype=torch.long, device=dev)

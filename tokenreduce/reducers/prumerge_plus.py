@@ -72,10 +72,8 @@ class PruMergePlus(Reducer):
       (count + 1 tokens). Pruned tokens already fold into their kept neighbours and a plan
       cannot send a token to two slots, so this token is not produced: we output count +
       extras tokens, one fewer than the reference.
-    - In a ragged batch a shorter sample's padding slots point at tokens the plan drops; if
-      there are too few, the least-attended merged tokens give up their (smallest) share of a
-      merge (the current apply_plan lets padding slots claim tokens; where it does not, any
-      token serves and nothing is lost).
+    - In a ragged batch a shorter sample gets padding slots (Plan.valid); they claim nothing,
+      so every merge is exact and a batch gives each sample's batch-1 result.
     - `knn` is clamped to the number of other tokens (the reference's topk would fail).
     Inside a plain ViT (timm / HF tower `vision.out`) the adapters refuse ragged plans, so there
     the per-sample counts must agree (batch 1, as the reference runs).
@@ -123,14 +121,13 @@ class PruMergePlus(Reducer):
         dev = stream.pos.device
         assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
         weight = torch.ones(B, N, dtype=torch.float32, device=dev)
-        keeps, spare, changed = [], [], False
+        keeps, changed = [], False
         for b in range(B):
             vis = visual_indices(stream, b)
             prot = protected_indices(stream, b)
             n = len(vis)
             if n == 0:
                 keeps.append(prot)
-                spare.append(prot[:0])
                 continue
             a = attn[b, vis]
             kl = self.kept_local(a)
@@ -139,7 +136,6 @@ class PruMergePlus(Reducer):
             is_kept = torch.zeros(n, dtype=torch.bool, device=dev)
             is_kept[kl] = True
             pruned = torch.nonzero(~is_kept).squeeze(1)
-            spare.append(vis[pruned[torch.argsort(a[pruned], stable=True)]])
             if len(pruned) == 0:
                 continue
             changed = True
@@ -163,4 +159,4 @@ class PruMergePlus(Reducer):
         for b, kb in enumerate(keeps):
             assign[b, kb] = torch.arange(len(kb), device=dev)
             weight[b, kb] = 1.0
-        return pack(stream, keeps, assign=assign, weight=weight, normalize=False, spare=spare)
+        return pack(stream, keeps, assign=assign, weight=weight, normalize=False)
