@@ -14,7 +14,6 @@ This module only moves tensors; which frames to keep is the reducers' business.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from tokenreduce.errors import SiteError

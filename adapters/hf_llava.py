@@ -21,19 +21,18 @@ the input ids; dropped positions read zeros.
 from __future__ import annotations
 
 import functools
-from functools import partial
 
 import torch
 from torch import Tensor
 
-from tokenreduce.errors import SiteError, UnsupportedModelError
+from tokenreduce.errors import SiteError
 from tokenreduce.hooks import run_stages
 from tokenreduce.registry import register_adapter
 from tokenreduce.stream import Kind, TokenStream
 
 from .base import Adapter, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
-from .hf_llm import LLMSites, gather_positions, gather_seq
+from .hf_llm import LLMSites, gather_positions
 from .hf_vision import HFVisionAdapter
 
 _T = "transformers.models."

@@ -153,6 +153,10 @@ class _Session:
         self.L0 = 0
         self.changed = False
         self.scatter_pending = False
+        # host-side flags, so per-layer hooks need no device sync
+        self.ragged = False       # a ragged plan introduced padding slots
+        self.sized = False        # sizes left 1 (a merge folded tokens, or a soft mask)
+        self.prompt_padded = True  # the prompt itself has padding
 
 
 class LLMSites:
@@ -234,12 +238,15 @@ class LLMSites:
             am = kwargs.get("attention_mask")
             tpl = TokenStream.start(hs, kind=torch.full((B, L), int(Kind.TEXT), dtype=torch.long, device=hs.device),
                                     order="sequence").state()
+            if torch.is_tensor(am) and am.shape == (B, L):  # a text-only prompt: padding is not a token
+                tpl.valid = am.bool()
         s = _Session(tpl)
         s.state = tpl
         s.L0 = L
         s.cur_cols = torch.arange(L, device=hs.device).expand(B, L)
         s.cur_slot = torch.ones(B, L, dtype=torch.bool, device=hs.device)
         s.cur_valid = tpl.valid if tpl.valid is not None else s.cur_slot
+        s.prompt_padded = tpl.valid is not None and not bool(tpl.valid.all())  # one sync per prefill
         self.session = s
         self.recorder.last.extra["llm_tokens_start"] = L
         return s
@@ -269,7 +276,11 @@ class LLMSites:
             stream = s.state.with_x(hs, site=name, layer=j, depth=self.depth, info=info, own_layer=info.own_layer,
                                     order="sequence")
             stream, plans = run_stages(stream, self.by_site[name], self.recorder)
+            n = hs.shape[1]
             for p in plans:
+                s.ragged |= p.valid is not None
+                s.sized |= p.size_scale is not None or (p.assign is not None and p.keep.shape[1] < n)
+                n = p.keep.shape[1]
                 s.cur_cols = s.cur_cols.gather(1, p.keep)
                 s.cur_valid = s.cur_valid.gather(1, p.keep)
                 s.cur_slot = s.cur_slot.gather(1, p.keep)
@@ -289,7 +300,7 @@ class LLMSites:
         s.scatter_pending = True
         idx = s.cur_cols
         # prompt padding is already in the model's mask; only padding slots of ragged plans are new
-        ragged = None if bool(s.cur_slot.all()) else s.cur_slot
+        ragged = s.cur_slot if s.ragged else None
         kwargs = dict(kwargs)
         if "position_embeddings" in kwargs:
             kwargs["position_embeddings"] = gather_rotary(kwargs["position_embeddings"], idx)
@@ -298,6 +309,14 @@ class LLMSites:
         am = kwargs.get("attention_mask")
         fix = lambda m: self._size_bias(reindex_mask(m, idx, ragged), s.state.size, hs)
         kwargs["attention_mask"] = {k: fix(v) for k, v in am.items()} if isinstance(am, dict) else fix(am)
+        size = s.state.size
+        if torch.is_grad_enabled() and torch.is_tensor(size) and size.requires_grad and not hs.requires_grad \
+                and self._has_sizes(s):
+            # A soft key mask is the only input of this layer's attention that needs a gradient
+            # (frozen LLM): SDPA's memory-efficient CUDA kernel then skips the logsumexp its mask
+            # gradient needs (pytorch/pytorch#148476, "LSE is not correctly aligned"). Tying the
+            # hidden states to the sizes by an exact zero makes q/k/v require grad as well.
+            hs = hs + (size.sum() * 0).to(hs.dtype)
         if args:
             args = (hs,) + tuple(args[1:])
         else:
@@ -324,7 +343,7 @@ class LLMSites:
         kv_valid = torch.cat([kept, kept.new_ones(kept.shape[0], extra)], dim=1)
         if like is not None and like.dim() == 2:
             mask = kv_valid.to(like.dtype)
-        elif like is None and bool(kv_valid.all()) and not self._has_sizes(s.sizes[j]):
+        elif like is None and not (s.ragged or s.prompt_padded) and not self._has_sizes(s):
             mask = None
         else:
             mask = mask_from_valid(kv_valid, q, like, causal=True)
@@ -334,13 +353,13 @@ class LLMSites:
         kwargs["attention_mask"] = mask if not isinstance(am, dict) else {k: mask for k in am}
         return args, kwargs
 
-    def _has_sizes(self, size):
-        return self.prop_attn and not bool((size == 1).all())
+    def _has_sizes(self, s):
+        return self.prop_attn and s.sized
 
     def _size_bias(self, mask, size, hs):
         """Proportional attention (ToMe's log(size) on the key logits) where sizes differ from 1;
         with fractional sizes this is a differentiable soft key mask."""
-        if not self._has_sizes(size):
+        if not self._has_sizes(self.session):
             return mask
         B, K = size.shape
         bias = size.clamp(min=1e-6).log().to(hs.dtype)[:, None, None, :]

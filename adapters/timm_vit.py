@@ -79,7 +79,7 @@ class TimmViTAdapter(ViTAdapter):
     def _weighted_avg_pool(self, module, args):
         final = self._pass.final
         x = args[0]
-        if final is None or bool((final.size == 1).all()) or getattr(self, "_final_x", None) is None:
+        if final is None or not self._pass.merged or getattr(self, "_final_x", None) is None:
             return None
         tokens = self._final_x
         if tokens.shape[0] != x.shape[0]:

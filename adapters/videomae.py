@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from functools import partial
-
-import torch
 
 from tokenreduce.errors import SiteError
 from tokenreduce.hooks import Recorder

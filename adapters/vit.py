@@ -79,6 +79,7 @@ class _Pass:
         self.state: TokenStream | None = None
         self.pending: dict = {}   # block -> [x1r, y]
         self.after: dict = {}     # block -> stream state after the block (for feature-layer selection)
+        self.merged = False       # a merge happened: sizes may differ from 1 (host flag, no sync)
         self.n0 = 0
         self.final: TokenStream | None = None
 
@@ -220,6 +221,11 @@ class ViTAdapter(Adapter):
             raise SiteError(f"{name}: the plan keeps different numbers of tokens per sample; inside a ViT "
                             "every sample must keep the same count")
         self._pass.state = stream.state()
+        # sizes leave 1 only when a merge folds tokens together (known on the host: fewer slots)
+        n = x.shape[1]
+        for p in plans:
+            self._pass.merged |= p.size_scale is not None or (p.assign is not None and p.keep.shape[1] < n)
+            n = p.keep.shape[1]
         return stream.x, bool(plans)
 
     def _block_pre(self, i, module, args):
@@ -270,7 +276,7 @@ class ViTAdapter(Adapter):
 
     def _size_bias(self):
         st = self._pass.state
-        if st is None or not self._prop_attn or bool((st.size == 1).all()):
+        if st is None or not self._prop_attn or not self._pass.merged:
             return None
         return st.size.log()[:, None, None, :]
 

@@ -111,7 +111,6 @@ def measure_once(model, inputs, decode_tokens, device) -> dict:
         cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
         kv = kv_bytes(cache)
         # decode: greedy steps on the cache, as generate() does, timed alone
-        ids = inputs["input_ids"]
         mask = inputs["attention_mask"]
         nxt = out.logits[:, -1:].argmax(-1)
         sync(device)

@@ -176,7 +176,8 @@ def state_from_onnx(model_proto) -> dict:
             state[prefix + p + ".bias"] = named(prefix + p + ".bias")
         for t in BLOCK_TENSORS:
             state[prefix + t] = named(prefix + t)
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    # copies: contiguous (the transposes) and writable (numpy_helper may return read-only views)
+    return {k: np.array(v, dtype=np.float32, order="C", copy=True) for k, v in state.items()}
 
 
 def to_model_names(state: dict, model_keys) -> dict:
@@ -256,9 +257,10 @@ def load_dinov2_small(cache_dir: str | os.PathLike | None = None, attn_implement
     path = cache_file(cache_dir)
     if not _cache_is_current(path):
         convert_to_cache(cache_dir)
-    model = Dinov2Model(config)
+    with torch.device("meta"):  # skip the random init (seconds on CPU): every tensor is loaded below
+        model = Dinov2Model(config)
     state = to_model_names(load_file(str(path)), model.state_dict().keys())
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 

@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = None,
-                            sort_unmerged: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            sort_unmerged: bool | None = None,
+                            num_protected: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Alg. 1).
 
     Tokens are split alternately into A (even indices) and B (odd). Every A token finds its most
@@ -16,7 +17,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     Protected tokens never act as a source (their A rows are -inf) and nothing merges into them
     (their B columns are -inf), which is how the reference protects CLS / distillation tokens.
 
-    metric: (B, N, D). protected: (B, N) bool. Returns
+    metric: (B, N, D). protected: (B, N) bool. num_protected: the protected tokens per sample when
+    they are the first ones and the count is known on the host (saves device syncs). Returns
       keep:   (B, N - r) current indices of the survivors, ordered [unmerged A, all of B]
               (unmerged A sorted ascending when protected tokens exist, as the reference does
               with a class token);
@@ -32,8 +34,11 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     if protected is not None:
         scores = scores.masked_fill(protected[:, ::2, None], float("-inf"))
         scores = scores.masked_fill(protected[:, None, 1::2], float("-inf"))
-        n_prot_a = int(protected[:, ::2].sum(1).max())
-        n_prot = int(protected.sum(1).max())
+        if num_protected is not None:  # the first num_protected tokens: (P + 1) // 2 of them in A
+            n_prot, n_prot_a = num_protected, (num_protected + 1) // 2
+        else:
+            n_prot_a = int(protected[:, ::2].sum(1).max())
+            n_prot = int(protected.sum(1).max())
     else:
         n_prot_a = n_prot = 0
     # the reference clamps r to (N - protected) // 2
@@ -44,7 +49,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx.gather(1, src_idx)
     if sort_unmerged is None:
-        sort_unmerged = protected is not None and bool(protected.any())
+        sort_unmerged = n_prot > 0
     if sort_unmerged:
         unm_idx = unm_idx.sort(dim=1).values
     n_unm = unm_idx.shape[1]

@@ -37,8 +37,9 @@ class Signals:
     since are skipped, merged tokens read their representative's value.
     """
 
-    def __init__(self):
+    def __init__(self, size_hint: int | None = None):
         self._store: dict[tuple[str, int | None], tuple[Tensor, Any]] = {}
+        self.size_hint = size_hint  # an upper bound on original positions (saves a device sync)
 
     def put(self, name: str, layer: int | None, pos: Tensor, value: Any) -> None:
         self._store[(name, layer)] = (pos, value)
@@ -59,13 +60,13 @@ class Signals:
         except KeyError:
             have = ", ".join(f"{n}@{l}" for n, l in self._store) or "none"
             raise KeyError(f"signal {name!r} at layer {layer} was not captured (captured: {have})") from None
-        return remap(value, src_pos, pos)
+        return remap(value, src_pos, pos, self.size_hint)
 
     def clear(self) -> None:
         self._store.clear()
 
 
-def remap(value: Tensor, src_pos: Tensor, pos: Tensor) -> Tensor:
+def remap(value: Tensor, src_pos: Tensor, pos: Tensor, size_hint: int | None = None) -> Tensor:
     """Gather `value` (B, N', ...) computed on tokens `src_pos` (B, N') for tokens `pos` (B, N).
 
     A value that is not a tensor (e.g. a list of question strings, one per sample) describes
@@ -73,10 +74,12 @@ def remap(value: Tensor, src_pos: Tensor, pos: Tensor) -> Tensor:
     """
     if not torch.is_tensor(value):
         return value
-    if src_pos.shape == pos.shape and torch.equal(src_pos, pos):
+    if src_pos is pos:  # nothing changed since the capture (identity: no device sync)
+        return value
+    if src_pos.shape == pos.shape and pos.device.type == "cpu" and torch.equal(src_pos, pos):
         return value
     B = pos.shape[0]
-    table_size = int(max(src_pos.max(), pos.max())) + 1
+    table_size = size_hint if size_hint is not None else int(max(src_pos.max(), pos.max())) + 1
     table = torch.zeros(B, table_size, dtype=torch.long, device=pos.device)
     table.scatter_(1, src_pos, torch.arange(src_pos.shape[1], device=pos.device).expand(B, -1))
     idx = table.gather(1, pos)
@@ -120,6 +123,7 @@ class TokenStream:
     memo: dict = field(default_factory=dict)
     own_layer: int | None = None  # the layer whose signals `signal(name)` reads by default
     info: Any = None  # the SiteInfo of the site (adapters set it)
+    num_protected: int | None = None  # protected tokens per sample when known on the host (saves syncs)
     patch: Tensor | None = None  # (B, N) index of each visual token inside its frame's grid, -1 otherwise
 
     # -- construction -------------------------------------------------------------------------
@@ -132,9 +136,11 @@ class TokenStream:
         dev = x.device
         if pos is None:
             pos = torch.arange(N, device=dev).expand(B, N).clone()
+        num_protected = None
         if kind is None:
             kind = torch.full((B, N), int(Kind.VISUAL), dtype=torch.long, device=dev)
             kind[:, :num_prefix] = int(Kind.PROTECTED)
+            num_protected = num_prefix
         if frame is None:
             frame = torch.full((B, N), -1, dtype=torch.long, device=dev)
             if grid is not None:
@@ -154,7 +160,7 @@ class TokenStream:
             source = source.expand(B, N, N).clone()
         return cls(x=x, pos=pos, size=torch.ones(B, N, device=dev, dtype=torch.float32), kind=kind,
                    frame=frame, grid=tuple(grid) if grid is not None else None, source=source, order=order,
-                   patch=patch)
+                   patch=patch, signals=Signals(size_hint=N), num_protected=num_protected)
 
     def with_x(self, x: Tensor, **kw) -> "TokenStream":
         """The same bookkeeping over new features (same tokens)."""
@@ -284,7 +290,7 @@ def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
         key = keep.clone()
         if plan.valid is not None:
             key = key.masked_fill(~plan.valid, torch.iinfo(key.dtype).max)
-        if bool((key[:, 1:] >= key[:, :-1]).all()):
+        if keep.device.type == "cpu" and bool((key[:, 1:] >= key[:, :-1]).all()):
             return None
         return torch.argsort(key, dim=1, stable=True)
     # prefix: protected tokens first in their original relative order (a ViT reads CLS and the
@@ -296,8 +302,8 @@ def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
     key = torch.where(kind == int(Kind.VISUAL), N + slot, keep)
     if plan.valid is not None:
         key = key.masked_fill(~plan.valid, 2 * N + K)
-    if bool((key[:, 1:] >= key[:, :-1]).all()):
-        return None
+    if keep.device.type == "cpu" and bool((key[:, 1:] >= key[:, :-1]).all()):
+        return None  # (on an accelerator the check would cost a sync; a stable sort is an identity)
     return torch.argsort(key, dim=1, stable=True)
 
 
@@ -309,8 +315,14 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
     keep = plan.keep
     if keep.dim() != 2 or keep.shape[0] != B:
         raise ValueError(f"plan.keep must be (B={B}, K), got {tuple(keep.shape)}")
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= N):
-        raise ValueError(f"plan.keep indices must lie in [0, {N})")
+    # Checks: with clear messages on the CPU; on an accelerator asynchronous asserts (no sync).
+    on_cpu = keep.device.type == "cpu"
+    if keep.numel():
+        in_range = (keep.min() >= 0) & (keep.max() < N)
+        if on_cpu and not bool(in_range):
+            raise ValueError(f"plan.keep indices must lie in [0, {N})")
+        elif not on_cpu:
+            torch._assert_async(in_range, "tokenreduce: plan.keep indices out of range")
     keep = keep.to(torch.long)
     assign = plan.assign
     if assign is not None:
@@ -324,14 +336,17 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         assign.scatter_(1, keep, src)
 
     # Protected tokens are never removed.
-    kept = torch.zeros(B, N, dtype=torch.bool, device=keep.device)
-    kept.scatter_(1, keep, plan.valid if plan.valid is not None else True)
-    lost = stream.protected & ~kept
-    if stream.valid is not None:
-        lost &= stream.valid
-    if bool(lost.any()):
-        raise ValueError(f"plan at {stream.site or 'site'} removes {int(lost.sum())} protected token(s) "
-                         "(CLS, registers, text); reducers may only remove visual tokens")
+    if stream.num_protected != 0:
+        kept = torch.zeros(B, N, dtype=torch.bool, device=keep.device)
+        kept.scatter_(1, keep, plan.valid if plan.valid is not None else True)
+        lost = stream.protected & ~kept
+        if stream.valid is not None:
+            lost &= stream.valid
+        if on_cpu and bool(lost.any()):
+            raise ValueError(f"plan at {stream.site or 'site'} removes {int(lost.sum())} protected token(s) "
+                             "(CLS, registers, text); reducers may only remove visual tokens")
+        elif not on_cpu:
+            torch._assert_async(~lost.any(), "tokenreduce: a plan removed a protected token")
 
     plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=plan.valid,
                 size_scale=plan.size_scale)

@@ -38,29 +38,41 @@ def paper_stage(site: SiteInfo) -> int | None:
 
 def group_tokens(stream: TokenStream, frames_per_group: int) -> tuple[Tensor, Tensor, int]:
     """Sort the visual tokens by frame group (stable, so the current order is kept inside a
-    group). Returns (order (B, G*n) indices into the stream, protected indices (B, P), n)."""
+    group). Returns (order (B, G*n) indices into the stream, protected indices (B, P), n).
+
+    All checks are read back in one host-device synchronisation."""
     B, N = stream.pos.shape
     vis = stream.visual
     frame = stream.frame
-    if bool((frame[vis] < 0).any()):
+    group = torch.where(vis, frame // frames_per_group, torch.full_like(frame, -1))
+    order = torch.argsort(group, dim=1, stable=True)  # protected (-1) first
+    g_sorted = group.gather(1, order)
+    # dense rank of the visual groups per sample (frames removed earlier leave gaps in the values)
+    rank = torch.zeros_like(g_sorted)
+    if N > 1:
+        step = (g_sorted[:, 1:] != g_sorted[:, :-1]) & (g_sorted[:, :-1] >= 0)
+        rank[:, 1:] = step.long().cumsum(1)
+    vis_sorted = g_sorted >= 0
+    counts = torch.zeros(B, N + 1, dtype=torch.long, device=rank.device)
+    counts.scatter_add_(1, torch.where(vis_sorted, rank, torch.full_like(rank, N)), torch.ones_like(rank))
+    counts = counts[:, :N]
+    used = counts > 0
+    n_prot = (~vis).sum(1)
+    big = torch.iinfo(torch.long).max
+    checks = torch.stack([
+        ((frame < 0) & vis).any().long(), n_prot.max(), n_prot.min(), used.sum(1).max(), used.sum(1).min(),
+        counts.max(), counts.masked_fill(~used, big).min()])
+    bad_frame, p_max, p_min, g_max, g_min, c_max, c_min = checks.tolist()
+    if bad_frame:
         raise SiteError(f"sta at {stream.site!r}: visual tokens without a frame index; STA needs a video "
                         "token layout (T, H, W) from the adapter")
-    group = torch.where(vis, frame // frames_per_group, torch.full_like(frame, -1))
-    order = torch.argsort(group, dim=1, stable=True)
-    P = int((~vis).sum(1).max()) if N else 0
-    if bool(((~vis).sum(1) != P).any()):
+    if p_max != p_min:
         raise SiteError(f"sta at {stream.site!r}: samples carry different numbers of protected tokens")
-    g_sorted = group.gather(1, order[:, P:])
-    # dense rank of each group per sample (frames removed earlier leave gaps in the values)
-    rank = torch.zeros_like(g_sorted)
-    if g_sorted.shape[1] > 1:
-        rank[:, 1:] = (g_sorted[:, 1:] != g_sorted[:, :-1]).long().cumsum(1)
-    G = int(rank.max()) + 1 if rank.numel() else 0
-    counts = torch.stack([(rank == g).sum(1) for g in range(G)], 1) if G else rank.new_zeros(B, 0)
-    if G == 0 or bool((counts != counts[:, :1]).any()) or bool((counts == 0).any()):
+    if g_max == 0 or g_max != g_min or c_max != c_min:
         raise SiteError(f"sta at {stream.site!r}: every group of {frames_per_group} frame(s) must hold the same "
-                        f"number of tokens; got counts {counts.tolist()} (did an unstructured reducer run earlier?)")
-    return order[:, P:], order[:, :P], int(counts[0, 0])
+                        f"number of tokens; got counts {counts[:, :g_max].tolist()} (did an unstructured reducer "
+                        "run earlier?)")
+    return order[:, p_max:], order[:, :p_max], int(c_max)
 
 
 def minmax(a: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
@@ -165,10 +177,10 @@ class STA(Reducer):
         r = min(r, n // 2)
         if r <= 0:
             return None
-        x = gather_tokens(stream.x, order).float().reshape(B, G, n, -1)
+        l1 = stream.x.float().abs().sum(-1).gather(1, order).reshape(B, G, n)  # only the L1 norms are needed
         metric = gather_tokens(stream.signal("keys"), order).float().reshape(B, G, n, -1)
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        semantic = minmax(x.abs().sum(-1))  # (B, G, n)
+        semantic = minmax(l1)  # (B, G, n)
         perm = list(range(G))[::-1] if stage == 1 else list(range(G))
         local = [None] * G  # kept indices inside each group (B, n - r)
 
@@ -178,7 +190,7 @@ class STA(Reducer):
         a, b = m0[:, ::2], m0[:, 1::2]
         node_max = (a @ b.transpose(-1, -2)).amax(dim=-1)  # (B, ceil(n/2))
         asc = node_max.argsort(dim=-1)  # least similar first
-        dev = x.device
+        dev = l1.device
         first = torch.cat([torch.arange(1, n, 2, device=dev).expand(B, -1), asc * 2], dim=1)
         local[g0] = first[:, :n - r]
 

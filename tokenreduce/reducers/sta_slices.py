@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import PolicyError
 from ..registry import register_reducer
@@ -25,9 +26,10 @@ class STASlices(Reducer):
 
     At a site whose tokens form S temporal slices of n tokens (VideoSwin `stage.{s}`; also
     usable at a video ViT's `vision.layer.{i}`):
-      * metric m = L2-normalised token features (the stage input; keys are not exposed by
-        VideoSwin's windowed attention without recomputing it); semantic a = L1 norm of each
-        token, min-max normalised over the WHOLE clip so slices can be compared;
+      * metric m = L2-normalised token features (the stage input, each slice average-pooled to
+        at most `pool` x `pool`; keys are not exposed by VideoSwin's windowed attention without
+        recomputing it); semantic a = L1 norm of each (pooled) token, min-max normalised over
+        the WHOLE clip so slices can be compared;
       * slices are visited in time order; slice 0 is the anchor (never dropped: nothing
         precedes it). For slice t >= 1, with C = m_t . m_{t-1}^T (cosines) the STA transport
         M = softmax over the CURRENT-slice axis of C carries the previous slice's accumulated
@@ -44,6 +46,11 @@ class STASlices(Reducer):
 
     r: slices removed at this site: an int, or a float in (0, 1) as a fraction of the
     slices arriving (rounded); at least one slice always stays.
+    pool: the scores are computed on each slice average-pooled to at most pool x pool tokens
+    (default 14, ViT-B's 14x14 grid): the transport is quadratic in the tokens per slice, and at
+    VideoSwin's first stage (56x56 per slice at 224 px) it would cost as much as a block.
+    0 scores every token. Pooling needs complete slices in a known (H, W) grid; otherwise every
+    token is scored.
     """
 
     name = "sta_slices"
@@ -53,6 +60,7 @@ class STASlices(Reducer):
     structured = True
 
     r: object = 2
+    pool: int = 14
 
     def __post_init__(self):
         ok = (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 0) or \
@@ -60,6 +68,8 @@ class STASlices(Reducer):
         if not ok:
             raise PolicyError(f"sta_slices: r must be an int >= 0 (slices removed) or a float in (0, 1) "
                               f"(fraction of the slices removed), got {self.r!r}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 0:
+            raise PolicyError(f"sta_slices: pool must be an int >= 0 (0 = score every token), got {self.pool!r}")
 
     def scores(self, stream: TokenStream):
         """(order (B, S*n), protected (B, P), n, R (B, S)): slice scores, -inf for the anchor."""
@@ -67,10 +77,12 @@ class STASlices(Reducer):
         B = stream.batch
         S = order.shape[1] // n
         x = gather_tokens(stream.x, order).float().reshape(B, S, n, -1)
+        x = self._pooled(stream, order, x)
+        n_s = x.shape[2]
         m = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        a = minmax(x.abs().sum(-1).reshape(B, S * n)).reshape(B, S, n)
+        a = minmax(x.abs().sum(-1).reshape(B, S * n_s)).reshape(B, S, n_s)
         R = torch.full((B, S), float("-inf"), device=x.device)
-        w = torch.full((B, n), 1.0 / n, device=x.device)
+        w = torch.full((B, n_s), 1.0 / n_s, device=x.device)
         for t in range(1, S):
             C = m[:, t] @ m[:, t - 1].transpose(-1, -2)  # (B, n_cur, n_prev)
             P = C.softmax(dim=1) * w[:, None, :]
@@ -79,7 +91,24 @@ class STASlices(Reducer):
             w = s_agg / s_agg.sum(-1, keepdim=True).clamp(min=1e-12)
         return order, prot, n, R
 
+    def _pooled(self, stream: TokenStream, order, x):
+        """(B, S, n, C) slice tokens -> (B, S, n', C) average-pooled to at most pool x pool."""
+        if not self.pool or stream.grid is None or stream.patch is None:
+            return x
+        _, H, W = stream.grid
+        B, S, n, C = x.shape
+        if n != H * W or (H <= self.pool and W <= self.pool):
+            return x
+        # place each token at its spatial position inside its slice, then pool
+        patch = stream.patch.gather(1, order).reshape(B, S, n)
+        grid = torch.zeros_like(x).scatter_(2, patch[..., None].expand_as(x), x)
+        grid = grid.reshape(B * S, H, W, C).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(grid, (min(H, self.pool), min(W, self.pool)))
+        return pooled.flatten(2).transpose(1, 2).reshape(B, S, -1, C)
+
     def plan(self, stream: TokenStream) -> Plan | None:
+        if self.r == 0:
+            return None
         order, prot, n, R = self.scores(stream)
         B, S = R.shape
         r = int(round(self.r * S)) if isinstance(self.r, float) else self.r

@@ -62,5 +62,6 @@ class ToMe(Reducer):
         r = self.schedule(stream.depth)[stream.layer]
         if r <= 0:
             return None
-        keep, assign, _ = bipartite_soft_matching(stream.signal("keys"), r, stream.protected)
+        keep, assign, _ = bipartite_soft_matching(stream.signal("keys"), r, stream.protected,
+                                                  num_protected=stream.num_protected)
         return Plan(keep=keep, assign=assign)

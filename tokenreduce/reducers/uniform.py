@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -55,6 +56,10 @@ class UniformPrune(Reducer):
             kf = min(kf, len(idx))
             if kf == 0:
                 continue
+            if len(idx) == H * W:  # a whole frame: the lattice on the full grid, computed once
+                chosen = _full_grid_choice(H, W, kf).to(dev)
+                picked.append(idx[torch.isin(stream.patch[b, idx], chosen)])
+                continue
             p = stream.patch[b, idx].cpu()
             coords = torch.stack([p // W, p % W], -1)
             picked.append(idx[nearest_unique(grid_lattice(H, W, kf), coords).to(dev)])
@@ -63,3 +68,11 @@ class UniformPrune(Reducer):
             rest = vis[~torch.isin(vis, out)]
             out = torch.cat([out, rest[torch.linspace(0, len(rest) - 1, k - len(out)).round().long().to(dev)]])
         return out.sort().values
+
+
+@lru_cache(maxsize=256)
+def _full_grid_choice(h: int, w: int, k: int) -> torch.Tensor:
+    """Patch indices (row * w + col) of the k lattice points on a complete h x w grid."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([rows.reshape(-1), cols.reshape(-1)], -1)
+    return nearest_unique(grid_lattice(h, w, k), coords)

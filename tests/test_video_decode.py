@@ -1,0 +1,133 @@
+"""Video decoding: decord and PyAV agree on indices and pixels; sampling rules; clear errors."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+from tokenreduce.eval.video import (VideoDecodeError, available_backends, fps_indices, read_frames,
+                                    sample_indices, uniform_indices, video_info)
+
+HAS_DECORD = "decord" in available_backends()
+
+
+def synth_frames(n=20, h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i, ..., 0] = (np.arange(w)[None] * 4 + i * 11) % 256
+        out[i, ..., 1] = (np.arange(h)[:, None] * 5 + i * 3) % 256
+        out[i, ..., 2] = rng.integers(0, 256, (h, w))
+    return out
+
+
+def write_video(path, frames, codec, pix_fmt, fps=8, options=None):
+    c = av.open(str(path), "w")
+    s = c.add_stream(codec, rate=fps)
+    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+    if options:
+        s.options = options
+    for img in frames:
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    frames = synth_frames()
+    out = {"frames": frames}
+    try:  # lossless RGB H.264: both decoders must return exactly the frames written
+        out["rgb"] = write_video(d / "rgb.mkv", frames, "libx264rgb", "rgb24", options={"qp": "0"})
+    except Exception:  # a PyAV build without x264: FFV1 is lossless too
+        out["rgb"] = write_video(d / "rgb.mkv", frames, "ffv1", "bgr0")
+    out["yuv"] = write_video(d / "yuv.mp4", frames, "mpeg4", "yuv420p")  # the common lossy case
+    return out
+
+
+@pytest.mark.skipif(not HAS_DECORD, reason="decord not installed")
+@pytest.mark.parametrize("which", ["rgb", "yuv"])
+@pytest.mark.parametrize("request_kw", [dict(num_frames=7), dict(fps=3), dict(indices=[0, 19, 4, 4]), dict()])
+def test_decord_and_pyav_agree(clips, which, request_kw):
+    fd, md = read_frames(clips[which], backend="decord", **request_kw)
+    fp, mp = read_frames(clips[which], backend="pyav", **request_kw)
+    assert md["backend"] == "decord" and mp["backend"] == "pyav"
+    assert md["indices"] == mp["indices"]
+    assert md["total"] == mp["total"] == 20
+    assert md["fps"] == pytest.approx(mp["fps"]) == pytest.approx(8.0)
+    assert fd.dtype == fp.dtype == np.uint8 and fd.shape == fp.shape
+    assert np.array_equal(fd, fp)
+    if which == "rgb":  # lossless: the very pixels that were written
+        assert np.array_equal(fd, clips["frames"][md["indices"]])
+
+
+def test_auto_prefers_decord_and_falls_back(clips):
+    f, m = read_frames(clips["rgb"], num_frames=4)
+    assert m["backend"] == ("decord" if HAS_DECORD else "pyav")
+    assert f.shape == (4, 48, 64, 3)
+    info = video_info(clips["rgb"])
+    assert info["total"] == 20 and info["fps"] == pytest.approx(8.0)
+
+
+def test_sampling_conventions():
+    assert uniform_indices(20, 7).tolist() == np.linspace(0, 19, 7).round().astype(int).tolist()
+    assert uniform_indices(20, 1).tolist() == [0]
+    assert uniform_indices(3, 5).tolist() == [0, 0, 1, 2, 2]  # k > n repeats frames
+    assert fps_indices(20, 8.0, 3.0).tolist() == [0, 3, 5, 8, 11, 13, 16, 19]
+    assert fps_indices(10, 8.0, 30.0).tolist() == list(range(10))  # above the native rate: every frame once
+    assert sample_indices(20, 8.0, fps=3.0, num_frames=4).tolist() == [0, 5, 13, 19]
+    assert sample_indices(5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(IndexError, match="out of range"):
+        sample_indices(5, indices=[5])
+    with pytest.raises(ValueError, match="either indices"):
+        sample_indices(5, indices=[1], num_frames=2)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VideoDecodeError, match="no such file") as e:
+        read_frames(tmp_path / "nope.mp4")
+    assert "nope.mp4" in str(e.value)
+
+
+def test_corrupt_file(tmp_path):
+    p = tmp_path / "corrupt.mp4"
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoDecodeError) as e:
+        read_frames(p)
+    msg = str(e.value)
+    assert "corrupt.mp4" in msg and "pyav" in msg and ("decord" in msg or not HAS_DECORD)
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.mp4"
+    p.write_bytes(b"")
+    with pytest.raises(VideoDecodeError, match="empty"):
+        read_frames(p)
+
+
+def test_zero_frame_file(tmp_path):
+    p = tmp_path / "zero.avi"
+    c = av.open(str(p), "w")
+    s = c.add_stream("mpeg4", rate=8)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    c.start_encoding()
+    c.close()
+    with pytest.raises(VideoDecodeError, match="no decodable video frames") as e:
+        read_frames(p, num_frames=4)
+    assert "zero.avi" in str(e.value)
+
+
+def test_bad_arguments(clips):
+    with pytest.raises(ValueError, match="auto, decord, pyav"):
+        read_frames(clips["rgb"], backend="opencv")
+    with pytest.raises(VideoDecodeError, match="out of range"):
+        read_frames(clips["rgb"], indices=[25], backend="pyav")
+    with pytest.raises(VideoDecodeError, match="fps must be > 0"):
+        read_frames(clips["rgb"], fps=0, backend="pyav")
