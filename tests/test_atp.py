@@ -22,15 +22,6 @@ import vlm_models as V  # noqa: E402
 NEW = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and robust when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 def _stream(B=2, n_text=(2, 4), H=4, W=4, frames=1, C=8, heads=4, kv=2, D=8, seed=0, layer=2, depth=8):
     g = torch.Generator().manual_seed(seed)

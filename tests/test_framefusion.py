@@ -18,15 +18,6 @@ from tokenreduce.reducers.framefusion import FrameFusion, compute_pruning_ratio 
 NEW = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and robust when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- the budget -----------------------------------------------------------------------------------
 def test_pruning_ratio_anchors():
     """§8.5: _compute_pruning_ratio([], 0.3) = 0.7; ([0.3, 0.1], 0.3) ≈ 0.5684 (28 layers)."""

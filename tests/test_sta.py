@@ -14,16 +14,6 @@ from tokenreduce import PolicyError, SiteError
 from tokenreduce.reducers.base import SiteInfo
 from tokenreduce.reducers.sta import STA, paper_stage
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine a busy core stalls every 2-thread op by a
-    scheduler slice (~10 ms); results are the same, the suite just stays fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def videomae(image=64, patch=16, frames=16, hidden=16, layers=6, seed=0):
     from transformers import VideoMAEConfig, VideoMAEModel

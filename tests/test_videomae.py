@@ -12,16 +12,6 @@ import tokenreduce
 from tokenreduce import SiteError
 from tokenreduce.eval.video import uniform_indices
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine a busy core stalls every 2-thread op by a
-    scheduler slice (~10 ms); results are the same, the suite just stays fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def tiny(classifier=True, frames=8, layers=4, seed=0, **kw):
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEModel

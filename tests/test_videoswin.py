@@ -15,16 +15,6 @@ from tokenreduce import Plan, Policy, SiteError, Stage
 from tokenreduce.eval.video import uniform_indices
 from tokenreduce.reducers.base import Reducer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine a busy core stalls every 2-thread op by a
-    scheduler slice (~10 ms); results are the same, the suite just stays fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -84,6 +84,18 @@ def pack(stream: TokenStream, keeps: list, assign: Tensor | None = None, weight:
     return Plan(keep=keep, assign=assign, weight=weight, normalize=normalize, valid=valid if ragged else None)
 
 
+def merge_inputs(stream: TokenStream, layer: int):
+    """The tower signals and empty merge bookkeeping shared by the CLS-attention mergers:
+    (cls attention (B, N), keys (B, N, D), assign (B, N) all -1, weight (B, N) all 1)."""
+    B, N = stream.pos.shape
+    dev = stream.pos.device
+    attn = stream.signal("cls_attn", layer).float()
+    keys = stream.signal("keys", layer).float()
+    assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    weight = torch.ones(B, N, dtype=torch.float32, device=dev)
+    return attn, keys, assign, weight
+
+
 def visual_indices(stream: TokenStream, b: int) -> Tensor:
     """Current indices of sample b's visual (removable, valid) tokens, ascending."""
     return torch.nonzero(stream.visual[b]).squeeze(1)

@@ -9,7 +9,8 @@ import torch
 from ..errors import PolicyError
 from ..registry import register_reducer
 from ..stream import Plan, TokenStream
-from ._packing import check_count, check_layer, pack, protected_indices, resolve_layer, stream_site, visual_indices
+from ._packing import (check_count, check_layer, merge_inputs, pack, protected_indices, resolve_layer,
+                       stream_site, visual_indices)
 from .base import Needs, Reducer, SiteInfo
 
 
@@ -115,12 +116,9 @@ class PruMergePlus(Reducer):
 
     def plan(self, stream: TokenStream) -> Plan | None:
         layer = self.score_layer(stream_site(stream), stream)
-        attn = stream.signal("cls_attn", layer).float()
-        keys = stream.signal("keys", layer).float()
+        attn, keys, assign, weight = merge_inputs(stream, layer)
         B, N = stream.pos.shape
         dev = stream.pos.device
-        assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
-        weight = torch.ones(B, N, dtype=torch.float32, device=dev)
         keeps, changed = [], False
         for b in range(B):
             vis = visual_indices(stream, b)
