@@ -35,7 +35,7 @@ def cmd_sites(args) -> int:
     import tokenreduce as tr
     from tokenreduce.policy import describe_sites
     from .models import load_model
-    model = load_model(args.model)
+    model = load_model(args.model, meta=True)
     adapter = tr.find_adapter(model)
     sites = adapter(model).sites()
     if args.json:
@@ -64,7 +64,7 @@ def cmd_bench(args) -> int:
     if args.what == "vit":
         from .bench import bench_vit, format_vit, write_json
         res = bench_vit(args.model or "vit_base_patch16_224", args.policy or "vision.block.*=tome(r=13)",
-                        batch=args.batch, runs=args.runs, warmup=args.warmup, device=args.device,
+                        batch=args.batch or 8, runs=args.runs, warmup=args.warmup, device=args.device,
                         dtype=args.dtype, image=args.image)
         print(format_vit(res))
     else:
@@ -74,6 +74,7 @@ def cmd_bench(args) -> int:
         except ImportError:
             print(f"benchmark {args.what!r} is not available; valid: vit, vlm, video", file=sys.stderr)
             return 2
+        args.batch = args.batch or 1
         res = mod.main_from_args(args)
         from .bench import write_json
     if args.json:
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_methods)
     s = sub.add_parser("sites", help="list the sites of a model",
-                       description="MODEL: timm:NAME, open_clip:NAME, hf:PRESET or hf:path/config.json")
+                       description="MODEL: timm:NAME, open_clip:NAME, hf:PRESET, hf:path/config.json or torchvision:swin3d_t")
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_sites)
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["vit", "vlm", "video"])
     b.add_argument("--model", default=None)
     b.add_argument("--policy", default=None)
-    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--batch", type=int, default=None, help="batch size (default: 8 for vit, 1 for video)")
     b.add_argument("--image", type=int, default=None, help="input resolution (default: the model's)")
     b.add_argument("--runs", type=int, default=10)
     b.add_argument("--warmup", type=int, default=3)

