@@ -18,6 +18,11 @@ def test_sites(capsys):
     assert "vision.block.{0..11}" in out and "vision.out" in out and "timm_vit" in out
     assert main(["sites", "hf:tiny-siglip"]) == 0
     assert "SigLIP has no [CLS] token" in capsys.readouterr().out
+    assert main(["sites", "hf:tiny-llava"]) == 0
+    out = capsys.readouterr().out
+    assert "llm.layer.{0..3}" in out and "projector.out" in out and "vision.out" in out
+    assert main(["sites", "torchvision:swin3d_t"]) == 0
+    assert "structured plans only" in capsys.readouterr().out
 
 
 def test_sites_bad_model_is_one_line_error(capsys):
