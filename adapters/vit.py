@@ -286,6 +286,8 @@ class ViTAdapter(Adapter):
         if "vision.out" in self._by_site:
             x, changed = self._run("vision.out", x)
         self._pass.final = self._pass.state
+        if self.owns_record:  # tokens leaving the encoder, after any vision.out reduction
+            self.recorder.last.extra["tokens_out"] = x.shape[1]
         return write_tokens(output, x) if changed else None
 
     # -- stats -------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_drop_at_layer_equals_masking(case):
 
 
 @pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)",
-                                  "projector.out=random(keep=0.5); llm.layer.1=fastv(ratio=0.5)"])
+                                  "projector.out=random(keep=0.5, shared=True); llm.layer.1=fastv(ratio=0.5)"])
 def test_generate_batch_matches_single(case, spec):
     """Invariant 4: generate with KV cache, batch 2 left-padded == each sample alone."""
     with tr.reduce(case.model, spec) as h:

@@ -16,9 +16,12 @@ from .base import Reducer, check_budget
 class RandomPrune(Reducer):
     """Random token pruning: the control every score-based method must beat at the same budget.
 
-    Keeps `keep` visual tokens drawn uniformly at random, in original order. The draw depends
-    only on `seed`, the site and each token's rank among the visual tokens of its sample, so the
-    same input gives the same output, alone or inside any (padded) batch.
+    Keeps `keep` visual tokens drawn uniformly at random, in original order, independently for
+    each sample of the batch (seeded by `seed` and the site, so the same batch gives the same
+    output). With `shared=True` every sample keeps the same random pattern instead, indexed by
+    each token's rank among the visual tokens of its sample: then a sample's result does not
+    depend on the batch or padding around it (what batch-vs-single tests need), but the subset
+    is the same for every image, a stronger control than independent draws.
     """
 
     name = "random"
@@ -28,20 +31,24 @@ class RandomPrune(Reducer):
 
     keep: object = 0.5
     seed: int = 0
+    shared: bool = False
 
     def __post_init__(self):
         check_budget(self.name, "keep", self.keep)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise PolicyError(f"random: seed must be an int, got {self.seed!r}")
+        if not isinstance(self.shared, bool):
+            raise PolicyError(f"random: shared must be True or False, got {self.shared!r}")
 
     def plan(self, stream: TokenStream) -> Plan | None:
         k = stream.budget(self.keep)
         if k >= int(stream.num_visual().max()):
             return None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + (stream.layer or 0) * 7919 + len(stream.site))
-        # one draw indexed by each token's rank among the visual tokens of its sample: the same
-        # tokens survive whatever the padding or the batch around them
-        table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
-        rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
-        scores = table[rank]
+        if self.shared:
+            table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
+            rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
+            scores = table[rank]
+        else:
+            scores = torch.rand(stream.pos.shape, generator=g).to(stream.x.device)
         return keep_top_visual(stream, scores, k)
