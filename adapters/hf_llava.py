@@ -10,7 +10,9 @@ Sites
 
 Everything before the LLM goes through the model's own `get_image_features` /
 `get_video_features` (wrapped per instance), which both `forward()` and `generate()` call (the
-`mm_encoder_outputs` path). A forward pre-hook on the model then shortens each placeholder run
+`mm_encoder_outputs` path; in `forward()` we call generate's own
+`_prepare_multimodal_encoder_kwargs_for_generation` so both paths compute features the same way —
+a private transformers method, pinned by our transformers range). A forward pre-hook on the model then shortens each placeholder run
 of `input_ids` (and the attention mask, labels, position ids) to the tokens that survived, left
 padding ragged samples. Positions: 1-D RoPE models re-index contiguously after pre-LLM pruning
 (what VTC-CLS, VisionZip and PruMerge do); Qwen2-VL keeps each survivor's M-RoPE position
