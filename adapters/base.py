@@ -24,10 +24,6 @@ def is_a(obj, *qualnames: str) -> bool:
     return any(q in names for q in qualnames)
 
 
-def type_module(obj) -> str:
-    return type(obj).__module__
-
-
 class Adapter:
     """Base class of every adapter."""
 

@@ -61,11 +61,10 @@ class _Item:
 class _Prompt:
     """How one prefill shortened the caller's sequence, kept for the decode steps after it."""
 
-    def __init__(self, col_map: Tensor, L_full: int, dropped: Tensor, orig_mask: Tensor | None):
+    def __init__(self, col_map: Tensor, L_full: int, dropped: Tensor):
         self.col_map = col_map      # (B, L') original column of each new column, -1 = new padding
         self.L_full = L_full
         self.dropped = dropped      # (B,) real tokens removed per sample
-        self.orig_mask = orig_mask
 
 
 @register_adapter
@@ -91,7 +90,7 @@ class LlavaFamilyAdapter(Adapter):
         if self.kind == "llava" and HFVisionAdapter.matches(self.tower):
             self.tower_adapter = HFVisionAdapter(self.tower)
             self.tower_adapter.owns_record = False
-        self.llm = LLMSites(self.lm, self.hooks, None, self.context)
+        self.llm = LLMSites(self.lm, self.hooks, None)
         self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
         self._items: dict = {}
         self._vout: list = []
@@ -423,7 +422,7 @@ class LlavaFamilyAdapter(Adapter):
         kwargs.update(new)
         dropped = valid0.sum(1) - valid.sum(1)
         if changed or bool(pad.any()):
-            self.prompt = _Prompt(col_map, L, dropped, am)
+            self.prompt = _Prompt(col_map, L, dropped)
         g = lambda t: t.gather(1, col_map.clamp(min=0))
         tpl = TokenStream(x=None, pos=torch.arange(Lp, device=dev).expand(B, Lp).clone(), size=g(size),
                           kind=g(kind).masked_fill(pad, int(Kind.TEXT)), frame=g(frame).masked_fill(pad, -1),

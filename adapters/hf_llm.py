@@ -141,9 +141,8 @@ def reindex_mask(mask, idx: Tensor, valid: Tensor | None):
 class _Session:
     """What one prefill decided, kept for the decode steps that follow it."""
 
-    def __init__(self, template: TokenStream | None):
-        self.template = template
-        self.state: TokenStream | None = None
+    def __init__(self, state: TokenStream):
+        self.state = state          # the stream's bookkeeping after the latest site
         self.cols: dict = {}      # layer -> (B, L_j) indices into the LLM input sequence
         self.sizes: dict = {}     # layer -> (B, L_j) token sizes (proportional attention)
         self.valid: dict = {}     # layer -> (B, L_j) bool: real (not padding) key columns
@@ -162,12 +161,11 @@ class _Session:
 class LLMSites:
     """The llm.layer.{k} sites of one decoder LM; owned by a VLM adapter."""
 
-    def __init__(self, lm, hooks, recorder, context):
+    def __init__(self, lm, hooks, recorder):
         self.lm = lm
         self.layers = list(lm.layers)
         self.hooks = hooks
         self.recorder = recorder
-        self.context = context
         self.session: _Session | None = None
         self.pending_template: TokenStream | None = None
         self.by_site: dict = {}
@@ -241,7 +239,6 @@ class LLMSites:
             if torch.is_tensor(am) and am.shape == (B, L):  # a text-only prompt: padding is not a token
                 tpl.valid = am.bool()
         s = _Session(tpl)
-        s.state = tpl
         s.L0 = L
         s.cur_cols = torch.arange(L, device=hs.device).expand(B, L)
         s.cur_slot = torch.ones(B, L, dtype=torch.bool, device=hs.device)

@@ -88,12 +88,8 @@ class Recorder:
         r.calls += 1
 
     def layer(self, key, n_in, n_out=None):
-        old = self.last.layers.get(key)
-        n_out = n_in if n_out is None else n_out
-        if old is None:
-            self.last.layers[key] = [n_in, n_out]
-        else:  # a layer that runs again in the same pass (e.g. per decode step): keep the last
-            self.last.layers[key] = [n_in, n_out]
+        """Tokens into (and out of) one layer; a layer that runs again in the pass keeps the last."""
+        self.last.layers[key] = [n_in, n_in if n_out is None else n_out]
 
 
 def tokens_per_sample(stream: TokenStream) -> float:

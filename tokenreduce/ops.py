@@ -77,17 +77,6 @@ def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
-def topk_sorted(scores: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
-    """Indices of the k highest scores per row, returned in ascending index order.
-
-    mask: (B, N) bool; False entries are never chosen.
-    """
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    idx = scores.topk(k, dim=1).indices
-    return idx.sort(dim=1).values
-
-
 def grid_lattice(h: int, w: int, k: int) -> Tensor:
     """k points spread evenly over an h x w grid: (k, 2) float (row, col) coordinates."""
     if k <= 0:

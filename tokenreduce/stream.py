@@ -47,9 +47,6 @@ class Signals:
     def has(self, name: str, layer: int | None = None) -> bool:
         return (name, layer) in self._store
 
-    def layers(self, name: str) -> list:
-        return sorted(k[1] for k in self._store if k[0] == name and k[1] is not None)
-
     def raw(self, name: str, layer: int | None = None):
         return self._store[(name, layer)]
 
