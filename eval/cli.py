@@ -4,6 +4,9 @@
     tokenreduce sites MODEL
     tokenreduce bench vit --model vit_base_patch16_224 --policy "vision.block.*=tome(r=13)"
     tokenreduce quality --out out/quality
+    tokenreduce eval videoqa --model embedded --policy "llm.layer.2=fastv(ratio=0.5)" --data set.jsonl --out out/fastv
+    tokenreduce eval sweep --model embedded --data set.jsonl --methods fastv,random --budgets 0.3,0.5 --out out/sweep
+    tokenreduce convert nextqa val.csv --videos NExTVideo --out nextqa.jsonl
 """
 from __future__ import annotations
 
@@ -88,6 +91,17 @@ def cmd_quality(args) -> int:
     return quality.main(["--out", args.out] + (["--quick"] if args.quick else []))
 
 
+def cmd_eval(args) -> int:
+    import torch
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if args.what == "videoqa":
+        from . import videoqa
+        return videoqa.main_from_args(args)
+    from . import sweep
+    return sweep.main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenreduce", description="Visual-token reduction for ViTs, VLMs and video models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -121,10 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="out/quality")
     q.add_argument("--quick", action="store_true")
     q.set_defaults(fn=cmd_quality)
+    e = sub.add_parser("eval", help="video-QA accuracy and cost of a policy (videoqa), or of many (sweep)")
+    esub = e.add_subparsers(dest="what", required=True)
+    from . import sweep, videoqa  # their parsers; models and data load only when a run starts
+    v = esub.add_parser("videoqa", help="one policy on a video-QA JSONL (resumable)",
+                        description=videoqa.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    videoqa.add_arguments(v)
+    v.set_defaults(fn=cmd_eval)
+    w = esub.add_parser("sweep", help="baseline + methods x budgets, table and plots",
+                        description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_arguments(w)
+    w.set_defaults(fn=cmd_eval)
+    sub.add_parser("convert", add_help=False,
+                   help="convert NExT-QA / MVBench / Video-MME / EgoSchema annotations to the video-QA JSONL "
+                        "(tokenreduce convert --help)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # its own parser (eval/videoqa_data.py) takes everything after the word
+        from .videoqa_data import convert_main
+        return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tokenreduce as tr
+from tokenreduce.errors import PolicyError
 
 pytest.importorskip("transformers")
 import vlm_models as V  # noqa: E402
@@ -157,6 +158,25 @@ def test_fastv_keeps_round_n_and_original_positions():
         assert int((~is_img[kept]).sum()) == int((~is_img).sum())          # all text kept
         assert torch.equal(seen["pos"][0], kept)                              # original positions
         assert kept.shape[0] == L - (n - round(n * (1 - R)))
+
+
+def test_fastv_least_attended_control_keeps_the_complement():
+    """attended='least' keeps the lowest-ranked image tokens: at R=0.5 its kept image tokens and
+    FastV's are disjoint and together cover every image token (same attention row)."""
+    case = V.llava("sdpa")
+    m, single = case.model, case.singles[0]
+    is_img = single["input_ids"][0] == V.IMG
+    kept = {}
+    for att in ("most", "least"):
+        with tr.reduce(m, f"llm.layer.2=fastv(ratio=0.5, attended='{att}')") as h:
+            _logits(m, single)
+            pos = h.trace["llm.layer.2"]["pos"][0]
+        kept[att] = set(pos[is_img[pos]].tolist())
+    n = int(is_img.sum())
+    assert len(kept["most"]) == len(kept["least"]) == n // 2
+    assert not kept["most"] & kept["least"]
+    with pytest.raises(PolicyError, match="most"):
+        tr.reduce(m, "llm.layer.2=fastv(attended='top')")
 
 
 def test_vision_sites_on_llava15():

@@ -7,7 +7,7 @@ import torch
 
 from ..registry import register_reducer
 from ..stream import Plan, TokenStream, keep_top_visual
-from .base import Needs, Reducer, SiteInfo, check_budget, check_fraction
+from .base import Needs, Reducer, SiteInfo, check_budget, check_choice, check_fraction
 
 
 @register_reducer
@@ -23,6 +23,8 @@ class FastV(Reducer):
     is computed next to the model's fused attention, not from an eager attention map. As in the
     reference's KV-cache variant, pruning happens once at prefill; decode steps see that subset.
     `keep` (a count or a fraction of the image tokens) overrides `ratio` when given.
+    `attended="least"` keeps the LEAST-attended tokens instead: not the paper's method but its
+    ablation control, showing how much the attention ranking is worth on a given model.
     """
 
     name = "fastv"
@@ -32,10 +34,12 @@ class FastV(Reducer):
 
     ratio: float = 0.5
     keep: object = None
+    attended: str = "most"
 
     def __post_init__(self):
         check_fraction(self.name, "ratio", self.ratio, 0.0, 1.0, hi_open=True)
         check_budget(self.name, "keep", self.keep, allow_none=True)
+        check_choice(self.name, "attended", self.attended, ("most", "least"))
 
     def needs(self, site: SiteInfo) -> Needs:
         return Needs(signals={"last_query_attn": (None,)})
@@ -52,4 +56,5 @@ class FastV(Reducer):
         k = self.kept_count(nv)
         if bool((k >= nv).all()):
             return None
-        return keep_top_visual(stream, stream.signal("last_query_attn"), k)
+        scores = stream.signal("last_query_attn")
+        return keep_top_visual(stream, scores if self.attended == "most" else -scores, k)

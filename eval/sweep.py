@@ -1,0 +1,252 @@
+"""`tokenreduce eval sweep`: the baseline and every method at every budget on one video-QA set.
+
+    tokenreduce eval sweep --model embedded --data set.jsonl --frames 8 --out out/sweep \
+        --methods fastv,random,uniform,dycoke_ttm,framefusion,frames --budgets 0.25,0.5
+    tokenreduce eval sweep ... --policies policies.json      # {"label": "spec", ...} as well / instead
+
+A budget is the fraction of the visual tokens KEPT. `SWEEP_METHODS` maps each method to its
+policy at a budget on a LLaVA-OneVision-style model (sites: frames, projector.out, llm.layer.k);
+it is the one table other code should import. Methods that have no budget parameter run once.
+Each run is a `tokenreduce eval videoqa` run in its own subdirectory (baseline/, fastv_b0.5/,
+...), so a sweep resumes like a single run. Then:
+
+  sweep.md / sweep.json      method, budget, accuracy (loglik, generated), visual tokens entering
+                             the LLM and after the last reducing site, FLOPs fraction, prefill and
+                             TTFT ms
+  accuracy_vs_tokens.png     accuracy vs visual tokens after the last reducing site
+  speed_vs_tokens.png        TTFT and prefill ms vs the same tokens
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tokenreduce.errors import choices
+
+
+@dataclass(frozen=True)
+class SweepMethod:
+    """How a method becomes a policy at a budget (fraction of visual tokens kept) and `frames`
+    input frames. spec(budget, frames) -> policy string; budgeted=False: one run, budget ignored."""
+    spec_at: Callable
+    note: str
+    budgeted: bool = True
+
+    def spec(self, budget: float | None, frames: int) -> str:
+        if self.budgeted and (budget is None or not 0.0 < budget <= 1.0):
+            raise ValueError(f"a budget is the fraction of visual tokens kept, in (0, 1]; got {budget!r}")
+        return self.spec_at(budget, frames)
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+# DyCoke keeps frame 0 of every 4-frame window whole and prunes `ratio` of the other three, so
+# keeping b of all tokens needs ratio = (1 - b) * 4/3 (reachable down to b = 1/4)
+def _dycoke(b, _frames):
+    return f"projector.out=dycoke_ttm(ratio={_r(min(1.0, (1.0 - b) * 4.0 / 3.0))})"
+
+
+SWEEP_METHODS = {
+    "fastv": SweepMethod(lambda b, f: f"llm.layer.2=fastv(ratio={_r(1.0 - b)})" if b < 1 else "",
+                         "FastV (Chen et al., ECCV 2024): drops 1 - budget of the visual tokens after LLM layer 2 "
+                         "(layers 0-1 see all of them)"),
+    "random": SweepMethod(lambda b, f: f"projector.out=random(keep={_r(b)})", "random visual tokens after the projector"),
+    "uniform": SweepMethod(lambda b, f: f"projector.out=uniform(keep={_r(b)})",
+                           "a spatially even lattice per frame after the projector"),
+    "dycoke_ttm": SweepMethod(_dycoke, "DyCoke TTM (Tao et al., CVPR 2025) after the projector; budgets below "
+                                       "0.25 are not reachable (frame 0 of each 4-frame window stays)"),
+    "framefusion": SweepMethod(lambda b, f: f"llm.layer.*=framefusion(cost={_r(b)})",
+                               "FrameFusion (Fu et al., ICCV 2025): the budget is its compute `cost` "
+                               "(fraction of LLM FLOPs), which it meets by merging and pruning tokens"),
+    "frames": SweepMethod(lambda b, f: f"frames=frame_select(k={max(1, round(b * f))}, scorer='uniform')",
+                          "fewer frames: round(budget * frames) of the input frames, uniformly (frame_select "
+                          "at the `frames` site)"),
+    "atp": SweepMethod(lambda b, f: "llm.layer.2=atp()",
+                       "ATP-LLaVA (Ye et al., CVPR 2025) with fixed thresholds: adaptive, no budget; one run",
+                       budgeted=False),
+}
+
+# registered methods that cannot run on a LLaVA-OneVision (SigLIP tower: no [CLS]; the adapter
+# offers frames / projector.out / llm.layer.k only)
+NOT_APPLICABLE = {
+    "visionzip": "needs [CLS] attention at vision.out (SigLIP has no [CLS]; no vision.out site on LLaVA-OneVision)",
+    "prumerge_plus": "needs [CLS] attention at vision.out (SigLIP has no [CLS]; no vision.out site on LLaVA-OneVision)",
+    "vtc_cls": "needs [CLS] attention at vision.out (SigLIP has no [CLS]; no vision.out site on LLaVA-OneVision)",
+    "tome": "a ViT-block merger (vision.block sites, not offered for LLaVA-OneVision)",
+    "sta": "a video-ViT method (VideoMAE vision.layer sites)",
+    "sta_slices": "a VideoSwin method (stage sites)",
+}
+
+
+def plan_runs(methods, budgets, frames: int, policies: dict | None = None, baseline: bool = True) -> list:
+    """[(label, method, budget, spec)] in run order: baseline, methods x budgets, custom policies."""
+    runs = [("baseline", "baseline", None, "")] if baseline else []
+    for m in methods:
+        if m not in SWEEP_METHODS:
+            why = f" ({NOT_APPLICABLE[m]})" if m in NOT_APPLICABLE else ""
+            raise ValueError(f"method {m!r} has no sweep entry{why}; valid: {choices(SWEEP_METHODS)}")
+        sm = SWEEP_METHODS[m]
+        if not sm.budgeted:
+            runs.append((m, m, None, sm.spec(None, frames)))
+            continue
+        if not budgets:
+            raise ValueError(f"{m} needs --budgets (fractions of visual tokens kept, e.g. 0.25,0.5)")
+        for b in budgets:
+            runs.append((f"{m}_b{b:g}", m, float(b), sm.spec(float(b), frames)))
+    for label, spec in (policies or {}).items():
+        runs.append((label, label, None, spec))
+    labels = [r[0] for r in runs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"duplicate run label(s) {dup}: give each policy a distinct label")
+    return runs
+
+
+def _dirname(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+
+
+def run_sweep(base_cfg, runs: list, out, qa=None) -> list:
+    """Run every (label, method, budget, spec) as an eval videoqa run under out/<label>; returns rows."""
+    from .videoqa import EvalConfig, load_qa_model, process_state, run_eval
+    state = process_state(base_cfg.get("device", "cpu"))
+    out = Path(out)
+    rows = []
+    for label, method, budget, spec in runs:
+        cfg = EvalConfig(**{**base_cfg, "out": str(out / _dirname(label)), "policy": spec})
+        if qa is None:
+            qa = load_qa_model(cfg.model, cfg.device, cfg.dtype)
+        row = {"label": label, "method": method, "budget": budget, "policy": cfg.policy}
+        try:
+            s = run_eval(cfg, qa=qa, state=state)
+        except Exception as exc:  # noqa: BLE001 - one method failing should not lose the others
+            row["failed"] = f"{type(exc).__name__}: {exc}"
+            print(f"sweep: {label} failed: {row['failed']}")
+            rows.append(row)
+            continue
+        if s is not None:
+            vt = s["visual_tokens"]
+            row.update(n=s["n"], errors=s["errors"], acc_loglik=s["loglik"], acc_generated=s["generated"],
+                       visual_tokens_llm_input=vt["llm_input"], visual_tokens_final=vt["final"],
+                       flops_fraction=s["flops_fraction"], prefill_ms=s["prefill_ms"], ttft_ms=s["ttft_ms"],
+                       decode_ms_per_token=s["decode_ms_per_token"], loadavg=s["loadavg_end"])
+        rows.append(row)
+    return rows
+
+
+def _f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list) -> str:
+    lines = ["| method | budget | acc loglik | acc generated | visual tokens LLM in | visual tokens final | "
+             "FLOPs frac | prefill ms | TTFT ms | errors | policy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | failed: {r['failed']} | | | | | | | | "
+                         f"`{r['policy']}` |")
+            continue
+        lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | {_f(r.get('acc_loglik'), '.1%')} | "
+                     f"{_f(r.get('acc_generated'), '.1%')} | {_f(r.get('visual_tokens_llm_input'), '.1f')} | "
+                     f"{_f(r.get('visual_tokens_final'), '.1f')} | {_f(r.get('flops_fraction'), '.3f')} | "
+                     f"{_f(r.get('prefill_ms'), '.1f')} | {_f(r.get('ttft_ms'), '.1f')} | {r.get('errors', '-')} | "
+                     f"`{r['policy'] or 'none'}` |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, out) -> list:
+    """accuracy_vs_tokens.png and speed_vs_tokens.png; one line per method over its budgets."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(out)
+    ok = [r for r in rows if "failed" not in r and r.get("visual_tokens_final") is not None]
+    groups = {}
+    for r in ok:
+        groups.setdefault(r["method"], []).append(r)
+    paths = []
+    panels = {"accuracy_vs_tokens.png": [("acc_loglik", "accuracy (option log-likelihood)"),
+                                         ("acc_generated", "accuracy (generated answer)")],
+              "speed_vs_tokens.png": [("ttft_ms", "time to first token (ms)"), ("prefill_ms", "prefill (ms)")]}
+    for name, metrics in panels.items():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+        for ax, (key, ylabel) in zip(axes[0], metrics):
+            for method, rs in groups.items():
+                pts = sorted((r["visual_tokens_final"], r[key]) for r in rs if r.get(key) is not None)
+                if not pts:
+                    continue
+                x, y = zip(*pts)
+                style = dict(marker="*", markersize=12, linestyle="none", color="black") if method == "baseline" \
+                    else dict(marker="o")
+                ax.plot(x, y, label=method, **style)
+            ax.set_xlabel("visual tokens after the last reducing site (mean)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if key.startswith("acc"):
+                ax.set_ylim(-0.02, 1.02)
+        labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+        if labelled:
+            labelled[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def load_policies(arg: str | None) -> dict:
+    """--policies: a JSON file or an inline JSON object {label: spec}."""
+    if not arg:
+        return {}
+    text = Path(arg).read_text() if Path(arg).is_file() else arg
+    try:
+        pol = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--policies must be a JSON file or object {{label: spec}}: {exc}") from None
+    if not isinstance(pol, dict) or not all(isinstance(v, str) for v in pol.values()):
+        raise ValueError("--policies must map labels to policy spec strings")
+    return pol
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .videoqa import add_arguments as videoqa_arguments
+    videoqa_arguments(p, single=False)
+    p.add_argument("--methods", default="", help=f"comma list of: {', '.join(SWEEP_METHODS)}")
+    p.add_argument("--budgets", default="", help="comma list of fractions of visual tokens kept, e.g. 0.25,0.5")
+    p.add_argument("--policies", default=None, help="JSON file (or inline object) {label: policy spec}")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the unreduced run")
+
+
+def main_from_args(args) -> int:
+    from .videoqa import base_config_from_args
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated numbers in (0, 1], got {args.budgets!r}") from None
+    runs = plan_runs(methods, budgets, args.frames, load_policies(args.policies), baseline=args.baseline)
+    if not runs:
+        raise ValueError("nothing to run: give --methods (with --budgets) and/or --policies")
+    rows = run_sweep(base_config_from_args(args), runs, args.out)
+    from .videoqa import process_state
+    if not process_state(args.device).is_main_process:
+        return 0
+    write_outputs(rows, args.out)
+    return 0
+
+
+def write_outputs(rows: list, out) -> None:
+    out = Path(out)
+    table = format_table(rows)
+    (out / "sweep.md").write_text(table + "\n")
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    paths = plot(rows, out)
+    print(table)
+    print(f"wrote {out / 'sweep.md'}, " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,211 @@
+"""Train the embedded video-QA model (see embedded.py) on synthetic clips, on a CPU.
+
+    python -m tokenreduce.eval.train_embedded --out eval/assets/embedded_videoqa --minutes 80
+
+Losses, summed each step:
+  answer      cross-entropy of the answer word at the last prompt position (full vocabulary)
+  patches     auxiliary dense supervision: linear heads on the projector output of every 8x8
+              patch predict the colour and the shape covering it (a vision pre-training signal
+              given all along; the heads are thrown away, the shipped model is plain
+              LlavaOnevisionForConditionalGeneration)
+  relevance   every `--relevance-every` steps, single frames with the frame-selection prompt
+              (embedded.RELEVANCE_PROMPT): "True" when the frame shows what the question asks
+              about (the brief cross), so VLMScorer works with this model
+The learning rate follows a warm-up and a cosine over the time budget; held-out accuracy per
+question type is printed as it trains and saved in training.json next to the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .embedded import (DEFAULT_SIZES, RELEVANCE_PROMPT, EmbeddedProcessor, build_config, build_model,
+                       build_tokenizer)
+from .synthetic import COLOR_CLASSES, QTYPES, SHAPE_CLASSES, VideoQAGenerator, patch_labels
+
+
+def make_batch(gen, proc, n, qtype=None, with_labels=True):
+    samples = [gen.sample(qtype) for _ in range(n)]
+    vids, cols, shps = [], [], []
+    for s in samples:
+        v, c, sh = gen.render(s, with_labels=True)
+        vids.append(v)
+        if with_labels:
+            p = proc.config.vision_config.patch_size
+            cols.append(patch_labels(c, p))
+            shps.append(patch_labels(sh, p))
+    inputs = proc(text=[proc.prompt(s["question"], s["options"]) for s in samples], videos=vids)
+    tok = proc.tokenizer
+    answers = torch.tensor([tok.convert_tokens_to_ids(s["answer"]) for s in samples])
+    options = torch.tensor([tok.convert_tokens_to_ids(s["options"]) for s in samples])
+    labels = (torch.as_tensor(np.stack(cols)), torch.as_tensor(np.stack(shps))) if with_labels else None
+    return samples, inputs, answers, options, labels
+
+
+def relevance_batch(gen, proc, n):
+    """single frames of brief-appearance clips; half show the cross"""
+    frames, texts, target = [], [], []
+    for _ in range(n):
+        s = gen.sample("brief_color")
+        v = gen.render(s)
+        shown = s["meta"]["frames"]
+        want = gen.rng.random() < 0.5
+        pool = shown if want else [t for t in range(len(v)) if t not in shown]
+        t = int(gen.rng.choice(pool))
+        frames.append(v[t][None])
+        q = RELEVANCE_PROMPT.format(question=s["question"].strip().rstrip("?"))
+        texts.append(f"USER: <image>\n{q} ASSISTANT:")
+        target.append("True" if t in shown else "False")
+    inputs = proc(text=texts, videos=frames)
+    return inputs, torch.tensor([proc.tokenizer.convert_tokens_to_ids(x) for x in target])
+
+
+def last_logits(model, inputs):
+    pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return model(**inputs, position_ids=pos, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def evaluate(model, proc, samples, videos, bs=50):
+    """accuracy per question type: the option with the highest answer logit"""
+    model.eval()
+    tok = proc.tokenizer
+    hits = {}
+    for i in range(0, len(samples), bs):
+        ss = samples[i:i + bs]
+        inputs = proc(text=[proc.prompt(s["question"], s["options"]) for s in ss], videos=videos[i:i + bs])
+        lg = last_logits(model, inputs)
+        opts = torch.tensor([tok.convert_tokens_to_ids(s["options"]) for s in ss])
+        pick = lg.gather(1, opts).argmax(1)
+        for s, p in zip(ss, pick.tolist()):
+            hits.setdefault(s["qtype"], []).append(s["options"][p] == s["answer"])
+    model.train()
+    acc = {q: float(np.mean(h)) for q, h in sorted(hits.items())}
+    acc["all"] = float(np.mean([x for h in hits.values() for x in h]))
+    return acc
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=80.0, help="training time budget (evaluation excluded)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--eval-every", type=float, default=300.0, help="seconds")
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--relevance-every", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
+    p.add_argument("--init", default=None, help="continue from the weights in this directory (a previous --out)")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    for k, v in DEFAULT_SIZES.items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = build_tokenizer()
+    cfg = build_config(tok, **{k: getattr(args, k) for k in DEFAULT_SIZES})
+    model = build_model(cfg, seed=args.seed)
+    if args.init:
+        from safetensors.torch import load_file
+        missing, unexpected = model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")), strict=False)
+        if [k for k in missing if "lm_head" not in k] or unexpected:
+            raise ValueError(f"--init {args.init}: weights do not match (missing {missing}, unexpected {unexpected})")
+        print(f"continuing from {args.init}", flush=True)
+    model.config.text_config._attn_implementation = "sdpa"
+    proc = EmbeddedProcessor(tok, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params} (vision {sum(p.numel() for p in model.model.vision_tower.parameters())}, "
+          f"llm {sum(p.numel() for p in model.model.language_model.parameters())})", flush=True)
+
+    # auxiliary patch heads on the projector output (not part of the shipped model)
+    captured = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("x", o))
+    D = cfg.text_config.hidden_size
+    color_head, shape_head = torch.nn.Linear(D, len(COLOR_CLASSES)), torch.nn.Linear(D, len(SHAPE_CLASSES))
+    params = list(model.parameters()) + list(color_head.parameters()) + list(shape_head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    gen = VideoQAGenerator(frames=args.frames, size=args.image_size, seed=args.seed)
+    egen = VideoQAGenerator(frames=args.frames, size=args.image_size, seed=12345)
+    eval_samples = [egen.sample(QTYPES[i % len(QTYPES)]) for i in range(args.eval_samples)]
+    eval_videos = [egen.render(s) for s in eval_samples]
+
+    budget = args.minutes * 60.0
+    warmup = args.warmup
+    log, step, seen = [], 0, 0
+    t0 = time.time()
+    last_eval = 0.0
+    ema = {}
+    model.train()
+    while True:
+        elapsed = time.time() - t0
+        if elapsed > budget or (args.max_steps and step >= args.max_steps):
+            break
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        _, inputs, answers, _, (cols, shps) = make_batch(gen, proc, args.batch)
+        logits = last_logits(model, inputs)
+        loss_answer = F.cross_entropy(logits, answers)
+        feats = captured.pop("x")  # (B*T, patches, D)
+        loss_aux = (F.cross_entropy(color_head(feats).flatten(0, 1), cols.flatten())
+                    + F.cross_entropy(shape_head(feats).flatten(0, 1), shps.flatten()))
+        loss = loss_answer + args.aux_weight * loss_aux
+        losses = {"answer": loss_answer.item(), "aux": loss_aux.item()}
+        if args.relevance_every and step % args.relevance_every == 0:
+            r_inputs, r_target = relevance_batch(gen, proc, args.batch)
+            loss_rel = F.cross_entropy(last_logits(model, r_inputs), r_target)
+            captured.pop("x", None)
+            loss = loss + loss_rel
+            losses["relevance"] = loss_rel.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        seen += args.batch
+        for k, v in losses.items():
+            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        if step % 25 == 0:
+            print(f"step {step} t={time.time() - t0:.0f}s lr={lr:.2e} " +
+                  " ".join(f"{k}={v:.3f}" for k, v in ema.items()), flush=True)
+        if time.time() - t0 - last_eval > args.eval_every:
+            te = time.time()
+            acc = evaluate(model, proc, eval_samples, eval_videos)
+            last_eval = te - t0
+            print(f"EVAL t={last_eval:.0f}s step={step} seen={seen} " + json.dumps({k: round(v, 3) for k, v in acc.items()}),
+                  flush=True)
+            log.append(dict(t=round(last_eval), step=step, seen=seen, **{k: round(v, 4) for k, v in ema.items()}, acc=acc))
+            t0 += time.time() - te  # evaluation time is not training time
+    hook.remove()
+    train_seconds = time.time() - t0
+    acc = evaluate(model, proc, eval_samples, eval_videos)
+    print(f"FINAL step={step} seen={seen} train_time={train_seconds:.0f}s " + json.dumps({k: round(v, 3) for k, v in acc.items()}),
+          flush=True)
+    log.append(dict(t=round(train_seconds), step=step, seen=seen, acc=acc))
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    info = dict(params=n_params, steps=step, samples_seen=seen, train_seconds=round(train_seconds),
+                threads=args.threads, load_average=os.getloadavg(), args=vars(args), held_out=acc,
+                held_out_samples=args.eval_samples, held_out_seed=12345, log=log)
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    print(f"saved {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,888 @@
+"""`tokenreduce eval videoqa`: multiple-choice video-QA accuracy and cost of a token-reduction policy.
+
+    tokenreduce eval videoqa --model embedded --policy "llm.layer.2=fastv(ratio=0.5)" \
+        --data synthetic.jsonl --frames 8 --out out/fastv
+    accelerate launch --multi_gpu --num_processes 2 -m tokenreduce.eval.cli eval videoqa ...  # sharded
+
+Data: the JSONL evaluation format read by `tokenreduce.eval.videoqa_data.load_records`
+({id, video, question, options, answer (0-based), meta}); `tokenreduce convert` writes it from
+public benchmarks' annotation files.
+
+Per sample
+  frames   `read_frames(video, num_frames=F)` (uniform, endpoints included), or with
+           `--frame-select SCORER`: `--candidates N` uniform frames (default 4F, at most the
+           video's length), of which `select_frames` keeps F for the question (Hu et al., CVPR
+           2025, arXiv:2502.19680). The decoded frame indices are stored.
+  scoring  (a) loglik: log p(continuation | prompt) summed over the continuation's tokens, argmax
+           over the options (the lm-evaluation-harness / lmms-eval multiple-choice rule).
+           Single-token continuations are read off one forward's next-token logits; longer ones
+           take one batched forward of prompt + option per option. (b) generate: greedy decoding
+           of `--max-new-tokens`, parsed into an option (`parse_choice`: a letter A-J, else an
+           option's text, exact or as a prefix), -1 when nothing matches.
+  cost     visual tokens (entering the model, entering the LLM, after each reducing site, after
+           the last), the analytic FLOPs fraction (Handle.stats), prefill = wall time of one
+           forward on the prompt (vision + projector + LLM; `llm_prefill_ms` is the LLM alone),
+           TTFT and decode ms/token from the greedy generation (timestamps of each next-token
+           step), KV-cache bytes, peak memory: torch.cuda.max_memory_allocated on CUDA
+           (`peak_mem_kind` "cuda_max_allocated", reset per batch); on CPU the process's max
+           RSS high-water mark (`peak_mem_kind` "cpu_max_rss": includes the model and Python,
+           and never goes down, so it is a process figure, not a per-sample one).
+
+Output directory
+  run.json         the run's config; resuming a directory with another config (model, policy,
+                   frames, data, scoring, frame selection, continuation, ...) is refused unless
+                   --overwrite
+  results.jsonl    one line per sample, appended (flushed and fsync'ed) as each finishes; a rerun
+                   skips the ids already there; a truncated last line (a run killed mid-write) is
+                   dropped and redone. Bad inputs (missing / corrupt video, malformed record) are
+                   lines with "error" and count as errors, never as correct.
+  summary.json / summary.md   accuracy overall and per category (meta.qtype / task / type /
+                   task_type / duration / domain when present), errors, mean visual tokens
+                   per site, FLOPs fraction, timings, peak memory, load average.
+Under `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N` (on
+CPU too: accelerate's PartialState(cpu=True) then uses gloo; accelerate's own `--cpu` launch
+starts one process unless MPI is set up), process i takes samples i::N and writes
+results.rank{i}.jsonl; after all finish, the main process merges them into results.jsonl.
+
+Batches (`--batch B`) share one forward: per-sample token counts are then the batch's means and
+timings are the batch's (with `batch_size` stored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCORINGS = ("loglik", "generate")
+FRAME_SCORERS = ("uniform", "vlm", "head", "clip")
+CONTINUATIONS = ("letter", "option", "letter_option")
+# meta keys reported per category: the synthetic set's qtype, MVBench's task, NExT-QA's type,
+# Video-MME's duration / domain / task_type (see videoqa_data)
+CATEGORY_KEYS = ("qtype", "task", "type", "task_type", "duration", "domain")
+CHOICE_LETTERS = "ABCDEFGHIJ"
+MODEL_FORMS = "embedded, embedded:PATH (a trained embedded-model directory), hf:DIR (a local HF checkpoint + processor)"
+HF_ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# the config keys that make two runs' results comparable; anything else (limit, batch, device) may change on resume
+IDENTITY_KEYS = ("model", "policy", "frames", "data", "video_root", "scoring", "frame_select", "candidates",
+                 "scorer_args", "continuation", "max_new_tokens", "dtype", "seed")
+
+
+# -- configuration ------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    data: str
+    out: str
+    model: str = "embedded"
+    policy: str = ""
+    frames: int = 8
+    limit: int | None = None
+    scoring: tuple = SCORINGS
+    frame_select: str | None = None
+    candidates: int | None = None
+    scorer_args: dict = field(default_factory=dict)
+    continuation: str | None = None      # None: the model's default (embedded: option, hf: letter)
+    max_new_tokens: int = 8
+    batch: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    video_root: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    warmup: int = 1                       # untimed passes over the first batch (first-call overheads)
+    stop_after: int | None = None         # test hook: simulate a kill after N results (see --stop-after)
+
+    def __post_init__(self):
+        kind, _, path = str(self.model).partition(":")
+        if kind not in ("embedded", "hf") or (kind == "hf" and not path):
+            raise ValueError(f"unknown --model {self.model!r}; valid forms: {MODEL_FORMS}")
+        if isinstance(self.scoring, str):
+            self.scoring = tuple(s.strip() for s in self.scoring.split(",") if s.strip())
+        bad = [s for s in self.scoring if s not in SCORINGS]
+        if bad or not self.scoring:
+            raise ValueError(f"unknown scoring {bad or self.scoring!r}; choose from: {', '.join(SCORINGS)}")
+        self.scoring = tuple(s for s in SCORINGS if s in self.scoring)
+        if self.frame_select is not None and self.frame_select not in FRAME_SCORERS:
+            raise ValueError(f"unknown frame scorer {self.frame_select!r}; choose one of: {', '.join(FRAME_SCORERS)}")
+        if self.continuation is not None and self.continuation not in CONTINUATIONS:
+            raise ValueError(f"unknown continuation {self.continuation!r}; choose one of: {', '.join(CONTINUATIONS)}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: float32, float16, bfloat16")
+        for name in ("frames", "batch", "max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.candidates is not None and self.candidates < self.frames:
+            raise ValueError(f"--candidates ({self.candidates}) must be >= --frames ({self.frames})")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {self.limit}")
+        self.policy = normalise_policy(self.policy)
+
+    def identity(self) -> dict:
+        """What must match for a directory's results to be resumed (paths made absolute)."""
+        d = asdict(self)
+        d["data"] = str(Path(self.data).resolve())
+        d["video_root"] = str(Path(self.video_root).resolve()) if self.video_root else None
+        d["model"] = normalise_model_spec(self.model)
+        d["scoring"] = list(self.scoring)
+        d["candidates"] = self.candidates if self.frame_select else None
+        d["scorer_args"] = self.scorer_args if self.frame_select else {}
+        return {k: d[k] for k in IDENTITY_KEYS}
+
+
+def normalise_policy(policy) -> str:
+    """'' / 'none' / 'baseline' -> '' (no reduction); otherwise the policy's canonical spec."""
+    if policy is None or str(policy).strip().lower() in ("", "none", "baseline"):
+        return ""
+    from tokenreduce.policy import Policy
+    return Policy.coerce(policy).to_spec()
+
+
+def normalise_model_spec(spec: str) -> str:
+    kind, _, path = spec.partition(":")
+    if kind in ("embedded", "hf") and path:
+        return f"{kind}:{Path(path).resolve()}"
+    return spec
+
+
+# -- models: prompt + scoring conventions per model family -------------------------------------
+class QAModel:
+    """A video-QA model with its processor: builds prompts, model inputs and answer continuations.
+
+    Subclasses hold the model-specific conventions; scoring (`score_batch`) is shared."""
+
+    default_continuation = "letter"
+
+    def __init__(self, model, processor, name: str, device="cpu"):
+        self.model, self.processor, self.name = model, processor, name
+        self.device = torch.device(device)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.video_token_id = getattr(model.config, "video_token_id", None)
+        if self.video_token_id is None:
+            self.video_token_id = getattr(model.config, "video_token_index", None)
+
+    def prompt(self, question: str, options: list) -> str:
+        raise NotImplementedError
+
+    def inputs(self, prompts: list, videos: list) -> dict:
+        enc = self.processor(text=prompts, videos=videos, return_tensors="pt", padding=True)
+        dt = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype=dt) if torch.is_floating_point(v) else v.to(self.device))
+                for k, v in dict(enc).items() if torch.is_tensor(v)}
+
+    def continuation(self, options: list, index: int, how: str) -> str:
+        letter = CHOICE_LETTERS[index]
+        return {"letter": letter, "option": str(options[index]),
+                "letter_option": f"{letter}. {options[index]}"}[how]
+
+    def check_options(self, options: list) -> None:
+        if not 2 <= len(options) <= len(CHOICE_LETTERS):
+            raise ValueError(f"{len(options)} options; this runner letters 2..{len(CHOICE_LETTERS)} options (A-J)")
+
+    def relevance_scorer(self):
+        """The frame scorer for --frame-select vlm: this model asked True/False about each frame."""
+        from .frame_scorers import VLMScorer
+        return VLMScorer(self.model, self.processor)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class EmbeddedQA(QAModel):
+    """The embedded LLaVA-OneVision (eval/embedded.py): its training prompt; the answer is the
+    option word itself, so the default continuation is the option text (one token)."""
+
+    default_continuation = "option"
+
+    def prompt(self, question, options):
+        from .embedded import LETTERS
+        if len(options) > len(LETTERS):
+            raise ValueError(f"{len(options)} options; the embedded model was trained with at most {len(LETTERS)}")
+        return self.processor.prompt(question, options)
+
+    def decode(self, ids) -> str:
+        return self.processor.decode(ids)
+
+
+class HFQA(QAModel):
+    """A Hugging Face LLaVA-family checkpoint with its AutoProcessor: the processor's chat template,
+    options lettered "A. ...", and the lmms-eval instruction to answer with the letter."""
+
+    def prompt(self, question, options):
+        body = "\n".join([question.strip()] + [f"{CHOICE_LETTERS[i]}. {o}" for i, o in enumerate(options)]
+                         + [HF_ANSWER_INSTRUCTION])
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": body}]}]
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        token = getattr(self.processor, "video_token", "<video>")
+        return f"USER: {token}\n{body} ASSISTANT:"
+
+
+
+def load_qa_model(spec: str, device="cpu", dtype="float32") -> QAModel:
+    kind, _, path = spec.partition(":")
+    dt = getattr(torch, dtype)
+    if kind == "embedded":
+        from .embedded import load_embedded
+        model, proc = load_embedded(path or None, device=device, dtype=dt)
+        return EmbeddedQA(model, proc, normalise_model_spec(spec), device)
+    if kind == "hf" and path:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--model hf:{path}: no such directory (a local checkpoint with its processor)")
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        proc = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dt).to(device).eval()
+        return HFQA(model, proc, normalise_model_spec(spec), device)
+    raise ValueError(f"unknown --model {spec!r}; valid forms: {MODEL_FORMS}")
+
+
+# -- answers --------------------------------------------------------------------------------------
+_LETTER = re.compile(r"^\(?([A-J])(?:[\).:,\s]|$)")
+
+
+def parse_choice(text: str, options: list) -> int:
+    """Option index of a generated answer, -1 when unparseable: a leading letter ("B", "(B)",
+    "B. red"), else an option's text matched case-insensitively, exactly, or as the start of the
+    answer (followed by a non-word character), the longest matching option winning."""
+    t = text.strip()
+    m = _LETTER.match(t)
+    if m and CHOICE_LETTERS.index(m.group(1)) < len(options):
+        return CHOICE_LETTERS.index(m.group(1))
+    low = t.lower()
+    best, best_len = -1, -1
+    for i, o in enumerate(options):
+        o = str(o).strip().lower()
+        if not o:
+            continue
+        if low == o or (low.startswith(o) and not (low[len(o):len(o) + 1].isalnum())):
+            if len(o) > best_len:
+                best, best_len = i, len(o)
+    return best
+
+
+# -- measurement ----------------------------------------------------------------------------------
+class _StepClock:
+    """A logits processor that only timestamps each generation step: the first call comes right
+    after the prefill's logits (time to first token), the others after each decode step."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores):
+        from .bench import sync
+        sync(scores.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def _peak_memory(device) -> tuple:
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    try:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"  # Linux: KiB
+    except ImportError:  # pragma: no cover - not on Windows
+        return None, None
+
+
+def visual_token_counts(stats: dict, n_visual: float) -> dict:
+    """Visual tokens per site from Handle.stats. LLM-layer sites count the whole sequence, so the
+    text tokens (prompt tokens - visual placeholders) are subtracted; `frames` sites count frames."""
+    text = stats.get("prompt_tokens", n_visual) - n_visual
+    llm_input = stats.get("llm_input_tokens", stats.get("prompt_tokens", n_visual)) - text
+    sites, final = {}, llm_input
+    for name, s in stats.get("sites", {}).items():
+        if name == "frames":
+            sites[name] = {"frames_in": s["tokens_in"], "frames_out": s["tokens_out"]}
+        elif name.startswith("llm."):
+            sites[name] = {"visual_in": s["tokens_in"] - text, "visual_out": s["tokens_out"] - text}
+            final = sites[name]["visual_out"]  # stats keep the sites in forward order
+        else:
+            sites[name] = {"visual_in": s["tokens_in"], "visual_out": s["tokens_out"]}
+    return {"input": float(n_visual), "llm_input": float(llm_input), "final": float(final), "sites": sites}
+
+
+def score_batch(qa: QAModel, items: list, cfg: EvalConfig, handle) -> list:
+    """Score prepared samples (dicts with question, options, frames) in one batch. Returns one
+    result dict per item (predictions + measurements)."""
+    from .bench import sync
+    from .bench_vlm import _Timer, kv_bytes
+    model, dev = qa.model, qa.device
+    how = cfg.continuation or qa.default_continuation
+    prompts = [qa.prompt(it["question"], it["options"]) for it in items]
+    inputs = qa.inputs(prompts, [it["frames"] for it in items])
+    n_visual = (inputs["input_ids"] == qa.video_token_id).sum(1).float().mean().item()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # prefill: one forward on the prompt (its stats are the reduction's for this batch)
+    timer = _Timer(model.model.language_model, dev)
+    try:
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model(**inputs, use_cache=False)
+        sync(dev)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        timer.remove()
+    stats = handle.stats if handle is not None else {}
+    res = [{"batch_size": len(items), "prefill_ms": prefill_ms, "llm_prefill_ms": timer.ms,
+            "visual_tokens": visual_token_counts(stats, n_visual),
+            "flops_fraction": stats.get("flops_fraction", 1.0)} for _ in items]
+    if "loglik" in cfg.scoring:
+        conts = [[qa.continuation(it["options"], j, how) for j in range(len(it["options"]))] for it in items]
+        scores = option_logliks(qa, inputs, out.logits, prompts, conts, items)
+        for r, it, sc, cs in zip(res, items, scores, conts):
+            pred = int(np.argmax(sc))
+            r.update(loglik_continuations=cs, loglik_scores=[round(float(s), 5) for s in sc], loglik_pred=pred,
+                     loglik_correct=pred == it["answer"])
+    del out
+    if "generate" in cfg.scoring:
+        clock = _StepClock()
+        from transformers import LogitsProcessorList
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            gen = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+                                 pad_token_id=qa.tokenizer.pad_token_id)
+        steps = clock.stamps
+        ttft = (steps[0] - t0) * 1e3 if steps else None
+        per_tok = (steps[-1] - steps[0]) * 1e3 / (len(steps) - 1) if len(steps) > 1 else None
+        cache = getattr(gen, "cache", None) or getattr(gen, "past_key_values", None)
+        kv = kv_bytes(cache) if cache is not None and hasattr(cache, "layers") else None
+        L = inputs["input_ids"].shape[1]
+        for b, (r, it) in enumerate(zip(res, items)):
+            text = qa.decode(gen.sequences[b, L:])
+            pred = parse_choice(text, it["options"])
+            r.update(generated=text, generated_pred=pred, generated_correct=pred == it["answer"],
+                     ttft_ms=ttft, decode_ms_per_token=per_tok, generated_steps=len(steps), kv_bytes=kv)
+        del gen
+    peak, kind = _peak_memory(dev)
+    for r in res:
+        r.update(peak_mem_bytes=peak, peak_mem_kind=kind)
+    return res
+
+
+def option_logliks(qa: QAModel, inputs: dict, logits, prompts: list, conts: list, items: list) -> list:
+    """log p(continuation | prompt) per option, summed over the continuation's tokens.
+
+    The continuation's tokens are those of tokenize(prompt + continuation) beyond tokenize(prompt)
+    (as lm-evaluation-harness, so merges across the boundary are scored as the model sees them).
+    When every continuation of a sample is one token, the prefill's last-position logits give all
+    options at once; otherwise one batched forward scores prompt + option for all options."""
+    tok = qa.tokenizer
+    out = []
+    for b, (prompt, cs) in enumerate(zip(prompts, conts)):
+        p_ids = _text_ids(tok, prompt)
+        c_ids = [_text_ids(tok, prompt + _joiner(prompt, c) + c)[len(p_ids):] for c in cs]
+        if any(not c for c in c_ids):
+            raise ValueError(f"an option's continuation tokenizes to nothing: {cs!r}")
+        if all(len(c) == 1 for c in c_ids):
+            lp = torch.log_softmax(logits[b, -1].float(), -1)
+            out.append([float(lp[c[0]]) for c in c_ids])
+            continue
+        texts = [prompt + _joiner(prompt, c) + c for c in cs]
+        batch = qa.inputs(texts, [items[b]["frames"]] * len(cs))
+        with torch.inference_mode():
+            lg = qa.model(**batch, use_cache=False).logits.float()
+        lps = torch.log_softmax(lg, -1)
+        L = lg.shape[1]
+        scores = []
+        for j, c in enumerate(c_ids):  # left padding: every row ends at L - 1
+            pos = torch.arange(L - len(c) - 1, L - 1)
+            scores.append(float(lps[j, pos, torch.tensor(c)].sum()))
+        out.append(scores)
+    return out
+
+
+def _joiner(prompt: str, cont: str) -> str:
+    # word-level prompts end in a word ("answer :"), chat templates in a newline: add a space
+    # only where the prompt does not already end in whitespace
+    return "" if not prompt or prompt[-1].isspace() else " "
+
+
+def _text_ids(tok, text: str) -> list:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+# -- results files --------------------------------------------------------------------------------
+def read_results(path) -> list:
+    """The complete JSON lines of a results file; a partial or unparseable line is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def repair_truncated(path) -> bool:
+    """Cut a partial last line (a write interrupted by a kill) so appends start on a clean line.
+    Returns True when something was cut."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    try:  # a complete record that only lacks its newline is kept
+        json.loads(tail)
+        with open(path, "ab") as f:
+            f.write(b"\n")
+        return False
+    except json.JSONDecodeError:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        return True
+
+
+def append_result(f, row: dict) -> None:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """Process `rank` of `world` takes items rank::world (fixed by dataset order, so every process
+    computes the same split whatever is already done)."""
+    return items[rank::world]
+
+
+def results_file(out, rank: int, world: int) -> Path:
+    return Path(out) / ("results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
+
+
+def done_ids(out) -> set:
+    out = Path(out)
+    files = [out / "results.jsonl"] + sorted(out.glob("results.rank*.jsonl"))
+    return {r.get("id") for p in files for r in read_results(p)}
+
+
+def merge_results(out, order: list | None = None) -> list:
+    """Fold results.rank*.jsonl into results.jsonl (first line per id wins, sorted by `order`
+    when given), written atomically; then the shard files are removed. Returns the rows."""
+    out = Path(out)
+    shards = sorted(out.glob("results.rank*.jsonl"))
+    rows, seen = [], set()
+    for p in [out / "results.jsonl"] + shards:
+        for r in read_results(p):
+            if r.get("id") not in seen:
+                seen.add(r.get("id"))
+                rows.append(r)
+    if shards:
+        if order is not None:
+            rank = {i: n for n, i in enumerate(order)}
+            rows.sort(key=lambda r: rank.get(r.get("id"), len(rank)))
+        tmp = out / "results.jsonl.tmp"
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / "results.jsonl")
+        for p in shards:
+            p.unlink()
+    return rows
+
+
+# -- run directory ------------------------------------------------------------------------------
+def check_out_dir(cfg: EvalConfig) -> None:
+    """Refuse a directory holding another run (read-only, so every process can check it)."""
+    out = Path(cfg.out)
+    if cfg.overwrite or not out.exists():
+        return
+    run_json = out / "run.json"
+    if not any(p.stat().st_size for p in out.glob("results*.jsonl")):
+        return  # no results yet (e.g. a run that failed to start): nothing to protect
+    if run_json.exists():
+        old = json.loads(run_json.read_text()).get("config", {})
+        ident = cfg.identity()
+        diff = [k for k in IDENTITY_KEYS if old.get(k) != ident.get(k)]
+        if diff:
+            detail = "; ".join(f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in diff)
+            raise ValueError(f"{str(out)!r} holds a run with another config ({detail}); use another --out, "
+                             "or --overwrite to discard its results")
+    elif any(out.glob("results*.jsonl")):
+        raise ValueError(f"{str(out)!r} has results but no run.json, so they cannot be checked; "
+                         "use another --out or --overwrite")
+
+
+def prepare_out_dir(cfg: EvalConfig) -> None:
+    """Create the directory and its run.json (after check_out_dir); --overwrite clears old results."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_json = out / "run.json"
+    if cfg.overwrite:
+        for p in [out / "results.jsonl", out / "summary.json", out / "summary.md", run_json,
+                  *out.glob("results.rank*.jsonl")]:
+            if p.exists():
+                p.unlink()
+    ident = cfg.identity()
+    if not run_json.exists() or json.loads(run_json.read_text()).get("config") != ident:
+        run_json.write_text(json.dumps({"config": ident, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        "argv": sys.argv}, indent=2))
+    repair_truncated(out / "results.jsonl")
+
+
+class _LocalState:
+    """One process: what accelerate's PartialState offers, for runs without `accelerate launch`."""
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def process_state(device: str = "cpu"):
+    """accelerate's PartialState under `accelerate launch` / torchrun (WORLD_SIZE > 1), else one
+    process. On CPU it must be told so (cpu=True), or it would not set up the gloo group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        return PartialState(cpu=torch.device(device).type == "cpu")
+    return _LocalState()
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _error_row(sample_id, error: str, **extra) -> dict:
+    return {"id": sample_id, "error": error, **extra}
+
+
+def _load_frames(rec: dict, cfg: EvalConfig, qa: QAModel, scorer, handle_ctl) -> tuple:
+    """(frames, frame info) for one record, uniform or selected for its question."""
+    from .video import read_frames, video_info
+    if not cfg.frame_select:
+        frames, meta = read_frames(rec["video"], num_frames=cfg.frames)
+        return frames, {"indices": meta["indices"], "total": meta["total"]}
+    total = video_info(rec["video"])["total"]
+    n_cand = min(cfg.candidates or 4 * cfg.frames, total)
+    if n_cand <= cfg.frames:  # nothing to choose from: uniform (repeating frames if the video is short)
+        frames, meta = read_frames(rec["video"], num_frames=cfg.frames)
+        return frames, {"indices": meta["indices"], "total": total, "selected_by": "uniform (too few frames)"}
+    cand, meta = read_frames(rec["video"], num_frames=n_cand)
+    from .frame_select import select_frames
+    with handle_ctl.suspended(cfg.frame_select == "vlm"):  # the scorer asks the plain model
+        picked, idx = select_frames(cand, rec["question"], k=cfg.frames, scorer=scorer)
+    return picked, {"indices": [meta["indices"][i] for i in idx.tolist()], "total": total,
+                    "candidates": meta["indices"], "selected_by": cfg.frame_select}
+
+
+class _HandleControl:
+    """Owns the policy's Handle; can take it off the model for a moment (frame scoring with the
+    same model must see the unreduced model) and put it back."""
+
+    def __init__(self, model, policy: str):
+        import tokenreduce as tr
+        self.tr, self.model, self.policy = tr, model, policy
+        self.handle = tr.reduce(model, policy)  # "" installs no stages but still reports token counts / FLOPs
+
+    def suspended(self, active: bool):
+        ctl = self
+
+        class _Ctx:
+            def __enter__(self):
+                if active:
+                    ctl.handle.remove()
+
+            def __exit__(self, *exc):
+                if active:
+                    ctl.handle = ctl.tr.reduce(ctl.model, ctl.policy)
+                return False
+        return _Ctx()
+
+    def remove(self):
+        self.handle.remove()
+
+
+def build_frame_scorer(cfg: EvalConfig, qa: QAModel):
+    if not cfg.frame_select:
+        return None
+    if cfg.frame_select == "vlm":
+        return qa.relevance_scorer()
+    from tokenreduce.registry import scorer_factory
+    return scorer_factory(cfg.frame_select)(**cfg.scorer_args)
+
+
+def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | None:
+    """Run (or resume) one evaluation; returns the summary on the main process (None elsewhere)."""
+    from tqdm.auto import tqdm
+
+    from tokenreduce.eval.videoqa_data import load_records
+    state = state or process_state(cfg.device)
+    rank, world = state.process_index, state.num_processes
+    if world > 1 and torch.device(cfg.device).type == "cuda":
+        cfg.device = f"cuda:{getattr(state, 'local_process_index', rank)}"  # one GPU per process
+    records, problems = load_records(cfg.data, video_root=cfg.video_root)
+    check_out_dir(cfg)  # every process, before the barrier: a refusal must not leave the others waiting
+    if state.is_main_process:
+        prepare_out_dir(cfg)
+    state.wait_for_everyone()
+    if cfg.limit is not None:
+        records = records[:cfg.limit]
+    order = [r["id"] for r in records] + [_problem_id(p) for p in problems]
+    mine = shard(records, rank, world)
+    done = done_ids(cfg.out)
+    todo = [r for r in mine if r["id"] not in done]
+    my_problems = [p for p in problems if _problem_id(p) not in done] if state.is_main_process else []
+    torch.manual_seed(cfg.seed)
+    own = qa is None
+    load_avg_start = os.getloadavg()
+    t_start = time.perf_counter()
+    path = results_file(cfg.out, rank, world)
+    repair_truncated(path)
+    written = 0
+    with open(path, "a") as f:
+        def write(row):
+            nonlocal written
+            if cfg.stop_after is not None and written >= cfg.stop_after:
+                # test hook: die in the middle of a write, as a kill would
+                f.write(json.dumps(row)[:25])
+                f.flush()
+                os._exit(3)
+            append_result(f, row)
+            written += 1
+
+        for p in my_problems:
+            write(_error_row(_problem_id(p), f"malformed record (line {p.get('line')}): {p.get('error')}",
+                             line=p.get("line"), record_id=p.get("id")))
+        if todo:
+            if own:
+                qa = load_qa_model(cfg.model, cfg.device, cfg.dtype)
+            ctl = _HandleControl(qa.model, cfg.policy)
+            scorer = build_frame_scorer(cfg, qa)
+            warmup_left = cfg.warmup
+            bar = tqdm(total=len(todo), desc=f"videoqa{'' if world == 1 else f' [{rank}/{world}]'}",
+                       disable=not cfg.progress, position=rank, dynamic_ncols=True)
+            try:
+                for start in range(0, len(todo), cfg.batch):
+                    ready = []
+                    for rec in todo[start:start + cfg.batch]:
+                        base = {"id": rec["id"], "question": rec["question"], "options": rec["options"],
+                                "answer": rec["answer"], "meta": rec.get("meta") or {}}
+                        try:
+                            qa.check_options(rec["options"])
+                            frames, finfo = _load_frames(rec, cfg, qa, scorer, ctl)
+                        except Exception as exc:  # noqa: BLE001 - a bad sample is reported, the run goes on
+                            write({**base, "error": _describe(exc)})
+                            bar.update(1)
+                            continue
+                        ready.append((base, {**rec, "frames": frames}, finfo))
+                    if not ready:
+                        continue
+                    try:
+                        ctl.handle.context["question"] = [it["question"] for _, it, _ in ready]
+                        for _ in range(warmup_left):  # lazy inits and allocator growth out of the timings
+                            score_batch(qa, [it for _, it, _ in ready], cfg, ctl.handle)
+                        warmup_left = 0
+                        scored = score_batch(qa, [it for _, it, _ in ready], cfg, ctl.handle)
+                    except Exception as exc:  # noqa: BLE001
+                        if len(ready) == 1 or isinstance(exc, (torch.cuda.OutOfMemoryError,)):
+                            scored = [{"error": _describe(exc)}] * len(ready)
+                        else:  # find the bad one: score the batch's samples one by one
+                            scored = []
+                            for _, it, _ in ready:
+                                try:
+                                    ctl.handle.context["question"] = [it["question"]]
+                                    scored += score_batch(qa, [it], cfg, ctl.handle)
+                                except Exception as exc1:  # noqa: BLE001
+                                    scored.append({"error": _describe(exc1)})
+                    for (base, _, finfo), r in zip(ready, scored):
+                        write({**base, "frames": finfo, **r, "rank": rank})
+                        bar.update(1)
+            finally:
+                bar.close()
+                ctl.remove()
+    wall = time.perf_counter() - t_start
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    rows = merge_results(cfg.out, order)
+    summary = summarise(rows, cfg, wall_s=wall, loadavg_start=load_avg_start)
+    write_summary(cfg.out, summary)
+    return summary
+
+
+def _problem_id(p: dict) -> str:
+    """A results id for a malformed line; the line number keeps it apart from a valid record with
+    the same id (a duplicate id is one of the problems)."""
+    return f"{p['id']}@line{p.get('line')}" if p.get("id") not in (None, "") else f"line-{p.get('line')}"
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+# -- summary --------------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    v = [float(x) for x in values if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def _accuracy(rows: list) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    out = {"n": len(rows), "scored": len(ok), "errors": len(rows) - len(ok)}
+    for key, flag in (("loglik", "loglik_correct"), ("generated", "generated_correct")):
+        have = [r for r in ok if flag in r]
+        # errors count as wrong: accuracy is over every sample, not only the scored ones
+        out[key] = (sum(bool(r[flag]) for r in have) / len(rows)) if have and rows else None
+    return out
+
+
+def summarise(rows: list, cfg: EvalConfig, wall_s: float | None = None, loadavg_start=None) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    summary = {"config": cfg.identity(), **_accuracy(rows)}
+    cats = {}
+    for key in CATEGORY_KEYS:
+        groups = {}
+        for r in rows:
+            v = (r.get("meta") or {}).get(key)
+            if v is not None:
+                groups.setdefault(str(v), []).append(r)
+        if groups:
+            cats[key] = {k: _accuracy(g) for k, g in sorted(groups.items())}
+    summary["by_category"] = cats
+    vt = [r["visual_tokens"] for r in ok if "visual_tokens" in r]
+    site_names = list(dict.fromkeys(s for v in vt for s in v["sites"]))
+    summary["visual_tokens"] = {
+        **{k: _mean(v[k] for v in vt) for k in ("input", "llm_input", "final")},
+        "sites": {s: {m: _mean(v["sites"][s].get(m) for v in vt if s in v["sites"])
+                      for m in ("visual_in", "visual_out", "frames_in", "frames_out")
+                      if any(m in v["sites"].get(s, {}) for v in vt)} for s in site_names}}
+    for k in ("flops_fraction", "prefill_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_bytes"):
+        summary[k] = _mean(r.get(k) for r in ok)
+    peaks = [r["peak_mem_bytes"] for r in ok if r.get("peak_mem_bytes") is not None]
+    summary["peak_mem_bytes"] = max(peaks) if peaks else None
+    summary["peak_mem_kind"] = next((r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")), None)
+    from .bench import machine
+    summary["machine"] = machine()
+    summary["loadavg_start"] = [round(v, 2) for v in loadavg_start] if loadavg_start else None
+    summary["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    summary["wall_s_this_run"] = wall_s
+    return summary
+
+
+def _fmt(v, spec=".1f", scale=1.0):
+    return "-" if v is None else format(v * scale, spec)
+
+
+def format_summary(s: dict) -> str:
+    c = s["config"]
+    vt = s["visual_tokens"]
+    mem = "-" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f} MiB ({s['peak_mem_kind']})"
+    lines = [f"video-QA: model {c['model']}, policy `{c['policy'] or 'none (baseline)'}`, {c['frames']} frames"
+             f"{', frame selection ' + c['frame_select'] if c['frame_select'] else ''}, data {c['data']}",
+             "",
+             "| n | errors | acc loglik | acc generated | visual tokens in / LLM / final | FLOPs frac | "
+             "prefill ms | TTFT ms | decode ms/tok | peak mem |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| {s['n']} | {s['errors']} | {_fmt(s['loglik'], '.1%')} | {_fmt(s['generated'], '.1%')} | "
+             f"{_fmt(vt['input'], '.0f')} / {_fmt(vt['llm_input'], '.0f')} / {_fmt(vt['final'], '.0f')} | "
+             f"{_fmt(s['flops_fraction'], '.3f')} | {_fmt(s['prefill_ms'])} | {_fmt(s['ttft_ms'])} | "
+             f"{_fmt(s['decode_ms_per_token'], '.2f')} | {mem} |"]
+    if vt["sites"]:
+        lines += ["", "| site | visual in | visual out | frames in | frames out |", "|---|---|---|---|---|"]
+        for name, m in vt["sites"].items():
+            lines.append(f"| {name} | {_fmt(m.get('visual_in'))} | {_fmt(m.get('visual_out'))} | "
+                         f"{_fmt(m.get('frames_in'))} | {_fmt(m.get('frames_out'))} |")
+    for key, groups in s["by_category"].items():
+        lines += ["", f"| {key} | n | errors | acc loglik | acc generated |", "|---|---|---|---|---|"]
+        for name, a in groups.items():
+            lines.append(f"| {name} | {a['n']} | {a['errors']} | {_fmt(a['loglik'], '.1%')} | "
+                         f"{_fmt(a['generated'], '.1%')} |")
+    lines += ["", f"load average {s['loadavg_start']} -> {s['loadavg_end']}; torch threads "
+                  f"{s['machine']['torch_threads']}; accuracy counts errors as wrong"]
+    return "\n".join(lines)
+
+
+def write_summary(out, summary: dict) -> None:
+    out = Path(out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(format_summary(summary) + "\n")
+
+
+# -- command line ---------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
+    """The options of one run (single=False: all but --policy, for `eval sweep`)."""
+    p.add_argument("--model", default="embedded", help=f"one of: {MODEL_FORMS} (default: embedded)")
+    if single:
+        p.add_argument("--policy", default="", help='tokenreduce policy spec; "" or "none" = baseline')
+    p.add_argument("--data", required=True, help="JSONL in the evaluation format (tokenreduce convert writes it)")
+    p.add_argument("--video-root", dest="video_root", default=None, help="directory relative video paths are under")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
+    p.add_argument("--limit", type=int, default=None, help="the first N valid records only (malformed lines are reported whatever N)")
+    p.add_argument("--scoring", default="loglik,generate", help="comma list of: loglik, generate")
+    p.add_argument("--frame-select", dest="frame_select", default=None, choices=FRAME_SCORERS,
+                   help="pick --frames of --candidates frames per question with this scorer")
+    p.add_argument("--candidates", type=int, default=None, help="candidate frames for --frame-select (default 4x --frames)")
+    p.add_argument("--scorer-args", dest="scorer_args", default="{}",
+                   help='JSON keyword arguments for the head / clip scorer, e.g. {"path": "selector.safetensors"}')
+    p.add_argument("--continuation", default=None, choices=CONTINUATIONS,
+                   help="what loglik scores after the prompt (default: option for embedded, letter for hf)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes over the first batch (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="discard the results already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--stop-after", dest="stop_after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def base_config_from_args(args) -> dict:
+    """EvalConfig keyword arguments from the command line, all but `policy`."""
+    try:
+        scorer_args = json.loads(args.scorer_args) if isinstance(args.scorer_args, str) else dict(args.scorer_args)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--scorer-args must be a JSON object: {exc}") from None
+    if not isinstance(scorer_args, dict):
+        raise ValueError(f"--scorer-args must be a JSON object, got {args.scorer_args!r}")
+    return dict(data=args.data, out=args.out, model=args.model, frames=args.frames, limit=args.limit,
+                scoring=args.scoring, frame_select=args.frame_select, candidates=args.candidates,
+                scorer_args=scorer_args, continuation=args.continuation, max_new_tokens=args.max_new_tokens,
+                batch=args.batch, device=args.device, dtype=args.dtype, seed=args.seed, video_root=args.video_root,
+                overwrite=args.overwrite, progress=args.progress, stop_after=args.stop_after, warmup=args.warmup)
+
+
+def config_from_args(args) -> EvalConfig:
+    return EvalConfig(**base_config_from_args(args), policy=args.policy)
+
+
+def main_from_args(args) -> int:
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    summary = run_eval(config_from_args(args))
+    if summary is not None:
+        print(format_summary(summary))
+        print(f"wrote {Path(args.out) / 'summary.md'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tokenreduce eval videoqa", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return main_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""The video-QA evaluation runner (eval/videoqa.py) and sweeps (eval/sweep.py) on a random-init
+embedded LLaVA-OneVision and tiny synthetic clips: resume after a kill, bad records, scoring
+against a direct computation on the model, sharding, sweep outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tokenreduce.eval import cli  # noqa: E402
+from tokenreduce.eval.embedded import ASSET_DIR, build_config, build_model, build_tokenizer  # noqa: E402
+from tokenreduce.eval.synthetic import write_dataset  # noqa: E402
+from tokenreduce.eval.videoqa import (EvalConfig, check_out_dir, done_ids, load_qa_model, merge_results,  # noqa: E402
+                                      parse_choice, read_results, repair_truncated, run_eval, shard)
+
+FRAMES = 4         # frames the model sees
+VIDEO_FRAMES = 6   # frames in each clip (synthetic's first_color needs >= 5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """a random-init embedded model saved as a directory (what --model embedded:DIR loads)"""
+    d = tmp_path_factory.mktemp("embedded_random")
+    tok = build_tokenizer()
+    build_model(build_config(tok)).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), 6, frames=VIDEO_FRAMES)
+
+
+@pytest.fixture(scope="module")
+def qa(model_dir):
+    torch.set_num_threads(1)
+    return load_qa_model(f"embedded:{model_dir}")
+
+
+def _cfg(data, out, model_dir, **kw):
+    return EvalConfig(data=str(data), out=str(out), model=f"embedded:{model_dir}", frames=FRAMES, progress=False,
+                      warmup=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory, data, model_dir, qa):
+    out = tmp_path_factory.mktemp("baseline")
+    summary = run_eval(_cfg(data, out, model_dir), qa=qa)
+    return out, summary
+
+
+PRED_KEYS = ("loglik_pred", "loglik_correct", "generated", "generated_pred", "generated_correct", "answer")
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, data, model_dir, qa, baseline_run):
+    full_dir, _ = baseline_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "tokenreduce.eval.cli", "eval", "videoqa", "--model", f"embedded:{model_dir}",
+           "--data", str(data), "--frames", str(FRAMES), "--out", str(out), "--no-progress", "--threads", "1",
+           "--warmup", "0", "--stop-after", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    raw = (out / "results.jsonl").read_bytes()
+    assert raw.count(b"\n") == 2 and not raw.endswith(b"\n")  # died in the middle of the third line
+    assert len(read_results(out / "results.jsonl")) == 2
+
+    summary = run_eval(_cfg(data, out, model_dir), qa=qa)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]  # every line parses: the partial one was cut
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 6
+    full = {r["id"]: r for r in read_results(full_dir / "results.jsonl")}
+    assert set(full) == set(ids)
+    for r in rows:
+        f = full[r["id"]]
+        assert {k: r[k] for k in PRED_KEYS} == {k: f[k] for k in PRED_KEYS}
+        np.testing.assert_allclose(r["loglik_scores"], f["loglik_scores"], atol=1e-4)
+        assert r["frames"] == f["frames"] and r["visual_tokens"] == f["visual_tokens"]
+    assert summary["n"] == 6 and summary["errors"] == 0
+
+    # a third run has nothing left to do and changes nothing
+    run_eval(_cfg(data, out, model_dir), qa=qa)
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_resume_with_other_config_is_refused(tmp_path, data, model_dir, baseline_run):
+    full_dir, _ = baseline_run
+    other = _cfg(data, full_dir, model_dir, policy="projector.out=random(keep=0.5)")
+    with pytest.raises(ValueError, match="another config.*policy"):
+        check_out_dir(other)
+    with pytest.raises(ValueError, match="frames"):
+        check_out_dir(EvalConfig(data=str(data), out=str(full_dir), model=f"embedded:{model_dir}", frames=2))
+    check_out_dir(_cfg(data, full_dir, model_dir, limit=3, batch=2))  # limit / batch may change
+    check_out_dir(_cfg(data, full_dir, model_dir, policy="projector.out=random(keep=0.5)", overwrite=True))
+
+
+def test_bad_records_are_reported_and_the_run_goes_on(tmp_path, data, model_dir, qa):
+    good = [json.loads(x) for x in Path(data).read_text().splitlines()][:2]
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(3000))
+    bad = [dict(good[0], id="missing", video="videos/does_not_exist.mp4"),
+           dict(good[0], id="corrupt", video=str(tmp_path / "corrupt.mp4")),
+           dict(good[0], id="bad-options", options="red")]
+    ds = Path(data).parent / "with_bad.jsonl"
+    ds.write_text("".join(json.dumps(r) + "\n" for r in [good[0], *bad, good[1]]))
+    out = tmp_path / "out"
+    summary = run_eval(_cfg(ds, out, model_dir), qa=qa)
+    rows = {r["id"]: r for r in read_results(out / "results.jsonl")}
+    assert "error" not in rows[good[0]["id"]] and "error" not in rows[good[1]["id"]]
+    assert "no such file" in rows["missing"]["error"]
+    assert "could not be decoded" in rows["corrupt"]["error"]
+    malformed = [r for i, r in rows.items() if i.startswith("bad-options")]
+    assert len(malformed) == 1 and "malformed record (line 4)" in malformed[0]["error"]
+    assert "options" in malformed[0]["error"]
+    assert summary["n"] == 5 and summary["errors"] == 3 and summary["scored"] == 2
+    scored_right = sum(rows[g["id"]]["loglik_correct"] for g in good)
+    assert summary["loglik"] == pytest.approx(scored_right / 5)  # errors count as wrong
+    md = (out / "summary.md").read_text()
+    assert "| 5 | 3 |" in md
+
+
+def test_scores_match_a_direct_computation(data, qa, baseline_run):
+    from tokenreduce.eval.video import read_frames
+    full_dir, summary = baseline_run
+    rows = {r["id"]: r for r in read_results(full_dir / "results.jsonl")}
+    model, proc = qa.model, qa.processor
+    recs = [json.loads(x) for x in Path(data).read_text().splitlines()][:2]
+    for rec in recs:
+        frames, _ = read_frames(Path(data).parent / rec["video"], num_frames=FRAMES)
+        inputs = proc(text=proc.prompt(rec["question"], rec["options"]), videos=[frames])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ids = [proc.tokenizer.convert_tokens_to_ids(o) for o in rec["options"]]
+        expect = [float(lp[i]) for i in ids]
+        r = rows[rec["id"]]
+        np.testing.assert_allclose(r["loglik_scores"], expect, atol=1e-4)
+        assert r["loglik_pred"] == int(np.argmax(expect))
+        text = proc.decode(gen[0, inputs["input_ids"].shape[1]:])
+        assert r["generated"] == text and r["generated_pred"] == parse_choice(text, rec["options"])
+        assert r["visual_tokens"]["input"] == r["visual_tokens"]["final"] == FRAMES * 16 + 1
+        assert r["flops_fraction"] == 1.0 and r["prefill_ms"] > 0 and r["ttft_ms"] > 0
+        assert r["decode_ms_per_token"] > 0 and r["kv_bytes"] > 0
+    assert set(summary["by_category"]["qtype"]) == {"region_color", "first_color", "start_end", "count",
+                                                    "brief_color"}
+
+
+def test_multi_token_continuations_sum_token_logprobs(data, qa):
+    """letter_option ("A red") is two tokens: scored by a batched prompt + option forward."""
+    from tokenreduce.eval.video import read_frames
+    from tokenreduce.eval.videoqa import option_logliks
+    rec = json.loads(Path(data).read_text().splitlines()[0])
+    frames, _ = read_frames(Path(data).parent / rec["video"], num_frames=FRAMES)
+    proc, model = qa.processor, qa.model
+    prompt = qa.prompt(rec["question"], rec["options"])
+    conts = [qa.continuation(rec["options"], j, "letter_option") for j in range(4)]
+    got = option_logliks(qa, None, None, [prompt], [conts], [{"frames": frames}])[0]
+    for c, score in zip(conts, got):
+        inputs = proc(text=prompt + " " + c, videos=[frames])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(**inputs).logits[0].float(), -1)
+        ids = inputs["input_ids"][0]
+        n = len(proc.tokenizer(c, add_special_tokens=False)["input_ids"])
+        assert n > 1
+        L = len(ids)
+        direct = sum(float(lp[p - 1, ids[p]]) for p in range(L - n, L))
+        assert score == pytest.approx(direct, abs=1e-4)
+
+
+def test_parse_choice():
+    opts = ["red", "top-left", "Two birds", "two"]
+    assert parse_choice("B", opts) == 1
+    assert parse_choice("(C) Two birds", opts) == 2
+    assert parse_choice("D.", opts) == 3
+    assert parse_choice("top-left answer :", opts) == 1
+    assert parse_choice("two birds fly", opts) == 2  # the longest matching option
+    assert parse_choice("TWO", opts) == 3
+    assert parse_choice("reddish", opts) == -1
+    assert parse_choice("E", opts) == -1  # a letter past the options
+    assert parse_choice("", opts) == -1
+
+
+def test_shard_merge_and_truncation(tmp_path):
+    items = list(range(7))
+    assert shard(items, 0, 2) + shard(items, 1, 2) == [0, 2, 4, 6, 1, 3, 5]
+    (tmp_path / "results.jsonl").write_text('{"id": "a"}\n')
+    (tmp_path / "results.rank0.jsonl").write_text('{"id": "c"}\n{"id": "a", "dup": 1}\n')
+    (tmp_path / "results.rank1.jsonl").write_text('{"id": "b"}\n{"id": "d", "x": ')  # killed mid-write
+    assert done_ids(tmp_path) == {"a", "b", "c"}
+    assert repair_truncated(tmp_path / "results.rank1.jsonl")
+    assert (tmp_path / "results.rank1.jsonl").read_text() == '{"id": "b"}\n'
+    rows = merge_results(tmp_path, order=["a", "b", "c", "d"])
+    assert [r["id"] for r in rows] == ["a", "b", "c"] and "dup" not in rows[0]
+    assert not list(tmp_path.glob("results.rank*"))
+    assert [r["id"] for r in read_results(tmp_path / "results.jsonl")] == ["a", "b", "c"]
+
+
+def test_frame_selection_with_the_same_model_records_indices(tmp_path, data, model_dir, qa):
+    # dycoke_ttm refuses single frames, so this also checks that the vlm scorer's per-frame
+    # forwards run on the unreduced model
+    out = tmp_path / "fs"
+    cfg = _cfg(data, out, model_dir, limit=2, frame_select="vlm", policy="projector.out=dycoke_ttm(ratio=0.5)")
+    cfg.frames = 2
+    summary = run_eval(cfg, qa=qa)
+    assert summary["errors"] == 0
+    for r in read_results(out / "results.jsonl"):
+        f = r["frames"]
+        assert f["selected_by"] == "vlm" and f["candidates"] == list(range(VIDEO_FRAMES))
+        assert len(f["indices"]) == 2 and set(f["indices"]) <= set(f["candidates"])
+        assert r["visual_tokens"]["llm_input"] < r["visual_tokens"]["input"]  # the policy was back on
+
+
+def test_sweep_writes_table_and_plots(tmp_path, data, model_dir):
+    out = tmp_path / "sweep"
+    rc = cli.main(["eval", "sweep", "--model", f"embedded:{model_dir}", "--data", str(data), "--frames",
+                   str(FRAMES), "--out", str(out), "--methods", "fastv,random", "--budgets", "0.5", "--limit", "4",
+                   "--no-progress", "--warmup", "0", "--scoring", "loglik"])
+    assert rc == 0
+    table = (out / "sweep.md").read_text()
+    for label in ("| baseline |", "| fastv | 0.5 |", "| random | 0.5 |", "projector.out=random"):
+        assert label in table
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["label"] for r in rows] == ["baseline", "fastv_b0.5", "random_b0.5"]
+    assert rows[2]["visual_tokens_llm_input"] == pytest.approx((FRAMES * 16 + 1) / 2, abs=1)
+    assert all(r["n"] == 4 for r in rows)
+    for png in ("accuracy_vs_tokens.png", "speed_vs_tokens.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["baseline", "fastv_b0.5", "random_b0.5"]
+
+
+def test_sweep_method_table_errors_name_valid_choices():
+    from tokenreduce.eval.sweep import SWEEP_METHODS, plan_runs
+    runs = plan_runs(["fastv", "atp"], [0.25], frames=8)
+    assert [r[0] for r in runs] == ["baseline", "fastv_b0.25", "atp"]
+    assert runs[1][3] == "llm.layer.2=fastv(ratio=0.75)"
+    with pytest.raises(ValueError, match="visionzip.*CLS.*valid: .*fastv"):
+        plan_runs(["visionzip"], [0.5], frames=8)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        SWEEP_METHODS["random"].spec(1.5, 8)
+
+
+def test_hf_checkpoint_with_its_processor(tmp_path, data):
+    """--model hf:DIR: a real LlavaOnevisionProcessor (chat template, video processor) saved next to
+    a tiny model, loaded back through AutoProcessor / AutoModelForImageTextToText."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+    tok = build_tokenizer()
+    template = ("{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'video' %}"
+                "<video>{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+    size = {"height": 64, "width": 64}
+    proc = LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(size=size, crop_size=size,
+                                                                                image_grid_pinpoints=[[64, 64]]),
+                                   video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tok,
+                                   chat_template=template, num_image_tokens=64, vision_feature_select_strategy="full")
+    ckpt = tmp_path / "hf"
+    proc.save_pretrained(str(ckpt))
+    build_model(build_config(tok)).save_pretrained(str(ckpt))
+    out = tmp_path / "out"
+    summary = run_eval(EvalConfig(data=str(data), out=str(out), model=f"hf:{ckpt}", frames=FRAMES, limit=2,
+                                  progress=False, warmup=0, policy="projector.out=uniform(keep=0.5)",
+                                  max_new_tokens=2))
+    assert summary["errors"] == 0 and summary["n"] == 2
+    for r in read_results(out / "results.jsonl"):
+        assert r["loglik_continuations"] == ["A", "B", "C", "D"]  # hf default: the letter
+        assert r["visual_tokens"]["input"] == FRAMES * 16 + 1
+        assert r["visual_tokens"]["llm_input"] == pytest.approx((FRAMES * 16 + 1) / 2, abs=1)
+    with pytest.raises(ValueError, match="valid forms: embedded"):
+        load_qa_model("llava:somewhere")
+
+
+def test_cli_convert_is_wired(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", "--help"])
+    assert e.value.code == 0
+    assert "nextqa" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").exists(), reason="trained embedded weights not shipped yet")
+def test_trained_embedded_model_answers_synthetic_questions(tmp_path):
+    ds = write_dataset(tmp_path / "data", 5, seed=777, frames=8)
+    summary = run_eval(EvalConfig(data=str(ds), out=str(tmp_path / "out"), model="embedded", frames=8,
+                                  progress=False, warmup=0))
+    assert summary["errors"] == 0
+    assert summary["loglik"] >= 0.8, summary  # >= 4 of 5
