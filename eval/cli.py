@@ -6,6 +6,7 @@
     tokenreduce quality --out out/quality
     tokenreduce eval videoqa --model embedded --policy "llm.layer.2=fastv(ratio=0.5)" --data set.jsonl --out out/fastv
     tokenreduce eval sweep --model embedded --data set.jsonl --methods fastv,random --budgets 0.3,0.5 --out out/sweep
+    tokenreduce eval report --out out/videoqa
     tokenreduce convert nextqa val.csv --videos NExTVideo --out nextqa.jsonl
 """
 from __future__ import annotations
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_arguments(w)
     w.set_defaults(fn=cmd_eval)
+    esub.add_parser("report", add_help=False,
+                    help="the main command: every method on the embedded model + the target checks "
+                         "(tokenreduce eval report --help)")
     sub.add_parser("convert", add_help=False,
                    help="convert NExT-QA / MVBench / Video-MME / EgoSchema annotations to the video-QA JSONL "
                         "(tokenreduce convert --help)")
@@ -157,6 +161,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["convert"]:  # its own parser (eval/videoqa_data.py) takes everything after the word
         from .videoqa_data import convert_main
         return convert_main(argv[1:])
+    if argv[:2] == ["eval", "report"]:  # its own parser (eval/videoqa_report.py)
+        from .videoqa_report import main as report_main
+        return report_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

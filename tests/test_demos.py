@@ -1,0 +1,295 @@
+"""The Gradio demos (demos/): their logic as plain functions, then both apps in a real headless
+Chromium (Playwright, Debian's /usr/bin/chromium; skipped with the reason when it is missing).
+
+Models are the fast ones (--model tiny: a random-init ViT-Ti-shaped DINOv2 and a random-init
+embedded video-QA model). Screenshots go to out/screenshots/ (their paths are printed).
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMOS = ROOT / "demos"
+SHOTS = ROOT / "out" / "screenshots"
+sys.path.insert(0, str(DEMOS))
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+import image_tokens as it  # noqa: E402
+import video_qa as vq  # noqa: E402
+from _common import DemoInputError  # noqa: E402
+
+import tokenreduce  # noqa: E402
+
+
+# -- image demo: logic --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return it.get_model(it.TINY)
+
+
+def _trace(m, spec, img=None):
+    x = it.to_pixels(it.center_crop(it.procedural_image() if img is None else img))
+    with tokenreduce.reduce(m.model, it.build_policy(spec)) as h, torch.no_grad():
+        m.model(pixel_values=x)
+        return dict(h.trace), h.stats
+
+
+def test_tome_groups_from_trace_cover_every_patch_once(tiny_vit):
+    m = tiny_vit
+    n = m.grid * m.grid
+    trace, stats = _trace(m, "vision.block.*=tome(r=10)")
+    assert len(trace) == m.depth and stats["tokens"][-1] == 1 + n - 10 * m.depth
+    for site, tr in trace.items():
+        owner = it.patch_groups(tr["pos"][0].numpy(), tr["size"][0].numpy(), tr["source"][0].numpy(), m.num_prefix, n)
+        assert (owner >= 0).all(), site  # merging drops nothing
+        # every surviving patch token owns exactly as many patches as its trace size says
+        patch_tokens = (tr["pos"][0] >= m.num_prefix).nonzero().squeeze(1).numpy()
+        counts = np.bincount(owner, minlength=tr["pos"].shape[1])
+        assert np.array_equal(counts[patch_tokens], tr["size"][0].numpy()[patch_tokens].astype(int)), site
+        assert len(np.unique(owner)) == len(patch_tokens), site
+    img = it.center_crop(it.procedural_image())
+    overlays = it.site_overlays(img, trace, m.num_prefix, m.grid)
+    assert len(overlays) == m.depth and overlays[-1][0].shape == (2 * it.IMAGE_SIZE, 2 * it.IMAGE_SIZE, 3)
+    assert "merged groups" in overlays[-1][1]
+
+
+def test_pruning_overlay_greys_out_exactly_the_dropped_patches(tiny_vit):
+    m = tiny_vit
+    n = m.grid * m.grid
+    trace, _ = _trace(m, "vision.block.3=uniform(keep=0.25)")
+    tr = trace["vision.block.3"]
+    owner = it.patch_groups(tr["pos"][0].numpy(), None, None, m.num_prefix, n)
+    kept = int((owner >= 0).sum())
+    assert kept == round(0.25 * n) == int((tr["pos"][0] >= m.num_prefix).sum())
+    img = np.full((it.IMAGE_SIZE, it.IMAGE_SIZE, 3), (200, 40, 40), np.uint8)  # saturated red everywhere
+    ov = it.render_overlay(img, m.grid, owner, scale=1)
+    p = it.IMAGE_SIZE // m.grid
+    centres = ov[p // 2::p, p // 2::p][:m.grid, :m.grid].reshape(n, 3).astype(int)
+    grey = np.abs(centres[:, 0] - centres[:, 1]) < 5
+    assert np.array_equal(grey, owner < 0)  # dropped -> grey, kept -> still red
+
+
+def test_policy_from_controls():
+    assert it.policy_spec("tome", 0.4, 12, 196) == "vision.block.*=tome(r=10)"
+    assert it.policy_spec("uniform", 0.5, 12, 196) == "vision.block.3=uniform(keep=0.5)"
+    assert it.policy_spec("none", 0.5, 12, 196) == ""
+    with pytest.raises(DemoInputError, match="valid: tome, vtc_cls"):
+        it.policy_spec("tomee", 0.5, 12, 196)
+    with pytest.raises(DemoInputError, match="bad policy"):
+        it.build_policy("vision.block.*=tome(r=")
+    assert [s.reducer.trace_source for s in it.build_policy("vision.block.*=tome(r=2)").stages] == [True]
+
+
+def test_run_image_numbers(tiny_vit):
+    res = it.run_image(tiny_vit, it.procedural_image(), "vision.block.3=random(keep=0.5)", repeats=1)
+    assert res.tokens_reduced[-1] == 1 + 98 and res.tokens_full[-1] == 197
+    assert 0.3 < res.flops / res.flops_unreduced < 0.8 and res.ms_full > 0 and res.ms_reduced > 0
+    assert "GFLOPs" in res.numbers_markdown(tiny_vit) and "Random weights" in res.numbers_markdown(tiny_vit)
+    with pytest.raises(DemoInputError, match=r"indices 0..11"):
+        it.run_image(tiny_vit, it.procedural_image(), "vision.block.40=random(keep=0.5)", repeats=1)
+
+
+def test_load_image_says_what_is_wrong(tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not a picture\n")
+    with pytest.raises(DemoInputError, match="notes.png is not an image"):
+        it.load_image(str(fake))
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DemoInputError, match="empty"):
+        it.load_image(str(empty))
+    from PIL import Image
+    good = tmp_path / "ok.png"
+    Image.fromarray(it.procedural_image(64)).save(good)
+    assert it.load_image(str(good)).shape == (64, 64, 3)
+    with pytest.raises(DemoInputError, match="limit is"):
+        it.load_image(str(good), max_bytes=100)
+
+
+# -- video demo: logic --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_vqa():
+    return vq.load_video_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from tokenreduce.eval.synthetic import VideoQAGenerator
+    g = VideoQAGenerator(frames=8, seed=3)
+    s = g.sample("region_color")
+    return g.render(s), s
+
+
+def _video_trace(vm, frames, question, spec):
+    proc = vm.processor
+    inputs = proc(text=[proc.prompt(question, ["red", "green", "blue", "cyan"])], videos=[frames])
+    with tokenreduce.reduce(vm.model, spec) as h, torch.no_grad():
+        h.context["question"] = [question]
+        vm.model(**inputs)
+        trace = dict(h.trace)
+    offset = int((inputs["input_ids"][0] == vm.model.config.video_token_id).nonzero()[0, 0])
+    return trace, offset
+
+
+def test_kept_tokens_per_frame_follow_the_trace(tiny_vqa, clip):
+    vm, (frames, s) = tiny_vqa, clip
+    tpf = vm.tokens_per_frame
+    trace, off = _video_trace(vm, frames, s["question"], "projector.out=uniform(keep=0.5); llm.layer.2=fastv(ratio=0.5)")
+    proj = vq.kept_tokens_per_frame(trace, 8, tpf, off, site="projector.out")
+    llm = vq.kept_tokens_per_frame(trace, 8, tpf, off)  # the last site: llm.layer.2
+    n_proj = int((trace["projector.out"]["frame"][0] >= 0).sum())
+    n_llm = int((trace["llm.layer.2"]["frame"][0] >= 0).sum())
+    assert (proj > 0).sum() == n_proj == 64 and (llm > 0).sum() == n_llm < n_proj
+    assert ((llm > 0) <= (proj > 0)).all()  # the LLM can only drop what projector.out kept
+    assert (proj == proj[0]).all()  # uniform: the same spatial cells in every frame
+    # fastv alone: llm positions map straight to (frame, cell)
+    trace, off = _video_trace(vm, frames, s["question"], "llm.layer.1=fastv(keep=20)")
+    grid = vq.kept_tokens_per_frame(trace, 8, tpf, off)
+    tr = trace["llm.layer.1"]
+    vis = tr["frame"][0] >= 0
+    v = tr["pos"][0][vis] - off
+    expect = np.zeros((8, tpf))
+    expect[(v // tpf).numpy(), (v % tpf).numpy()] = 1
+    assert (grid > 0).sum() == 20 and np.array_equal(grid > 0, expect > 0)
+    # frames selected inside the model: whole frames gone
+    trace, off = _video_trace(vm, frames, s["question"], "frames=frame_select(k=4)")
+    assert (vq.kept_tokens_per_frame(trace, 8, tpf, off).sum(1) > 0).tolist() == [True, False, True, False,
+                                                                                   False, True, False, True]
+
+
+def test_run_video_qa_with_frame_selection(tiny_vqa, clip):
+    vm, (frames, s) = tiny_vqa, clip
+    r = vq.run_video_qa(vm, frames, s["question"], s["options"], "projector.out=random(keep=0.25)", "uniform", 4,
+                        repeats=1)
+    assert r.selected.tolist() == [0, 2, 5, 7] and r.kept.shape == (4, 16)
+    assert (r.kept > 0).sum() == 16 and r.tokens["frames"] == (8, 4)
+    assert r.tokens["visual tokens into the LLM"] == (129, 17)  # 4 x 16 x 0.25 + the image_newline token
+    assert r.answer_full in s["options"] and abs(r.probs_reduced.sum() - 1) < 1e-5
+    assert r.flops_fraction < 0.5  # half the frames, a quarter of their tokens: against all 8 frames
+    text = vq.numbers_markdown(r)
+    assert "LLM input tokens" in text and "frame selection (uniform" in text
+    heat = vq.figure_to_array(vq.heatmap_figure(r.frames, r.selected, r.kept, r.kept_site))
+    assert heat.ndim == 3 and heat.shape[1] > heat.shape[0]
+    with pytest.raises(DemoInputError, match="cannot run on this input: .*single frame"):
+        vq.run_video_qa(vm, frames, s["question"], s["options"], "projector.out=dycoke_ttm()", "uniform", 1, repeats=1)
+    with pytest.raises(DemoInputError, match="between 1 and 8"):
+        vq.run_video_qa(vm, frames, s["question"], s["options"], "", "uniform", 9, repeats=1)
+
+
+def test_video_inputs_say_what_is_wrong(tmp_path, tiny_vqa):
+    fake = tmp_path / "clip.mp4"
+    fake.write_text("not a video at all\n")
+    with pytest.raises(DemoInputError, match="clip.mp4 is not a video"):
+        vq.load_video(str(fake), 8)
+    from tokenreduce.eval.synthetic import write_video
+    long = tmp_path / "long.mp4"
+    write_video(long, np.zeros((20, 16, 16, 3), np.uint8), fps=4)  # 5 s
+    with pytest.raises(DemoInputError, match=r"too long: 20 frames \(5.0 s\)"):
+        vq.load_video(str(long), 8, max_seconds=2)
+    assert vq.load_video(str(long), 8)[0].shape == (8, 16, 16, 3)
+    with pytest.raises(DemoInputError, match="between 1 and 32"):
+        vq.load_video(str(long), 0)
+    with pytest.raises(DemoInputError, match="'dog' are not words"):
+        vq.parse_options("red, dog", tiny_vqa.vocabulary)
+    assert vq.parse_options("red, top-left", tiny_vqa.vocabulary) == ["red", "top-left"]
+    with pytest.raises(DemoInputError, match="valid: none, uniform"):
+        vq.policy_spec("fastvv", 0.5)
+
+
+# -- both apps in a headless browser ------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+browser_reason = None
+if not Path(CHROMIUM).exists():
+    browser_reason = f"{CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)"
+elif importlib.util.find_spec("playwright") is None:
+    browser_reason = "playwright (python) is not installed: pip install playwright"
+needs_browser = pytest.mark.skipif(browser_reason is not None, reason=browser_reason or "")
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Both demos started at once (their start-ups overlap), on free 127.0.0.1 ports, fast models."""
+    import screenshots as sh
+    env = {"TOKENREDUCE_DEMO_MODEL": "tiny", "OMP_NUM_THREADS": "1"}
+    # a 0.05 MB upload cap, so that the test can exceed it cheaply
+    started = {name: sh.spawn_demo(f"{name}.py", "--repeats", "1", "--max-file-mb", "0.05", env=env)
+               for name in ("image_tokens", "video_qa")}
+    try:
+        for proc, url, log in started.values():
+            sh.wait_serving(proc, url, log, timeout=150)
+        yield {name: url for name, (_, url, _) in started.items()}
+    finally:
+        for proc, _, _ in started.values():
+            sh.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import screenshots as sh
+    from playwright.sync_api import sync_playwright
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    with sync_playwright() as pw:
+        b = sh.launch_browser(pw)
+        yield b
+        b.close()
+
+
+def _bad_upload(page, path, expect: str) -> str:
+    import screenshots as sh
+    sh.upload(page, path)
+    sh.run_and_wait(page, "status", "Error")
+    status = page.locator("#status").inner_text()
+    assert "Error" in status and expect in status, status
+    return status
+
+
+@needs_browser
+def test_image_demo_in_browser(servers, browser, tmp_path):
+    import screenshots as sh
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    texts = sh.drive_image_demo(page, servers["image_tokens"], spec="vision.block.*=tome(r=10)")
+    assert "Error" not in texts["status"] and "UNTRAINED" in texts["status"]
+    assert texts["overlay_src"]  # the overlay image is on the page
+    assert "GFLOPs" in texts["numbers"] and "ms" in texts["numbers"]
+    assert "77" in texts["numbers"]  # 197 tokens - 12 blocks x r=10
+    assert page.locator("#sites img").count() == 12  # one overlay per reduced block
+    path = sh.save_screenshot(page, SHOTS / "image_tokens.png", palette=False)
+    print(f"\nscreenshot: {path}")
+    fake = tmp_path / "holiday.png"
+    fake.write_text("plain text pretending to be a PNG\n")
+    _bad_upload(page, fake, "holiday.png is not an image")
+    page.close()
+    # over the upload cap: Gradio refuses the file and says so
+    from PIL import Image
+    big = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 0.05 * 2**20
+    page = browser.new_page()
+    page.goto(servers["image_tokens"])
+    page.locator("#upload input[type=file]").set_input_files(str(big))
+    page.get_by_text("exceed the maximum allowed size").first.wait_for(timeout=15_000)
+    page.close()
+
+
+@needs_browser
+def test_video_demo_in_browser(servers, browser, tmp_path):
+    import screenshots as sh
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    texts = sh.drive_video_demo(page, servers["video_qa"], selection="uniform")
+    assert "Error" not in texts["status"], texts["status"]
+    assert texts["heatmap_src"] and page.locator("#frames_strip img").count() == 1
+    assert "LLM input tokens" in texts["numbers"] and "frame selection (uniform" in texts["numbers"]
+    assert "without reduction" in texts["answer"] and "Correct answer" in texts["answer"]
+    path = sh.save_screenshot(page, SHOTS / "video_qa.png", palette=False)
+    print(f"\nscreenshot: {path}")
+    fake = tmp_path / "movie.mp4"
+    fake.write_text("plain text pretending to be an MP4\n")
+    _bad_upload(page, fake, "movie.mp4 is not a video")
+    page.close()
