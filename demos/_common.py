@@ -20,6 +20,21 @@ DEFAULT_HOST = "127.0.0.1"  # never listen on every interface unless asked to (-
 DEFAULT_MAX_FILE_MB = 20
 
 
+class WithReference:
+    """Mixin for the demos' model records (dataclasses with a `model` field): `reference` is an
+    unreduced copy built on first use, so the timed reduced model keeps its hooks installed
+    instead of installing them on every call."""
+
+    @property
+    def reference(self):
+        ref = getattr(self, "_reference_copy", None)
+        if ref is None:
+            import copy
+            ref = copy.deepcopy(self.model)
+            object.__setattr__(self, "_reference_copy", ref)
+        return ref
+
+
 class DemoInputError(ValueError):
     """Something the user gave is unusable; the message is shown in the page as is."""
 

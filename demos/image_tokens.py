@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DemoInputError, base_parser, check_upload_size, error_markdown,  # noqa: E402
+from _common import (DemoInputError, WithReference, base_parser, check_upload_size, error_markdown,  # noqa: E402
                      interleaved_medians, launch, load_average, model_choice, model_lock,
                      palette, upscale, use_agg)
 
@@ -152,7 +152,7 @@ def to_pixels(img: np.ndarray):
 
 # -- models --------------------------------------------------------------------------------------
 @dataclass
-class ImageModel:
+class ImageModel(WithReference):
     label: str
     model: object
     patch: int
@@ -160,16 +160,6 @@ class ImageModel:
     num_prefix: int      # CLS (+ registers) before the patches
     depth: int
     trained: bool
-    _reference: object = None
-
-    @property
-    def reference(self):
-        """An unreduced copy (built on first use) so the timed reduced model keeps its hooks
-        installed instead of installing them on every call."""
-        if self._reference is None:
-            import copy
-            self._reference = copy.deepcopy(self.model)
-        return self._reference
 
 
 def tiny_model():

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DemoInputError, base_parser, check_upload_size, error_markdown,  # noqa: E402
+from _common import (DemoInputError, WithReference, base_parser, check_upload_size, error_markdown,  # noqa: E402
                      figure_to_array, interleaved_medians, launch, load_average, model_choice, model_lock,
                      upscale, use_agg)
 
@@ -59,21 +59,11 @@ FRAME_SELECTION = ("off", "uniform", "vlm")
 
 # -- model ---------------------------------------------------------------------------------------
 @dataclass
-class VideoModel:
+class VideoModel(WithReference):
     model: object
     processor: object
     label: str
     trained: bool
-    _reference: object = None
-
-    @property
-    def reference(self):
-        """An unreduced copy (built on first use): the timed reduced model keeps its hooks
-        installed instead of installing them on every call."""
-        if self._reference is None:
-            import copy
-            self._reference = copy.deepcopy(self.model)
-        return self._reference
 
     @property
     def tokens_per_frame(self) -> int:

@@ -32,8 +32,15 @@ from .embedded import (DEFAULT_SIZES, RELEVANCE_PROMPT, EmbeddedProcessor, build
 from .synthetic import COLOR_CLASSES, QTYPES, SHAPE_CLASSES, VideoQAGenerator, patch_labels
 
 
-def make_batch(gen, proc, n, qtype=None, with_labels=True):
-    samples = [gen.sample(qtype) for _ in range(n)]
+def make_batch(gen, proc, n, qtype=None, with_labels=True, weights=None):
+    """n samples; `weights` ({qtype: weight}) oversamples question types"""
+    if weights:
+        names = list(weights)
+        p = np.array([weights[k] for k in names], float)
+        picks = gen.rng.choice(len(names), n, p=p / p.sum())
+        samples = [gen.sample(names[i]) for i in picks]
+    else:
+        samples = [gen.sample(qtype) for _ in range(n)]
     vids, cols, shps = [], [], []
     for s in samples:
         v, c, sh = gen.render(s, with_labels=True)
@@ -109,6 +116,11 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
     p.add_argument("--init", default=None, help="continue from the weights in this directory (a previous --out)")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--qtype-weights", dest="qtype_weights", default="",
+                   help="oversample question types, e.g. start_end=3,region_color=2 (others 1)")
+    p.add_argument("--position-aux", dest="position_aux", type=float, default=0.0,
+                   help="weight of an auxiliary head predicting each patch's grid position from its projector "
+                        "output (keeps 'where' linearly readable for the LLM)")
     for k, v in DEFAULT_SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     args = p.parse_args(argv)
@@ -136,7 +148,17 @@ def main(argv=None):
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.__setitem__("x", o))
     D = cfg.text_config.hidden_size
     color_head, shape_head = torch.nn.Linear(D, len(COLOR_CLASSES)), torch.nn.Linear(D, len(SHAPE_CLASSES))
-    params = list(model.parameters()) + list(color_head.parameters()) + list(shape_head.parameters())
+    n_patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    position_head = torch.nn.Linear(D, n_patches)
+    params = [*model.parameters(), *color_head.parameters(), *shape_head.parameters(), *position_head.parameters()]
+    weights = None
+    if args.qtype_weights:
+        weights = {q: 1.0 for q in QTYPES}
+        for item in args.qtype_weights.split(","):
+            k, _, v = item.partition("=")
+            if k.strip() not in QTYPES:
+                raise ValueError(f"--qtype-weights: unknown question type {k!r}; valid: {', '.join(QTYPES)}")
+            weights[k.strip()] = float(v)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     gen = VideoQAGenerator(frames=args.frames, size=args.image_size, seed=args.seed)
@@ -158,7 +180,7 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
         for g in opt.param_groups:
             g["lr"] = lr
-        _, inputs, answers, _, (cols, shps) = make_batch(gen, proc, args.batch)
+        _, inputs, answers, _, (cols, shps) = make_batch(gen, proc, args.batch, weights=weights)
         logits = last_logits(model, inputs)
         loss_answer = F.cross_entropy(logits, answers)
         feats = captured.pop("x")  # (B*T, patches, D)
@@ -166,6 +188,11 @@ def main(argv=None):
                     + F.cross_entropy(shape_head(feats).flatten(0, 1), shps.flatten()))
         loss = loss_answer + args.aux_weight * loss_aux
         losses = {"answer": loss_answer.item(), "aux": loss_aux.item()}
+        if args.position_aux:
+            where = torch.arange(feats.shape[1]).repeat(feats.shape[0])
+            loss_pos = F.cross_entropy(position_head(feats).flatten(0, 1), where)
+            loss = loss + args.position_aux * loss_pos
+            losses["position"] = loss_pos.item()
         if args.relevance_every and step % args.relevance_every == 0:
             r_inputs, r_target = relevance_batch(gen, proc, args.batch)
             loss_rel = F.cross_entropy(last_logits(model, r_inputs), r_target)

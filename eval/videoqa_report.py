@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     brief = ensure_dataset(data, "brief32", args.brief, BRIEF_SEED, 32, ["brief_color"])
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     qa = load_qa_model(args.model)
-    base = dict(data=str(held_out), model=args.model, frames=8, progress=args.progress)
+    # the embedded model answers with one word: 3 new tokens give the answer plus a decode-time figure
+    base = dict(data=str(held_out), model=args.model, frames=8, progress=args.progress, max_new_tokens=3)
     runs = plan_runs(list(SWEEP_METHODS), budgets, 8, CONTROLS)
     rows = run_sweep(base, runs, out / "sweep", qa=qa)
     write_outputs(rows, out / "sweep")

@@ -67,7 +67,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data, model_dir, qa, bas
     cmd = [sys.executable, "-m", "tokenreduce.eval.cli", "eval", "videoqa", "--model", f"embedded:{model_dir}",
            "--data", str(data), "--frames", str(FRAMES), "--out", str(out), "--no-progress", "--threads", "1",
            "--warmup", "0", "--stop-after", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 3, proc.stderr[-2000:]
     raw = (out / "results.jsonl").read_bytes()
