@@ -223,7 +223,7 @@ def servers():
                for name in ("image_tokens", "video_qa")}
     try:
         for proc, url, log in started.values():
-            sh.wait_serving(proc, url, log, timeout=150)
+            sh.wait_serving(proc, url, log, timeout=300)
         yield {name: url for name, (_, url, _) in started.items()}
     finally:
         for proc, _, _ in started.values():

@@ -286,8 +286,11 @@ def test_cli_convert_is_wired(capsys):
 
 @pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").exists(), reason="trained embedded weights not shipped yet")
 def test_trained_embedded_model_answers_synthetic_questions(tmp_path):
-    ds = write_dataset(tmp_path / "data", 5, seed=777, frames=8)
+    """the shipped model on fresh clips (a seed it was not scored on) of the two question types it
+    answers at >= 95% held-out (README: per-type accuracy); both scorings pick the answer"""
+    ds = write_dataset(tmp_path / "data", 8, seed=777, frames=8, qtypes=["brief_color", "first_color"])
     summary = run_eval(EvalConfig(data=str(ds), out=str(tmp_path / "out"), model="embedded", frames=8,
-                                  progress=False, warmup=0))
+                                  progress=False, warmup=0, max_new_tokens=2))
     assert summary["errors"] == 0
-    assert summary["loglik"] >= 0.8, summary  # >= 4 of 5
+    assert summary["loglik"] >= 7 / 8, summary
+    assert summary["generated"] >= 7 / 8, summary
