@@ -35,6 +35,17 @@ class WithReference:
         return ref
 
 
+def parse_policy_text(spec: str):
+    """A Policy from the spec a user typed; a bad one becomes a DemoInputError shown in the page.
+    Parsed as a spec string only: never read as a file path, whatever is typed."""
+    from tokenreduce.errors import TokenReduceError
+    from tokenreduce.policy import parse_spec
+    try:
+        return parse_spec((spec or "").strip())
+    except (TokenReduceError, ValueError, SyntaxError) as exc:
+        raise DemoInputError(f"bad policy {spec!r}: {exc}") from None
+
+
 class DemoInputError(ValueError):
     """Something the user gave is unusable; the message is shown in the page as is."""
 

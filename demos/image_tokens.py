@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DemoInputError, WithReference, base_parser, check_upload_size, error_markdown,  # noqa: E402
+from _common import (DemoInputError, WithReference, parse_policy_text, base_parser, check_upload_size, error_markdown,  # noqa: E402
                      interleaved_medians, launch, load_average, model_choice, model_lock,
                      palette, upscale, use_agg)
 
@@ -229,13 +229,7 @@ def policy_spec(method: str, keep: float, depth: int, num_patches: int) -> str:
 
 def build_policy(spec: str):
     """A Policy from a spec, with ToMe's source tracking switched on (the merge groups shown)."""
-    from tokenreduce.errors import TokenReduceError
-    from tokenreduce.policy import parse_spec
-
-    try:  # a spec string only: never a file path, whatever a user types into the page
-        policy = parse_spec((spec or "").strip())
-    except (TokenReduceError, ValueError, SyntaxError) as exc:
-        raise DemoInputError(f"bad policy {spec!r}: {exc}") from None
+    policy = parse_policy_text(spec)
     for stage in policy.stages:
         if stage.reducer.name == "tome":
             stage.reducer.trace_source = True

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DemoInputError, WithReference, base_parser, check_upload_size, error_markdown,  # noqa: E402
+from _common import (DemoInputError, WithReference, parse_policy_text, base_parser, check_upload_size, error_markdown,  # noqa: E402
                      figure_to_array, interleaved_medians, launch, load_average, model_choice, model_lock,
                      upscale, use_agg)
 
@@ -177,14 +177,7 @@ def policy_spec(method: str, keep: float) -> str:
     return "llm.layer.2=atp()"
 
 
-def build_policy(spec: str):
-    from tokenreduce.errors import TokenReduceError
-    from tokenreduce.policy import parse_spec
-
-    try:  # a spec string only: never a file path, whatever a user types into the page
-        return parse_spec((spec or "").strip())
-    except (TokenReduceError, ValueError, SyntaxError) as exc:
-        raise DemoInputError(f"bad policy {spec!r}: {exc}") from None
+build_policy = parse_policy_text
 
 
 # -- trace -> kept tokens per frame --------------------------------------------------------------
