@@ -155,10 +155,12 @@ def main(argv=None):
     cfg = build_config(tok, **{k: getattr(args, k) for k in DEFAULT_SIZES})
     model = build_model(cfg, seed=args.seed)
     if args.init:
-        from safetensors.torch import load_file
-        missing, unexpected = model.load_state_dict(load_file(str(Path(args.init) / "model.safetensors")), strict=False)
-        if [k for k in missing if "lm_head" not in k] or unexpected:
-            raise ValueError(f"--init {args.init}: weights do not match (missing {missing}, unexpected {unexpected})")
+        # from_pretrained, not a raw state dict: save_pretrained writes the checkpoint's legacy key names
+        from transformers import LlavaOnevisionForConditionalGeneration
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
+        if model.config.to_dict()["text_config"]["hidden_size"] != cfg.text_config.hidden_size:
+            raise ValueError(f"--init {args.init}: its sizes differ from this run's; pass the same size flags")
+        cfg = model.config
         print(f"continuing from {args.init}", flush=True)
     model.config.text_config._attn_implementation = "sdpa"
     proc = EmbeddedProcessor(tok, cfg)
