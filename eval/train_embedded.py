@@ -153,8 +153,9 @@ def main(argv=None):
 
     tok = build_tokenizer()
     cfg = build_config(tok, **{k: getattr(args, k) for k in DEFAULT_SIZES})
-    model = build_model(cfg, seed=args.seed)
-    if args.init:
+    if not args.init:
+        model = build_model(cfg, seed=args.seed)
+    else:
         # from_pretrained, not a raw state dict: save_pretrained writes the checkpoint's legacy key names
         from transformers import LlavaOnevisionForConditionalGeneration
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
