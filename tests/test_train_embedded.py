@@ -1,0 +1,91 @@
+"""The embedded model's trainer (eval/train_embedded.py): the grounding targets of the attention
+loss, the loss itself, and a two-step run that writes a loadable checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tokenreduce.eval.synthetic import QTYPES, VideoQAGenerator  # noqa: E402
+from tokenreduce.eval.train_embedded import answer_objects, attention_loss, attention_targets, main  # noqa: E402
+
+CELL = 16  # 64 px frames, patch 8, the projector's 2x2 pooling: one LLM token per 16x16 square
+
+
+def _cell_of(xy) -> int:
+    x, y = (int(v) // CELL for v in xy)
+    return y * (64 // CELL) + x
+
+
+@pytest.mark.parametrize("qtype", ["region_color", "start_end", "brief_color", "first_color"])
+def test_attention_targets_mark_the_asked_object_at_the_asked_frames(qtype):
+    gen = VideoQAGenerator(seed=11)
+    for _ in range(5):
+        s = gen.sample(qtype)
+        _, colours, _ = gen.render(s, with_labels=True)
+        targets = attention_targets([s], [colours], cell=CELL)[0].view(gen.T, -1)
+        frames = s["meta"]["frames"]
+        assert targets.any(1).nonzero().flatten().tolist() == sorted(frames)  # only the asked frames
+        colour, _ = answer_objects(s)
+        (obj,) = [o for o in s["objects"] if o["color"] in colour]
+        for t in frames:
+            assert targets[t, _cell_of(obj["pos"][t])], (qtype, t)  # the object's centre cell is a target
+            assert int(targets[t].sum()) <= 4  # an object of radius 7 covers at most 2x2 cells
+
+
+def test_count_targets_every_object_of_the_shape_and_none_for_zero():
+    gen = VideoQAGenerator(seed=5)
+    seen_zero = False
+    for _ in range(12):
+        s = gen.sample("count")
+        _, colours, _ = gen.render(s, with_labels=True)
+        targets = attention_targets([s], [colours], cell=CELL)[0].view(gen.T, -1)
+        k = ["zero", "one", "two", "three"].index(s["answer"])
+        seen_zero |= k == 0
+        assert bool(targets.any()) == (k > 0)
+        if k:
+            shape = s["question"].split()[2][:-1]
+            for o in (o for o in s["objects"] if o["shape"] == shape):
+                assert targets[0, _cell_of(o["pos"][0])]
+    assert seen_zero
+    with pytest.raises(ValueError, match="valid: " + ", ".join(QTYPES)):
+        answer_objects({"qtype": "colour", "objects": [], "meta": {}})
+
+
+def test_attention_loss_is_small_on_the_targets_and_large_elsewhere():
+    video_id, n_vis = 7, 9  # 8 frame tokens + the newline
+    ids = torch.tensor([[1, 2] + [video_id] * n_vis + [3, 4]])
+    N = ids.shape[1]
+    targets = torch.zeros(1, 8, dtype=torch.bool)
+    targets[0, [1, 5]] = True
+    on = torch.zeros(1, 2, N, N)
+    on[:, :, -1, 2 + 1] = on[:, :, -1, 2 + 5] = 0.5
+    assert float(attention_loss(on, ids, targets, video_id)) == pytest.approx(0.0, abs=1e-4)
+    uniform = torch.full((1, 2, N, N), 1.0 / N)
+    assert float(attention_loss(uniform, ids, targets, video_id)) == pytest.approx(-math.log(2 / N), rel=1e-4)
+    newline = torch.zeros(1, 2, N, N)
+    newline[:, :, -1, 2 + 8] = 1.0  # the trailing newline is never a target
+    assert float(attention_loss(newline, ids, targets, video_id)) > 10
+    # a batch with no targets (a "zero" count) adds nothing
+    assert float(attention_loss(uniform, ids, torch.zeros(1, 8, dtype=torch.bool), video_id)) == 0.0
+
+
+def test_two_training_steps_write_a_loadable_model(tmp_path):
+    from tokenreduce.eval.embedded import load_embedded
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--max-steps", "2", "--batch", "4", "--eval-samples", "5", "--frames", "4",
+                 "--threads", "1", "--relevance-every", "2", "--position-aux", "0.2", "--frame-aux", "0.2",
+                 "--attention-aux", "1"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and info["samples_seen"] == 8 and set(info["held_out"]) == set(QTYPES) | {"all"}
+    model, proc = load_embedded(out)
+    frames = np.zeros((4, 64, 64, 3), np.uint8)
+    with torch.no_grad():
+        logits = model(**proc(text=proc.prompt("how many circles are there ?", ["zero", "one"]), videos=[frames])).logits
+    assert torch.isfinite(logits).all()
