@@ -61,18 +61,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .videoqa_results import (append_result, done_ids, merge_results, read_results, repair_truncated,  # noqa: F401
+                              results_file, shard)
+from .videoqa_summary import CATEGORY_KEYS, format_summary, summarise, write_summary  # noqa: F401
+
 SCORINGS = ("loglik", "generate")
 FRAME_SCORERS = ("uniform", "vlm", "head", "clip")
 CONTINUATIONS = ("letter", "option", "letter_option")
 # meta keys reported per category: the synthetic set's qtype, MVBench's task, NExT-QA's type,
 # Video-MME's duration / domain / task_type (see videoqa_data)
-CATEGORY_KEYS = ("qtype", "task", "type", "task_type", "duration", "domain")
 CHOICE_LETTERS = "ABCDEFGHIJ"
 MODEL_FORMS = "embedded, embedded:PATH (a trained embedded-model directory), hf:DIR (a local HF checkpoint + processor)"
 HF_ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # the config keys that make two runs' results comparable; anything else (limit, batch, device) may change on resume
-IDENTITY_KEYS = ("model", "policy", "frames", "data", "video_root", "scoring", "frame_select", "candidates",
-                 "scorer_args", "continuation", "max_new_tokens", "dtype", "seed")
+IDENTITY_KEYS = ("model", "weights", "policy", "frames", "data", "video_root", "scoring", "frame_select",
+                 "candidates", "scorer_args", "continuation", "max_new_tokens", "dtype", "seed")
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -131,6 +134,7 @@ class EvalConfig:
         d["data"] = str(Path(self.data).resolve())
         d["video_root"] = str(Path(self.video_root).resolve()) if self.video_root else None
         d["model"] = normalise_model_spec(self.model)
+        d["weights"] = weights_fingerprint(self.model)
         d["scoring"] = list(self.scoring)
         d["candidates"] = self.candidates if self.frame_select else None
         d["scorer_args"] = self.scorer_args if self.frame_select else {}
@@ -143,6 +147,35 @@ def normalise_policy(policy) -> str:
         return ""
     from tokenreduce.policy import Policy
     return Policy.coerce(policy).to_spec()
+
+
+def weights_fingerprint(spec: str) -> str | None:
+    """A short hash of the model directory's config and weight files, so that a run directory is
+    not resumed after the weights changed (a retrained embedded model keeps its path): the whole
+    content of files up to 64 MiB; name, size, modification time and the first and last 64 KiB of
+    larger ones (hashing gigabytes at every start would cost seconds). None when the directory
+    does not exist."""
+    import hashlib
+    kind, _, path = str(spec).partition(":")
+    if kind == "embedded" and not path:
+        from .embedded import ASSET_DIR
+        path = ASSET_DIR
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        with open(f, "rb") as fh:
+            if st.st_size <= 64 << 20:
+                h.update(fh.read())
+                continue
+            h.update(f":{st.st_mtime_ns}".encode())
+            h.update(fh.read(1 << 16))
+            fh.seek(-(1 << 16), os.SEEK_END)
+            h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def normalise_model_spec(spec: str) -> str:
@@ -414,95 +447,6 @@ def _text_ids(tok, text: str) -> list:
 
 
 # -- results files --------------------------------------------------------------------------------
-def read_results(path) -> list:
-    """The complete JSON lines of a results file; a partial or unparseable line is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def repair_truncated(path) -> bool:
-    """Cut a partial last line (a write interrupted by a kill) so appends start on a clean line.
-    Returns True when something was cut."""
-    path = Path(path)
-    if not path.exists():
-        return False
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return False
-    cut = data.rfind(b"\n") + 1
-    tail = data[cut:]
-    try:  # a complete record that only lacks its newline is kept
-        json.loads(tail)
-        with open(path, "ab") as f:
-            f.write(b"\n")
-        return False
-    except json.JSONDecodeError:
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        return True
-
-
-def append_result(f, row: dict) -> None:
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def shard(items: list, rank: int, world: int) -> list:
-    """Process `rank` of `world` takes items rank::world (fixed by dataset order, so every process
-    computes the same split whatever is already done)."""
-    return items[rank::world]
-
-
-def results_file(out, rank: int, world: int) -> Path:
-    return Path(out) / ("results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
-
-
-def done_ids(out) -> set:
-    out = Path(out)
-    files = [out / "results.jsonl"] + sorted(out.glob("results.rank*.jsonl"))
-    return {r.get("id") for p in files for r in read_results(p)}
-
-
-def merge_results(out, order: list | None = None) -> list:
-    """Fold results.rank*.jsonl into results.jsonl (first line per id wins, sorted by `order`
-    when given), written atomically; then the shard files are removed. Returns the rows."""
-    out = Path(out)
-    shards = sorted(out.glob("results.rank*.jsonl"))
-    rows, seen = [], set()
-    for p in [out / "results.jsonl"] + shards:
-        for r in read_results(p):
-            if r.get("id") not in seen:
-                seen.add(r.get("id"))
-                rows.append(r)
-    if shards:
-        if order is not None:
-            rank = {i: n for n, i in enumerate(order)}
-            rows.sort(key=lambda r: rank.get(r.get("id"), len(rank)))
-        tmp = out / "results.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / "results.jsonl")
-        for p in shards:
-            p.unlink()
-    return rows
-
-
 # -- run directory ------------------------------------------------------------------------------
 def check_out_dir(cfg: EvalConfig) -> None:
     """Refuse a directory holding another run (read-only, so every process can check it)."""
@@ -727,94 +671,6 @@ def _problem_id(p: dict) -> str:
 def _describe(exc: BaseException) -> str:
     msg = str(exc).strip()
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-
-
-# -- summary --------------------------------------------------------------------------------------
-def _mean(values) -> float | None:
-    v = [float(x) for x in values if x is not None]
-    return sum(v) / len(v) if v else None
-
-
-def _accuracy(rows: list) -> dict:
-    ok = [r for r in rows if "error" not in r]
-    out = {"n": len(rows), "scored": len(ok), "errors": len(rows) - len(ok)}
-    for key, flag in (("loglik", "loglik_correct"), ("generated", "generated_correct")):
-        have = [r for r in ok if flag in r]
-        # errors count as wrong: accuracy is over every sample, not only the scored ones
-        out[key] = (sum(bool(r[flag]) for r in have) / len(rows)) if have and rows else None
-    return out
-
-
-def summarise(rows: list, cfg: EvalConfig, wall_s: float | None = None, loadavg_start=None) -> dict:
-    ok = [r for r in rows if "error" not in r]
-    summary = {"config": cfg.identity(), **_accuracy(rows)}
-    cats = {}
-    for key in CATEGORY_KEYS:
-        groups = {}
-        for r in rows:
-            v = (r.get("meta") or {}).get(key)
-            if v is not None:
-                groups.setdefault(str(v), []).append(r)
-        if groups:
-            cats[key] = {k: _accuracy(g) for k, g in sorted(groups.items())}
-    summary["by_category"] = cats
-    vt = [r["visual_tokens"] for r in ok if "visual_tokens" in r]
-    site_names = list(dict.fromkeys(s for v in vt for s in v["sites"]))
-    summary["visual_tokens"] = {
-        **{k: _mean(v[k] for v in vt) for k in ("input", "llm_input", "final")},
-        "sites": {s: {m: _mean(v["sites"][s].get(m) for v in vt if s in v["sites"])
-                      for m in ("visual_in", "visual_out", "frames_in", "frames_out")
-                      if any(m in v["sites"].get(s, {}) for v in vt)} for s in site_names}}
-    for k in ("flops_fraction", "prefill_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_bytes"):
-        summary[k] = _mean(r.get(k) for r in ok)
-    peaks = [r["peak_mem_bytes"] for r in ok if r.get("peak_mem_bytes") is not None]
-    summary["peak_mem_bytes"] = max(peaks) if peaks else None
-    summary["peak_mem_kind"] = next((r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")), None)
-    from .bench import machine
-    summary["machine"] = machine()
-    summary["loadavg_start"] = [round(v, 2) for v in loadavg_start] if loadavg_start else None
-    summary["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    summary["wall_s_this_run"] = wall_s
-    return summary
-
-
-def _fmt(v, spec=".1f", scale=1.0):
-    return "-" if v is None else format(v * scale, spec)
-
-
-def format_summary(s: dict) -> str:
-    c = s["config"]
-    vt = s["visual_tokens"]
-    mem = "-" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f} MiB ({s['peak_mem_kind']})"
-    lines = [f"video-QA: model {c['model']}, policy `{c['policy'] or 'none (baseline)'}`, {c['frames']} frames"
-             f"{', frame selection ' + c['frame_select'] if c['frame_select'] else ''}, data {c['data']}",
-             "",
-             "| n | errors | acc loglik | acc generated | visual tokens in / LLM / final | FLOPs frac | "
-             "prefill ms | TTFT ms | decode ms/tok | peak mem |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| {s['n']} | {s['errors']} | {_fmt(s['loglik'], '.1%')} | {_fmt(s['generated'], '.1%')} | "
-             f"{_fmt(vt['input'], '.0f')} / {_fmt(vt['llm_input'], '.0f')} / {_fmt(vt['final'], '.0f')} | "
-             f"{_fmt(s['flops_fraction'], '.3f')} | {_fmt(s['prefill_ms'])} | {_fmt(s['ttft_ms'])} | "
-             f"{_fmt(s['decode_ms_per_token'], '.2f')} | {mem} |"]
-    if vt["sites"]:
-        lines += ["", "| site | visual in | visual out | frames in | frames out |", "|---|---|---|---|---|"]
-        for name, m in vt["sites"].items():
-            lines.append(f"| {name} | {_fmt(m.get('visual_in'))} | {_fmt(m.get('visual_out'))} | "
-                         f"{_fmt(m.get('frames_in'))} | {_fmt(m.get('frames_out'))} |")
-    for key, groups in s["by_category"].items():
-        lines += ["", f"| {key} | n | errors | acc loglik | acc generated |", "|---|---|---|---|---|"]
-        for name, a in groups.items():
-            lines.append(f"| {name} | {a['n']} | {a['errors']} | {_fmt(a['loglik'], '.1%')} | "
-                         f"{_fmt(a['generated'], '.1%')} |")
-    lines += ["", f"load average {s['loadavg_start']} -> {s['loadavg_end']}; torch threads "
-                  f"{s['machine']['torch_threads']}; accuracy counts errors as wrong"]
-    return "\n".join(lines)
-
-
-def write_summary(out, summary: dict) -> None:
-    out = Path(out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(format_summary(summary) + "\n")
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.3,0.5", help="fractions of the visual tokens kept")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard earlier results under --out (needed after the model's weights changed: runs "
+                        "are only resumed with the same weights)")
     args = p.parse_args(argv)
     import torch
     if args.threads:
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     qa = load_qa_model(args.model)
     # the embedded model answers with one word: 3 new tokens give the answer plus a decode-time figure
-    base = dict(data=str(held_out), model=args.model, frames=8, progress=args.progress, max_new_tokens=3)
+    base = dict(data=str(held_out), model=args.model, frames=8, progress=args.progress, max_new_tokens=3,
+                overwrite=args.overwrite)
     runs = plan_runs(list(SWEEP_METHODS), budgets, 8, CONTROLS)
     rows = run_sweep(base, runs, out / "sweep", qa=qa)
     write_outputs(rows, out / "sweep")

@@ -104,6 +104,24 @@ def test_resume_with_other_config_is_refused(tmp_path, data, model_dir, baseline
     check_out_dir(_cfg(data, full_dir, model_dir, policy="projector.out=random(keep=0.5)", overwrite=True))
 
 
+def test_resume_after_the_weights_changed_is_refused(tmp_path, data, model_dir):
+    """a retrained model keeps its directory: the weights' fingerprint is part of the run's identity"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    out = tmp_path / "run"
+    run_eval(_cfg(data, out, d, limit=2))
+    check_out_dir(_cfg(data, out, d))  # same weights: resumable
+    weights = load_file(str(d / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="another config.*weights"):
+        check_out_dir(_cfg(data, out, d))
+
+
 def test_bad_records_are_reported_and_the_run_goes_on(tmp_path, data, model_dir, qa):
     good = [json.loads(x) for x in Path(data).read_text().splitlines()][:2]
     (tmp_path / "corrupt.mp4").write_bytes(os.urandom(3000))
@@ -285,12 +303,15 @@ def test_cli_convert_is_wired(capsys):
 
 
 @pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").exists(), reason="trained embedded weights not shipped yet")
-def test_trained_embedded_model_answers_synthetic_questions(tmp_path):
-    """the shipped model on fresh clips (a seed it was not scored on) of the two question types it
-    answers at >= 95% held-out (README: per-type accuracy); both scorings pick the answer"""
-    ds = write_dataset(tmp_path / "data", 8, seed=777, frames=8, qtypes=["brief_color", "first_color"])
+@pytest.mark.parametrize("qtypes,n,need", [(["brief_color", "first_color"], 8, 7),
+                                           (["region_color"], 16, 12)])
+def test_trained_embedded_model_answers_synthetic_questions(tmp_path, qtypes, n, need):
+    """the shipped model on fresh clips (a seed it was not scored on) of the question types it
+    answers at >= 95% held-out (README: per-type accuracy); both scorings pick the answer. Chance
+    is 1 in 4; region_color needs the right token at the right frame."""
+    ds = write_dataset(tmp_path / "data", n, seed=777, frames=8, qtypes=qtypes)
     summary = run_eval(EvalConfig(data=str(ds), out=str(tmp_path / "out"), model="embedded", frames=8,
                                   progress=False, warmup=0, max_new_tokens=2))
     assert summary["errors"] == 0
-    assert summary["loglik"] >= 7 / 8, summary
-    assert summary["generated"] >= 7 / 8, summary
+    assert summary["loglik"] >= need / n, summary
+    assert summary["generated"] >= need / n, summary
