@@ -150,7 +150,7 @@ def normalise_policy(policy) -> str:
 
 
 def weights_fingerprint(spec: str) -> str | None:
-    """A short hash of the model directory's config and weight files, so that a run directory is
+    """A short hash of the model directory's config.json and weight files, so that a run directory is
     not resumed after the weights changed (a retrained embedded model keeps its path): the whole
     content of files up to 64 MiB; name, size, modification time and the first and last 64 KiB of
     larger ones (hashing gigabytes at every start would cost seconds). None when the directory
@@ -164,7 +164,9 @@ def weights_fingerprint(spec: str) -> str | None:
     if not root.is_dir():
         return None
     h = hashlib.sha256()
-    for f in sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()):
+    # the weights and the architecture only: training logs beside them may be edited freely
+    for f in sorted(p for p in root.iterdir()
+                    if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}".encode())
         with open(f, "rb") as fh:

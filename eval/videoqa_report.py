@@ -56,7 +56,6 @@ def check_targets(rows: list, frame_rows: dict, baseline_summary: dict) -> list:
     out = []
     base = _acc(_row(rows, "baseline"))
     by_type = {k: v["loglik"] for k, v in baseline_summary.get("by_category", {}).get("qtype", {}).items()}
-    worst = min(by_type.values()) if by_type else None
     out.append(("unreduced held-out accuracy >= 90%", base is not None and base >= 0.9,
                 f"{base:.1%} overall; " + ", ".join(f"{k} {v:.1%}" for k, v in by_type.items()) if base is not None
                 else "baseline missing"))
@@ -81,8 +80,11 @@ def check_targets(rows: list, frame_rows: dict, baseline_summary: dict) -> list:
 
 def format_report(targets, rows, frame_rows, baseline_summary, info) -> str:
     lines = ["# Video-QA on the embedded model", "",
-             f"Model: {info.get('params', '?')} parameters, trained {info.get('train_seconds', '?')} s "
-             f"({info.get('samples_seen', '?')} samples); held-out accuracy at the end of training: "
+             f"Model: {info.get('params', '?')} parameters, trained "
+             f"{info.get('total_train_seconds', info.get('train_seconds', '?'))} s "
+             f"({info.get('total_samples_seen', info.get('samples_seen', '?'))} samples"
+             f"{', %d stages' % len(info['stages']) if len(info.get('stages') or []) > 1 else ''}); "
+             f"held-out accuracy at the end of training: "
              f"{info.get('held_out', {}).get('all', float('nan')):.1%}.", "",
              "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     for name, met, detail in targets:

@@ -49,6 +49,8 @@ def test_count_targets_every_object_of_the_shape_and_none_for_zero():
         k = ["zero", "one", "two", "three"].index(s["answer"])
         seen_zero |= k == 0
         assert bool(targets.any()) == (k > 0)
+        unsupervised = attention_targets([s], [colours], cell=CELL, qtypes=[q for q in QTYPES if q != "count"])
+        assert not unsupervised.any()  # --attention-aux-types without count
         if k:
             shape = s["question"].split()[2][:-1]
             for o in (o for o in s["objects"] if o["shape"] == shape):
@@ -89,3 +91,15 @@ def test_two_training_steps_write_a_loadable_model(tmp_path):
     with torch.no_grad():
         logits = model(**proc(text=proc.prompt("how many circles are there ?", ["zero", "one"]), videos=[frames])).logits
     assert torch.isfinite(logits).all()
+    # a continuation (--init) reports its whole training: both stages and their totals
+    out2 = tmp_path / "run2"
+    assert main(["--out", str(out2), "--init", str(out), "--max-steps", "1", "--batch", "4", "--eval-samples", "5",
+                 "--frames", "4", "--threads", "1", "--attention-aux", "1",
+                 "--attention-aux-types", "region_color,start_end"]) == 0
+    info2 = json.loads((out2 / "training.json").read_text())
+    assert [st["steps"] for st in info2["stages"]] == [2, 1]
+    assert info2["total_samples_seen"] == 12
+    assert info2["total_train_seconds"] == info["train_seconds"] + info2["train_seconds"]
+    with pytest.raises(ValueError, match="valid: " + ", ".join(QTYPES)):
+        main(["--out", str(tmp_path / "bad"), "--max-steps", "1", "--attention-aux", "1",
+              "--attention-aux-types", "region_colour"])

@@ -114,6 +114,8 @@ def test_resume_after_the_weights_changed_is_refused(tmp_path, data, model_dir):
     out = tmp_path / "run"
     run_eval(_cfg(data, out, d, limit=2))
     check_out_dir(_cfg(data, out, d))  # same weights: resumable
+    (d / "training.json").write_text("{}")  # notes beside the weights do not count
+    check_out_dir(_cfg(data, out, d))
     weights = load_file(str(d / "model.safetensors"))
     name = next(iter(weights))
     weights[name] = weights[name] + 1.0
