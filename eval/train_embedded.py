@@ -147,16 +147,19 @@ def relevance_batch(gen, proc, n):
     return inputs, torch.tensor([proc.tokenizer.convert_tokens_to_ids(x) for x in target])
 
 
-def last_logits(model, inputs, hidden_layer=None, attention_layer=None):
-    """next-token logits at the last position; with hidden_layer / attention_layer also the LLM
-    hidden states after that many layers / that layer's attention probabilities (eager attention)"""
+def forward_last(model, inputs, hidden_layer=None, attention_layer=None):
+    """(next-token logits at the last position, the LLM hidden states after `hidden_layer` layers
+    or None, layer `attention_layer`'s attention probabilities (eager attention) or None)"""
     pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     out = model(**inputs, position_ids=pos, logits_to_keep=1, output_hidden_states=hidden_layer is not None,
                 output_attentions=attention_layer is not None)
-    if hidden_layer is None and attention_layer is None:
-        return out.logits[:, -1]
     return (out.logits[:, -1], None if hidden_layer is None else out.hidden_states[hidden_layer],
             None if attention_layer is None else out.attentions[attention_layer])
+
+
+def last_logits(model, inputs):
+    """next-token logits at the last position"""
+    return forward_last(model, inputs)[0]
 
 
 def frame_index_targets(input_ids, video_token_id: int, tokens_per_frame: int):
@@ -308,11 +311,8 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         samples, inputs, answers, _, (cols, shps), cmaps = make_batch(gen, proc, args.batch, weights=weights)
-        hl, al = (args.frame_aux_layer if args.frame_aux else None), (att_layer if args.attention_aux else None)
-        if hl is None and al is None:
-            logits, hidden, attn = last_logits(model, inputs), None, None
-        else:
-            logits, hidden, attn = last_logits(model, inputs, hidden_layer=hl, attention_layer=al)
+        logits, hidden, attn = forward_last(model, inputs, hidden_layer=args.frame_aux_layer if args.frame_aux else None,
+                                            attention_layer=att_layer if args.attention_aux else None)
         loss_answer = F.cross_entropy(logits, answers)
         feats = captured.pop("x")  # (B*T, patches, D)
         loss_aux = (F.cross_entropy(color_head(feats).flatten(0, 1), cols.flatten())
