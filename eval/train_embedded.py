@@ -195,14 +195,12 @@ def evaluate(model, proc, samples, videos, bs=50):
 def training_totals(init, info: dict) -> dict:
     """stages / total_train_seconds / total_samples_seen over this run and the runs it continues
     (--init DIR with its training.json), so a continued model reports its whole training"""
-    keys = ("train_seconds", "samples_seen", "steps")
+    def stage(d):
+        return {k: d.get(k) for k in ("train_seconds", "samples_seen", "steps", "args", "held_out")}
     prior = {}
     if init and (Path(init) / "training.json").exists():
         prior = json.loads((Path(init) / "training.json").read_text())
-    stages = list(prior.get("stages") or ([{k: prior.get(k) for k in keys} | {"args": prior.get("args"),
-                                                                             "held_out": prior.get("held_out")}]
-                                          if prior else []))
-    stages.append({k: info[k] for k in keys} | {"args": info["args"], "held_out": info["held_out"]})
+    stages = list(prior.get("stages") or ([stage(prior)] if prior else [])) + [stage(info)]
     return dict(stages=stages, total_train_seconds=sum(int(st["train_seconds"] or 0) for st in stages),
                 total_samples_seen=sum(int(st["samples_seen"] or 0) for st in stages))
 
