@@ -1,6 +1,7 @@
 """FrameFusion (Fu et al., ICCV 2025): the budget function and its ALGORITHMS.md §8.5 anchors,
 chain merges as plans, the merge/prune schedule against the compute budget, and end-to-end runs
-on the tiny LLaVA-OneVision / LLaVA-NeXT-Video video models (batch 2 left-padded, SDPA and eager)."""
+on the tiny LLaVA-OneVision / LLaVA-NeXT-Video video models (batch 2 left-padded, SDPA and eager),
+and the trained embedded model against a merge written out by hand."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -380,3 +381,66 @@ def test_sites_and_errors_on_a_model(cases):
     with torch.no_grad():
         case.model(**case.batch)
     h.remove()
+
+
+def _merge_by_hand(x, visual, frames, per_frame, keep_fraction):
+    """FrameFusion's layer-0 merge written out independently of tokenreduce: the top
+    (1 - keep_fraction) of the visual tokens by cosine similarity to the same patch position in
+    the previous frame fold, chain by chain, into the chain's earliest token (their mean).
+    Returns (hidden states, position ids) of the survivors, positions as in the full sequence."""
+    T, P = frames, per_frame
+    v = x[visual].view(T, P, -1)
+    sim = torch.nn.functional.cosine_similarity(v[1:], v[:-1], dim=-1)  # (T-1, P): frame t+1 vs t
+    order = torch.argsort(sim.T.reshape(-1), descending=True, stable=True)[: int((1 - keep_fraction) * T * P)]
+    merged = torch.zeros(P, T, dtype=torch.bool)
+    for j in order.tolist():
+        p, t = divmod(j, T - 1)
+        merged[p, t + 1] = True
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    out = x.clone()
+    for p in range(P):
+        t = 0
+        while t < T:
+            end = t + 1
+            while end < T and merged[p, end]:
+                end += 1
+            members = visual[torch.arange(t, end) * P + p]
+            out[members[0]] = x[members].mean(0)
+            keep[members[1:]] = False
+            t = end
+    return out[keep], torch.nonzero(keep).flatten()
+
+
+def test_matches_a_hand_written_merge_on_the_trained_model():
+    """On the trained embedded LLaVA-OneVision (real weights, so similarities rank real content):
+    with 4 layers, cost 0.3 leaves u = 0.7 at layer 0, the budget is met by merging alone, and the
+    reduced model's answer logits equal a hand-written merge fed to the bare decoder with the
+    survivors' original positions."""
+    from tokenreduce.eval.embedded import load_embedded
+    from tokenreduce.eval.synthetic import VideoQAGenerator
+    torch.manual_seed(0)
+    model, proc = load_embedded()
+    lm = model.model.language_model
+    assert compute_pruning_ratio([], 0.3, lm.config.num_hidden_layers) == pytest.approx(0.7)
+    seen = {}
+    hook = lm.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("x", (a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True)
+    gen = VideoQAGenerator(frames=8, seed=4242)
+    try:
+        for qtype in ("brief_color", "start_end", "count"):
+            s = gen.sample(qtype)
+            batch = proc(text=[proc.prompt(s["question"], s["options"])], videos=[gen.render(s)])
+            with torch.no_grad():
+                model(**batch)
+            ids = batch["input_ids"][0]
+            visual = torch.nonzero(ids == model.config.video_token_id).flatten()[:-1]  # the last is the newline
+            x, pos = _merge_by_hand(seen["x"][0], visual, 8, proc.tokens_per_frame, keep_fraction=0.3)
+            with torch.no_grad():
+                want = model.lm_head(lm(inputs_embeds=x[None], position_ids=pos[None]).last_hidden_state[:, -1])
+                with tr.reduce(model, "llm.layer.*=framefusion(cost=0.3)") as h:
+                    got = model(**batch).logits[:, -1]
+                    merged_out = h.stats["sites"]["llm.layer.0"]["tokens_out"]
+            assert merged_out == x.shape[0]
+            assert torch.allclose(got, want, atol=1e-4), (qtype, (got - want).abs().max())
+    finally:
+        hook.remove()
