@@ -1,4 +1,4 @@
-"""Train the embedded video-QA model (see embedded.py) on synthetic clips, on a CPU.
+"""Train the embedded video-QA model (see embedded.py) on synthetic clips, on a CPU (or a GPU: --device).
 
     python -m tokenreduce.eval.train_embedded --out /tmp/stage1 --minutes 65 --lr 8e-4 \
         --qtype-weights start_end=1.5,region_color=1.3 --position-aux 0.2 --frame-aux 0.2 --attention-aux 1
@@ -173,15 +173,34 @@ def frame_index_targets(input_ids, video_token_id: int, tokens_per_frame: int):
 
 
 @torch.no_grad()
+def to_device(tensors, device):
+    """a dict (model inputs) or a tuple/list of tensors, moved to `device`"""
+    if isinstance(tensors, dict):
+        return {k: v.to(device) for k, v in tensors.items()}
+    return type(tensors)(t.to(device) for t in tensors)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ValueError(f"--device {name!r}: valid are auto, cpu, cuda, cuda:N")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
 def evaluate(model, proc, samples, videos, bs=50):
     """accuracy per question type: the option with the highest answer logit"""
     model.eval()
     tok = proc.tokenizer
+    device = next(model.parameters()).device
     hits = {}
     for i in range(0, len(samples), bs):
         ss = samples[i:i + bs]
         inputs = proc(text=[proc.prompt(s["question"], s["options"]) for s in ss], videos=videos[i:i + bs])
-        lg = last_logits(model, inputs)
+        lg = last_logits(model, to_device(inputs, device)).cpu()
         opts = torch.tensor([tok.convert_tokens_to_ids(s["options"]) for s in ss])
         pick = lg.gather(1, opts).argmax(1)
         for s, p in zip(ss, pick.tolist()):
@@ -212,7 +231,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (rendering, and the model on the CPU)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; clips are rendered on the CPU")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-every", type=float, default=300.0, help="seconds")
     p.add_argument("--eval-samples", type=int, default=500)
@@ -243,6 +264,7 @@ def main(argv=None):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -277,6 +299,8 @@ def main(argv=None):
     n_patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     position_head = torch.nn.Linear(D, n_patches)
     frame_head = torch.nn.Linear(D, args.frames)
+    for module in (model, color_head, shape_head, position_head, frame_head):
+        module.to(device)
     params = [*model.parameters(), *color_head.parameters(), *shape_head.parameters(), *position_head.parameters(),
               *frame_head.parameters()]
     weights = None
@@ -309,6 +333,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         samples, inputs, answers, _, (cols, shps), cmaps = make_batch(gen, proc, args.batch, weights=weights)
+        inputs, (answers, cols, shps) = to_device(inputs, device), to_device((answers, cols, shps), device)
         logits, hidden, attn = forward_last(model, inputs, hidden_layer=args.frame_aux_layer if args.frame_aux else None,
                                             attention_layer=att_layer if args.attention_aux else None)
         loss_answer = F.cross_entropy(logits, answers)
@@ -323,18 +348,19 @@ def main(argv=None):
             loss = loss_frame * args.frame_aux + loss
             losses["frame"] = loss_frame.item()
         if args.attention_aux:
-            targets = attention_targets(samples, cmaps, cell=2 * cfg.vision_config.patch_size, qtypes=att_types)
+            targets = attention_targets(samples, cmaps, cell=2 * cfg.vision_config.patch_size,
+                                        qtypes=att_types).to(device)
             loss_att = attention_loss(attn, inputs["input_ids"], targets, cfg.video_token_id)
             loss = loss + args.attention_aux * loss_att
             losses["attention"] = loss_att.item()
         if args.position_aux:
-            where = torch.arange(feats.shape[1]).repeat(feats.shape[0])
+            where = torch.arange(feats.shape[1], device=device).repeat(feats.shape[0])
             loss_pos = F.cross_entropy(position_head(feats).flatten(0, 1), where)
             loss = loss + args.position_aux * loss_pos
             losses["position"] = loss_pos.item()
         if args.relevance_every and step % args.relevance_every == 0:
             r_inputs, r_target = relevance_batch(gen, proc, args.batch)
-            loss_rel = F.cross_entropy(last_logits(model, r_inputs), r_target)
+            loss_rel = F.cross_entropy(last_logits(model, to_device(r_inputs, device)), r_target.to(device))
             captured.pop("x", None)
             loss = loss + loss_rel
             losses["relevance"] = loss_rel.item()
@@ -365,10 +391,10 @@ def main(argv=None):
     print(f"FINAL step={step} seen={seen} train_time={train_seconds:.0f}s " + json.dumps({k: round(v, 3) for k, v in acc.items()}),
           flush=True)
     log.append(dict(t=round(train_seconds), step=step, seen=seen, acc=acc))
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.to("cpu").save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     info = dict(params=n_params, steps=step, samples_seen=seen, train_seconds=round(train_seconds),
-                threads=args.threads, load_average=os.getloadavg(), args=vars(args), held_out=acc,
+                threads=args.threads, device=str(device), load_average=os.getloadavg(), args=vars(args), held_out=acc,
                 held_out_samples=args.eval_samples, held_out_seed=12345, log=log)
     info.update(training_totals(args.init, info))
     (out / "training.json").write_text(json.dumps(info, indent=1))

@@ -85,6 +85,7 @@ def test_two_training_steps_write_a_loadable_model(tmp_path):
                  "--threads", "1", "--relevance-every", "2", "--position-aux", "0.2", "--frame-aux", "0.2",
                  "--attention-aux", "1"]) == 0
     info = json.loads((out / "training.json").read_text())
+    assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert info["steps"] == 2 and info["samples_seen"] == 8 and set(info["held_out"]) == set(QTYPES) | {"all"}
     model, proc = load_embedded(out)
     frames = np.zeros((4, 64, 64, 3), np.uint8)
@@ -103,3 +104,11 @@ def test_two_training_steps_write_a_loadable_model(tmp_path):
     with pytest.raises(ValueError, match="valid: " + ", ".join(QTYPES)):
         main(["--out", str(tmp_path / "bad"), "--max-steps", "1", "--attention-aux", "1",
               "--attention-aux-types", "region_colour"])
+
+
+def test_bad_device_names_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match="valid are auto, cpu, cuda, cuda:N"):
+        main(["--out", str(tmp_path / "bad"), "--max-steps", "1", "--device", "gpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            main(["--out", str(tmp_path / "bad"), "--max-steps", "1", "--device", "cuda"])
