@@ -149,12 +149,15 @@ def normalise_policy(policy) -> str:
     return Policy.coerce(policy).to_spec()
 
 
+_FINGERPRINTS: dict = {}  # (path, files' name/size/mtime) -> hash: one read per process unless a file changes
+
+
 def weights_fingerprint(spec: str) -> str | None:
     """A short hash of the model directory's config.json and weight files, so that a run directory is
     not resumed after the weights changed (a retrained embedded model keeps its path): the whole
     content of files up to 64 MiB; name, size, modification time and the first and last 64 KiB of
     larger ones (hashing gigabytes at every start would cost seconds). None when the directory
-    does not exist."""
+    does not exist. Cached per process on the files' names, sizes and modification times."""
     import hashlib
     kind, _, path = str(spec).partition(":")
     if kind == "embedded" and not path:
@@ -163,11 +166,15 @@ def weights_fingerprint(spec: str) -> str | None:
     root = Path(path)
     if not root.is_dir():
         return None
-    h = hashlib.sha256()
     # the weights and the architecture only: training logs beside them may be edited freely
-    for f in sorted(p for p in root.iterdir()
-                    if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")):
-        st = f.stat()
+    files = sorted(p for p in root.iterdir()
+                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))
+    stats = [(f, f.stat()) for f in files]
+    key = (str(root.resolve()), tuple((f.name, st.st_size, st.st_mtime_ns) for f, st in stats))
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    h = hashlib.sha256()
+    for f, st in stats:
         h.update(f"{f.name}:{st.st_size}".encode())
         with open(f, "rb") as fh:
             if st.st_size <= 64 << 20:
@@ -177,7 +184,8 @@ def weights_fingerprint(spec: str) -> str | None:
             h.update(fh.read(1 << 16))
             fh.seek(-(1 << 16), os.SEEK_END)
             h.update(fh.read())
-    return h.hexdigest()[:16]
+    _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def normalise_model_spec(spec: str) -> str:
