@@ -51,7 +51,8 @@ METHOD_HELP = {
     "random": "projector.out: a random subset",
     "dycoke_ttm": "projector.out: drop tokens similar to the same patch in the window's first frame",
     "fastv": "llm.layer.2: drop the visual tokens the last token attends to least",
-    "framefusion": "llm.layer.1: merge similar tokens of consecutive frames, then prune; budget = cost",
+    "framefusion": "llm.layer.* (every layer, as the paper): merge similar tokens of consecutive frames, then "
+                   "prune; budget = cost",
     "atp": "llm.layer.2: adaptive thresholds (budget ignored)",
 }
 FRAME_SELECTION = ("off", "uniform", "vlm")
@@ -173,7 +174,9 @@ def policy_spec(method: str, keep: float) -> str:
     if method == "fastv":
         return f"llm.layer.2=fastv(keep={keep})"
     if method == "framefusion":
-        return f"llm.layer.1=framefusion(cost={keep})"
+        # every layer, as the paper and the eval place it: its cost budget is over the whole LLM, so
+        # one site at layer 1 would have to remove far more than `keep` to make up for layer 0
+        return f"llm.layer.*=framefusion(cost={keep})"
     return "llm.layer.2=atp()"
 
 

@@ -158,6 +158,10 @@ def test_kept_tokens_per_frame_follow_the_trace(tiny_vqa, clip):
     expect = np.zeros((8, tpf))
     expect[(v // tpf).numpy(), (v % tpf).numpy()] = 1
     assert (grid > 0).sum() == 20 and np.array_equal(grid > 0, expect > 0)
+    # framefusion from the controls: budget 0.3 keeps 30% of the frame tokens, the rest merged into them
+    trace, off = _video_trace(vm, frames, s["question"], vq.policy_spec("framefusion", 0.3))
+    grid = vq.kept_tokens_per_frame(trace, 8, tpf, off)
+    assert (grid > 0).sum() == 8 * tpf - int(0.7 * 8 * tpf) and grid.sum() == 8 * tpf
     # frames selected inside the model: whole frames gone
     trace, off = _video_trace(vm, frames, s["question"], "frames=frame_select(k=4)")
     assert (vq.kept_tokens_per_frame(trace, 8, tpf, off).sum(1) > 0).tolist() == [True, False, True, False,
