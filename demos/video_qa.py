@@ -49,7 +49,8 @@ METHOD_HELP = {
     "none": "the unreduced model",
     "uniform": "projector.out: a spatially even subset per frame",
     "random": "projector.out: a random subset",
-    "dycoke_ttm": "projector.out: drop tokens similar to the same patch in the window's first frame",
+    "dycoke_ttm": "projector.out: drop tokens similar to the same patch in the window's first frame "
+                  "(frame 0 of each 4-frame window stays whole, so budgets below 0.25 keep 0.25)",
     "fastv": "llm.layer.2: drop the visual tokens the last token attends to least",
     "framefusion": "llm.layer.* (every layer, as the paper): merge similar tokens of consecutive frames, then "
                    "prune; budget = cost",
@@ -159,25 +160,17 @@ def parse_options(text, vocabulary: set) -> list:
 
 
 def policy_spec(method: str, keep: float) -> str:
-    """The one-line spec for a method and a budget (`keep`: fraction of the visual tokens kept)."""
+    """The one-line spec for a method and a budget (`keep`: fraction of the visual tokens kept):
+    the eval sweep's own mapping (tokenreduce.eval.sweep.SWEEP_METHODS), so a budget means the same
+    here as in the report (DyCoKe's ratio solved for the budget, FrameFusion at every layer)."""
+    from tokenreduce.eval.sweep import SWEEP_METHODS
     if method not in VIDEO_METHODS:
         raise DemoInputError(f"unknown method {method!r}; valid: {', '.join(VIDEO_METHODS)}")
     if not 0.0 < float(keep) <= 1.0:
         raise DemoInputError(f"budget must be a fraction in (0, 1] of the visual tokens kept, got {keep!r}")
-    keep = round(float(keep), 3)
     if method == "none":
         return ""
-    if method in ("uniform", "random"):
-        return f"projector.out={method}(keep={keep})"
-    if method == "dycoke_ttm":
-        return f"projector.out=dycoke_ttm(k={round(1.0 - keep, 3)})"   # k: fraction of a pruned frame removed
-    if method == "fastv":
-        return f"llm.layer.2=fastv(keep={keep})"
-    if method == "framefusion":
-        # every layer, as the paper and the eval place it: its cost budget is over the whole LLM, so
-        # one site at layer 1 would have to remove far more than `keep` to make up for layer 0
-        return f"llm.layer.*=framefusion(cost={keep})"
-    return "llm.layer.2=atp()"
+    return SWEEP_METHODS[method].spec(round(float(keep), 3), DEFAULT_FRAMES)
 
 
 build_policy = parse_policy_text

@@ -168,6 +168,19 @@ def test_kept_tokens_per_frame_follow_the_trace(tiny_vqa, clip):
                                                                                    False, True, False, True]
 
 
+@pytest.mark.parametrize("method", [m for m in vq.VIDEO_METHODS if m not in ("none", "atp")])
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_budget_is_the_fraction_of_frame_tokens_kept(tiny_vqa, clip, method, budget):
+    """the demo's budget means what the eval sweep's does (its specs are the sweep's)"""
+    from tokenreduce.eval.sweep import SWEEP_METHODS
+    vm, (frames, s) = tiny_vqa, clip
+    spec = vq.policy_spec(method, budget)
+    assert spec == SWEEP_METHODS[method].spec(budget, vq.DEFAULT_FRAMES)
+    trace, off = _video_trace(vm, frames, s["question"], spec)
+    kept = int((vq.kept_tokens_per_frame(trace, 8, vm.tokens_per_frame, off) > 0).sum())
+    assert abs(kept - budget * 8 * vm.tokens_per_frame) <= 3, (spec, kept)
+
+
 def test_run_video_qa_with_frame_selection(tiny_vqa, clip):
     vm, (frames, s) = tiny_vqa, clip
     r = vq.run_video_qa(vm, frames, s["question"], s["options"], "projector.out=random(keep=0.25)", "uniform", 4,
