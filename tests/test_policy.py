@@ -40,6 +40,25 @@ def test_stage_dict_forms():
     assert a == b == c
 
 
+def test_stage_dict_is_not_changed_and_conflicts_are_refused():
+    params = {"ratio": 0.5}
+    stage = {"site": "llm.layer.2", "method": "fastv", "params": params, "attended": "least"}
+    assert Policy.from_dict({"stages": [stage]}).to_spec() == "llm.layer.2=fastv(attended='least')"
+    assert params == {"ratio": 0.5} and "attended" not in params  # the caller's dict as given
+    with pytest.raises(PolicyError, match="ratio given both in 'params' and beside them"):
+        Policy.from_dict({"stages": [dict(stage, ratio=0.7)]})
+
+
+def test_a_failed_reduce_leaves_the_installed_policy(vit_case):
+    model = vit_case.build()
+    h = tr.reduce(model, "vision.block.*=tome(r=2)")
+    for bad in ("vision.block.99=tome(r=2)", "vision.out=tomee(r=1)", "vision.out=random(keep=1.5)"):
+        with pytest.raises((SiteError, PolicyError)):
+            tr.reduce(model, bad)
+        assert not h.removed and model.__dict__[tr.api._ATTR] is h
+    h.remove()
+
+
 def test_literals_are_parsed_never_evaluated():
     with pytest.raises(PolicyError, match="must be a Python literal"):
         Policy.from_spec("vision.out=random(keep=__import__('os').getpid())")
@@ -64,6 +83,14 @@ def test_unknown_parameter_names_valid_ones():
     ("vision.out random(keep=4)", "expected SITE=METHOD"),
     ("vision.out=random(keep=4", "unbalanced"),
     ("vision..out=random", "malformed site"),
+    # only one plain call is a method: nothing after it is silently dropped or taken instead
+    ("vision.out=vtc_cls(keep=64)(keep=32)", "malformed method call"),
+    ("vision.out=vtc_cls(keep=64).x(keep=8)", "malformed method call"),
+    ("vision.out=vtc_cls(keep=64), fastv(ratio=0.5)", "malformed method call"),
+    ("vision.out=vtc_cls(keep=64)+(1)", "malformed method call"),
+    ("llm.layer.2=fastv(ratio=0.5, ratio=0.7)", "'ratio' is given twice"),
+    ("vision.block.*=tome(r=(8, -1), inflection=0.5)", "r=\\(8, -1\\) already gives the inflection"),
+    ("projector.out=dycoke_ttm(k=0.7, ratio=0.5)", "k and ratio name the same number"),
 ])
 def test_bad_values(spec, match):
     with pytest.raises(PolicyError, match=match):

@@ -412,3 +412,41 @@ def test_wrong_sites_are_refused():
     case = V.llava_onevision("sdpa")
     with pytest.raises(SiteError, match="dycoke_ttm cannot run at site 'llm.layer.1'; it runs at: projector.out"):
         tr.reduce(case.model, "llm.layer.1=dycoke_ttm")
+
+
+# -- budgets in batches whose samples carry different numbers of visual tokens -------------------
+def _llm_stream(kind):
+    B, N = kind.shape
+    x = _rand(B, N, 8)
+    site = SiteInfo(name="llm.layer.2", family="llm.layer", index=2, depth=4, own_layer=1,
+                    signals=frozenset({"cls_attn", "x"}))
+    st = TokenStream.start(x, kind=kind, order="sequence")
+    st.signals.put("cls_attn", 1, st.pos, _rand(B, N, seed=1).softmax(-1))
+    return st.with_x(x, site=site.name, info=site, own_layer=1, depth=4, layer=2)
+
+
+def _kept_visual(reducer, kind):
+    st = _llm_stream(kind)
+    plan = reducer.plan(st)
+    if plan is None:
+        return st.num_visual().tolist()
+    out, _ = apply_plan(st, plan)
+    vis = out.visual if out.valid is None else out.visual & out.valid
+    return vis.sum(1).tolist()
+
+
+@pytest.mark.parametrize("spec", ["random(keep=0.5)", "random(keep=0.5, shared=True)", "uniform(keep=0.5)",
+                                  "vtc_cls(keep=0.5, layers=[1])", "uniform(keep=3)"])
+def test_fractional_budgets_are_per_sample(spec):
+    """keep=0.5 is half of each sample's own visual tokens (it was half of the batch's largest),
+    so a sample keeps the same count alone as in a batch; a text-only sample keeps its text"""
+    from tokenreduce.policy import parse_call
+    red = parse_call(spec)
+    kind = torch.full((3, 14), int(Kind.TEXT))
+    kind[0, 2:12] = int(Kind.VISUAL)   # 10 visual tokens
+    kind[1, 2:6] = int(Kind.VISUAL)    # 4
+    #      sample 2: text only
+    batch = _kept_visual(red, kind)
+    alone = [_kept_visual(red, kind[b:b + 1])[0] for b in range(3)]
+    want = [3, 3, 0] if spec.endswith("keep=3)") else [5, 2, 0]
+    assert batch == alone == want

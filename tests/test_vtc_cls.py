@@ -69,3 +69,18 @@ def test_cls_signal_on_siglip_fails_at_reduce_time():
 def test_future_layer_is_refused():
     with pytest.raises(SiteError, match="runs after this site"):
         tr.reduce(_clip(), "vision.block.1=vtc_cls(keep=8, layers=[3])")
+
+
+def test_layers_outside_the_model_are_refused_not_wrapped(vit_case):
+    """layers=[depth + 6] used to wrap around to layer 6; negative indices count from the end"""
+    model = vit_case.build()
+    info = tr.sites(model)["vision.out"]
+    if "cls_attn" not in info.signals:
+        pytest.skip(f"{vit_case.name}: no [CLS] token")
+    depth = info.depth
+    with pytest.raises(SiteError, match=rf"at layer {depth + 6}; valid layers: 0..{depth - 1}"):
+        tr.reduce(model, f"vision.out=vtc_cls(keep=4, layers=[{depth + 6}])")
+    with tr.reduce(model, "vision.out=vtc_cls(keep=4, layers=[-1])"):
+        pass
+    with pytest.raises(SiteError, match=rf"start={-depth - 1} is outside the model's layers; valid: {-depth}..{depth - 1}"):
+        tr.reduce(model, f"vision.out=vtc_cls(keep=4, start={-depth - 1})")

@@ -81,11 +81,9 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
 
     policy: a Policy, a dict, a one-line spec string or a path to a YAML/JSON file.
     adapter: an adapter class to use instead of the one the registry finds.
-    Reducing an already reduced model replaces the previous policy.
+    Reducing an already reduced model replaces the previous policy (only once the new one is
+    known to be valid: a policy that fails to parse or resolve leaves the old one installed).
     """
-    old = model.__dict__.get(_ATTR)
-    if old is not None:
-        old.remove()
     policy = Policy.coerce(policy)
     adapter_cls = adapter or find_adapter(model)
     ad = adapter_cls(model, **adapter_options)
@@ -93,6 +91,9 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     stages = policy.resolve(sites)
     for site, red in stages:
         red.check_site(sites[site])
+    old = model.__dict__.get(_ATTR)
+    if old is not None:
+        old.remove()
     handle = Handle(model, policy, ad, stages)
     ad.install(stages, handle.recorder)
     model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict

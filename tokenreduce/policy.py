@@ -94,7 +94,10 @@ class Stage:
         method = d.pop("method", None)
         if site is None or method is None:
             raise PolicyError(f"a stage dict needs 'site' and 'method' keys (got {choices(sorted(d))})")
-        params = d.pop("params", None) or {}
+        params = dict(d.pop("params", None) or {})  # a copy: the caller's dict stays as given
+        both = sorted(set(params) & set(d))
+        if both:
+            raise PolicyError(f"stage {site}={method}: {choices(both)} given both in 'params' and beside them")
         params.update(d)  # parameters may also sit beside site/method
         return cls(site, make_reducer(method, params))
 
@@ -246,12 +249,17 @@ def parse_call(text: str) -> Reducer:
             call = ast.parse(f"_({args})", mode="eval").body
         except SyntaxError as exc:
             raise PolicyError(f"malformed arguments in {text!r}: {exc.msg}") from None
+        # "f(a=1)(b=2)", "f(a=1).x(b=2)", "f(a=1), g()" parse too: only one plain call is a spec
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "_"):
+            raise PolicyError(f"malformed method call {text!r}; expected METHOD or METHOD(key=value, ...)")
         if call.args:
             raise PolicyError(f"{method}: arguments must be named (key=value); "
                               f"valid parameters: {choices(reducer_class(method).param_names())}")
         for kw in call.keywords:
             if kw.arg is None:
                 raise PolicyError(f"{method}: '**' is not allowed in a spec")
+            if kw.arg in params:
+                raise PolicyError(f"{method}: {kw.arg!r} is given twice in {text!r}")
             try:
                 params[kw.arg] = ast.literal_eval(kw.value)
             except ValueError:

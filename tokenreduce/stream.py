@@ -188,20 +188,15 @@ class TokenStream:
         """(B,) number of visual tokens per sample."""
         return self.visual.sum(1)
 
-    def budget(self, keep: int | float, n_visual: int | Tensor | None = None) -> int:
-        """Resolve a `keep` budget (a count, or a fraction in (0, 1]) into a token count.
-
-        Batched streams here carry the same number of visual tokens per sample; a fraction is
-        taken of that number and rounded.
-        """
-        if n_visual is None:
-            nv = self.num_visual()
-            n_visual = int(nv.max()) if nv.numel() else 0
-        n_visual = int(n_visual)
+    def budget(self, keep: int | float) -> Tensor:
+        """(B,) long: a `keep` budget (an int count, or a float fraction in (0, 1]) resolved per
+        sample against that sample's own number of visual tokens (rounded; at most that number),
+        so a sample keeps the same count in any batch."""
         if isinstance(keep, bool) or not isinstance(keep, (int, float)):
             raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
-        k = int(round(keep * n_visual)) if isinstance(keep, float) else int(keep)
-        return max(0, min(k, n_visual))
+        nv = self.num_visual()
+        k = torch.round(nv.double() * keep).long() if isinstance(keep, float) else torch.full_like(nv, int(keep))
+        return torch.minimum(k.clamp(min=0), nv)
 
     def signal(self, name: str, layer: int | None = None) -> Tensor:
         """A captured signal for the current tokens (layer None = this site's own layer)."""
@@ -256,15 +251,6 @@ class Plan:
     @property
     def num_kept(self) -> int:
         return self.keep.shape[1]
-
-
-def keep_visual(stream: TokenStream, chosen: Tensor) -> Plan:
-    """A pruning plan: every non-visual token (CLS, text, padding) plus the `chosen` (B, k)
-    visual ones, in original order. The common shape of a plan when a reducer picks among visual
-    tokens only; samples that end up with different counts get a ragged (padded) plan."""
-    mask = ~stream.visual
-    mask = mask.scatter(1, chosen, True)
-    return Plan.from_mask(mask)
 
 
 def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:

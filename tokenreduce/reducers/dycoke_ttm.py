@@ -12,6 +12,7 @@ from ..stream import Plan, TokenStream
 from ._packing import pack, protected_indices
 from .base import Reducer, check_choice, check_fraction
 
+DEFAULT_K = 0.7  # the README's setting (the reference's model builder defaults to 0.3)
 #: within each window of 4 frames: (frame, the frame it is compared with); frame 0 is kept whole
 WINDOW = 4
 PAIRS = ((1, 0), (2, 0), (3, 2))
@@ -60,22 +61,22 @@ class DyCokeTTM(Reducer):
     paper = "Tao et al., DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models, CVPR 2025 (arXiv:2411.15024)"
     site_families = ("projector.out",)
 
-    k: float = 0.7
+    k: object = None        # None: DEFAULT_K
     ratio: object = None
     on_image: str = "error"
 
     def __post_init__(self):
-        check_fraction(self.name, "k", self.k, 0.0, 1.0)
-        if self.ratio is not None:
-            check_fraction(self.name, "ratio", self.ratio, 0.0, 1.0)
-            if self.k != 0.7 and self.k != self.ratio:
-                raise PolicyError(f"dycoke_ttm: k and ratio name the same number (fraction of a pruned frame's "
-                                  f"tokens removed); got k={self.k!r} and ratio={self.ratio!r}, give one")
+        for name in ("k", "ratio"):
+            if getattr(self, name) is not None:
+                check_fraction(self.name, name, getattr(self, name), 0.0, 1.0)
+        if self.k is not None and self.ratio is not None and self.k != self.ratio:
+            raise PolicyError(f"dycoke_ttm: k and ratio name the same number (fraction of a pruned frame's "
+                              f"tokens removed); got k={self.k!r} and ratio={self.ratio!r}, give one")
         check_choice(self.name, "on_image", self.on_image, ON_IMAGE)
 
     @property
     def K(self) -> float:
-        return float(self.ratio if self.ratio is not None else self.k)
+        return float(next((v for v in (self.ratio, self.k) if v is not None), DEFAULT_K))
 
     def kept_per_frame(self, P: int) -> int:
         """The reference's count: int((1 - K) * P)."""

@@ -42,7 +42,7 @@ class RandomPrune(Reducer):
 
     def plan(self, stream: TokenStream) -> Plan | None:
         k = stream.budget(self.keep)
-        if k >= int(stream.num_visual().max()):
+        if bool((k >= stream.num_visual()).all()):
             return None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + (stream.layer or 0) * 7919 + len(stream.site))
         if self.shared:

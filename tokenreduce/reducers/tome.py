@@ -42,6 +42,9 @@ class ToMe(Reducer):
         if isinstance(self.r, tuple):  # ToMe's (r, inflection) form
             if len(self.r) != 2:
                 raise PolicyError(f"tome: r as a tuple must be (r, inflection), got {self.r!r}")
+            if self.inflection != 0.0 and self.inflection != self.r[1]:  # 0.0: the default, not given
+                raise PolicyError(f"tome: r={self.r!r} already gives the inflection; got inflection="
+                                  f"{self.inflection!r} too, give one")
             self.r, self.inflection = int(self.r[0]), float(self.r[1])
         if isinstance(self.r, list):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.r):

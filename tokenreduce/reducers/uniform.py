@@ -8,7 +8,7 @@ import torch
 
 from ..ops import grid_lattice, nearest_unique
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream, keep_visual
+from ..stream import Plan, TokenStream
 from .base import Reducer, check_budget
 
 
@@ -34,15 +34,19 @@ class UniformPrune(Reducer):
 
     def plan(self, stream: TokenStream) -> Plan | None:
         k = stream.budget(self.keep)
-        if k >= int(stream.num_visual().max()):
+        if bool((k >= stream.num_visual()).all()):
             return None
-        chosen = torch.stack([self._pick(stream, b, k) for b in range(stream.batch)])
-        return keep_visual(stream, chosen)
+        mask = ~stream.visual  # every non-visual token, plus each sample's own k lattice picks
+        for b, kb in enumerate(k.tolist()):
+            mask[b, self._pick(stream, b, kb)] = True
+        return Plan.from_mask(mask)
 
     @staticmethod
     def _pick(stream: TokenStream, b: int, k: int) -> torch.Tensor:
         vis = torch.nonzero(stream.visual[b]).squeeze(1)
         dev = vis.device
+        if k <= 0 or len(vis) == 0:  # e.g. a text-only sample in a batch with images
+            return vis[:0]
         if stream.grid is None or stream.patch is None:
             sel = torch.linspace(0, len(vis) - 1, k).round().long().to(dev)
             return vis[sel].sort().values

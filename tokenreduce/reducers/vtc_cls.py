@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PolicyError
+from ..errors import PolicyError, SiteError
 from ..registry import register_reducer
 from ..stream import Plan, TokenStream, keep_top_visual
 from .base import Needs, Reducer, SiteInfo, check_budget, check_choice
@@ -56,13 +56,18 @@ class VTCCLS(Reducer):
     def score_layers(self, site: SiteInfo) -> tuple:
         depth = site.depth
         if self.layers is not None:
-            return tuple(sorted({l % depth for l in self.layers}))
+            # negative indices count from the end (-1 = the last layer); anything outside
+            # -depth..depth-1 is left as given so that check_site names the valid range
+            return tuple(sorted({l + depth if -depth <= l < 0 else l for l in self.layers}))
         own = site.own_layer if site.own_layer is not None else depth - 1
         if site.family != "vision.out":
             return (own,)
         last = min(own, depth - 2) if depth > 1 else own
         start = self.start if self.start is not None else round(2 * depth / 3)
-        start = start % depth if start < 0 else start
+        start = start + depth if -depth <= start < 0 else start
+        if not 0 <= start < depth:
+            raise SiteError(f"vtc_cls at {site.name!r}: start={self.start} is outside the model's layers; "
+                            f"valid: {-depth}..{depth - 1}")
         return tuple(range(min(start, last), last + 1))
 
     def needs(self, site: SiteInfo) -> Needs:
@@ -79,6 +84,6 @@ class VTCCLS(Reducer):
     def plan(self, stream: TokenStream) -> Plan | None:
         layers = self.score_layers(stream.info)
         k = stream.budget(self.keep)
-        if k >= int(stream.num_visual().max()):
+        if bool((k >= stream.num_visual()).all()):
             return None
         return keep_top_visual(stream, self.scores(stream, layers), k)
