@@ -117,6 +117,12 @@ class EvalConfig:
             raise ValueError(f"unknown frame scorer {self.frame_select!r}; choose one of: {', '.join(FRAME_SCORERS)}")
         if self.continuation is not None and self.continuation not in CONTINUATIONS:
             raise ValueError(f"unknown continuation {self.continuation!r}; choose one of: {', '.join(CONTINUATIONS)}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown --device {self.device!r}; valid forms: cpu, cuda, cuda:N, mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: float32, float16, bfloat16")
         for name in ("frames", "batch", "max_new_tokens"):
@@ -214,8 +220,11 @@ class QAModel:
     def prompt(self, question: str, options: list) -> str:
         raise NotImplementedError
 
+    #: extra processor arguments (HF checkpoints: left padding, see HFQA)
+    processor_kwargs: dict = {}
+
     def inputs(self, prompts: list, videos: list) -> dict:
-        enc = self.processor(text=prompts, videos=videos, return_tensors="pt", padding=True)
+        enc = self.processor(text=prompts, videos=videos, return_tensors="pt", padding=True, **self.processor_kwargs)
         dt = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype=dt) if torch.is_floating_point(v) else v.to(self.device))
                 for k, v in dict(enc).items() if torch.is_tensor(v)}
@@ -258,6 +267,10 @@ class HFQA(QAModel):
     """A Hugging Face LLaVA-family checkpoint with its AutoProcessor: the processor's chat template,
     options lettered "A. ...", and the lmms-eval instruction to answer with the letter."""
 
+    # scoring reads each row's last position, so batches are padded on the left whatever the
+    # checkpoint's tokenizer defaults to (the transformers docs ask the same for batched generation)
+    processor_kwargs = {"padding_side": "left"}
+
     def prompt(self, question, options):
         body = "\n".join([question.strip()] + [f"{CHOICE_LETTERS[i]}. {o}" for i, o in enumerate(options)]
                          + [HF_ANSWER_INSTRUCTION])
@@ -266,7 +279,6 @@ class HFQA(QAModel):
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         token = getattr(self.processor, "video_token", "<video>")
         return f"USER: {token}\n{body} ASSISTANT:"
-
 
 
 def load_qa_model(spec: str, device="cpu", dtype="float32") -> QAModel:
@@ -667,6 +679,11 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
     if not state.is_main_process:
         return None
     rows = merge_results(cfg.out, order)
+    # the summary covers this run's records only: rows of an earlier run with a larger --limit, or
+    # of a line since fixed or removed, stay in results.jsonl (a later run may resume them) but
+    # are not counted
+    wanted = {i: n for n, i in enumerate(order)}
+    rows = sorted((r for r in rows if r.get("id") in wanted), key=lambda r: wanted[r["id"]])
     summary = summarise(rows, cfg, wall_s=wall, loadavg_start=load_avg_start)
     write_summary(cfg.out, summary)
     return summary

@@ -104,6 +104,27 @@ def test_resume_with_other_config_is_refused(tmp_path, data, model_dir, baseline
     check_out_dir(_cfg(data, full_dir, model_dir, policy="projector.out=random(keep=0.5)", overwrite=True))
 
 
+def test_summary_counts_this_runs_records_only(tmp_path, data, model_dir, qa):
+    """rows an earlier run wrote beyond this run's --limit, or for a malformed line since fixed,
+    stay in results.jsonl (a later run may resume them) but are not in this run's summary"""
+    out = tmp_path / "run"
+    assert run_eval(_cfg(data, out, model_dir, limit=4, scoring="loglik"), qa=qa)["n"] == 4
+    small = run_eval(_cfg(data, out, model_dir, limit=2, scoring="loglik"), qa=qa)
+    rows = read_results(out / "results.jsonl")
+    assert small["n"] == 2 and len(rows) == 4
+    assert small["loglik"] == pytest.approx(sum(r["loglik_correct"] for r in rows[:2]) / 2)
+    # a malformed line, then the same file with the line fixed
+    records = [json.loads(x) for x in Path(data).read_text().splitlines()[:3]]
+    (tmp_path / "videos").symlink_to(Path(data).parent / "videos")
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:2] + [dict(records[2], options="red")]))
+    out2 = tmp_path / "run2"
+    assert run_eval(_cfg(path, out2, model_dir, scoring="loglik"), qa=qa)["errors"] == 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = run_eval(_cfg(path, out2, model_dir, scoring="loglik"), qa=qa)
+    assert again["n"] == 3 and again["errors"] == 0
+
+
 def test_resume_after_the_weights_changed_is_refused(tmp_path, data, model_dir):
     """a retrained model keeps its directory: the weights' fingerprint is part of the run's identity"""
     import shutil
@@ -270,9 +291,11 @@ def test_sweep_method_table_errors_name_valid_choices():
 
 def test_hf_checkpoint_with_its_processor(tmp_path, data):
     """--model hf:DIR: a real LlavaOnevisionProcessor (chat template, video processor) saved next to
-    a tiny model, loaded back through AutoProcessor / AutoModelForImageTextToText."""
+    a tiny model, loaded back through AutoProcessor / AutoModelForImageTextToText. Its tokenizer
+    pads on the right: batches must score as single samples do all the same."""
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
     tok = build_tokenizer()
+    tok.padding_side = "right"
     template = ("{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'video' %}"
                 "<video>{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
                 "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
@@ -293,6 +316,14 @@ def test_hf_checkpoint_with_its_processor(tmp_path, data):
         assert r["loglik_continuations"] == ["A", "B", "C", "D"]  # hf default: the letter
         assert r["visual_tokens"]["input"] == FRAMES * 16 + 1
         assert r["visual_tokens"]["llm_input"] == pytest.approx((FRAMES * 16 + 1) / 2, abs=1)
+    runs = {}
+    for batch in (1, 2):
+        run_eval(EvalConfig(data=str(data), out=str(tmp_path / f"b{batch}"), model=f"hf:{ckpt}", frames=FRAMES,
+                            limit=3, progress=False, warmup=0, max_new_tokens=2, batch=batch))
+        runs[batch] = read_results(tmp_path / f"b{batch}" / "results.jsonl")
+    for one, two in zip(runs[1], runs[2]):
+        assert one["id"] == two["id"] and one["generated"] == two["generated"]
+        assert one["loglik_scores"] == pytest.approx(two["loglik_scores"], abs=1e-3)
     with pytest.raises(ValueError, match="valid forms: embedded"):
         load_qa_model("llava:somewhere")
 
@@ -317,3 +348,25 @@ def test_trained_embedded_model_answers_synthetic_questions(tmp_path, qtypes, n,
     assert summary["errors"] == 0
     assert summary["loglik"] >= need / n, summary
     assert summary["generated"] >= need / n, summary
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(model="llava"), "valid forms: embedded"),
+    (dict(scoring="loglik,votes"), "choose from: loglik, generate"),
+    (dict(dtype="fp8"), "choose one of: float32, float16, bfloat16"),
+    (dict(device="gpu0"), "valid forms: cpu, cuda, cuda:N"),
+    (dict(frames=0), "--frames must be >= 1"),
+    (dict(frame_select="oracle"), "choose one of: "),
+    (dict(frame_select="uniform", candidates=4), r"--candidates \(4\) must be >= --frames \(8\)"),
+])
+def test_bad_run_options_name_the_valid_choices(tmp_path, kw, match):
+    """checked when the config is made: before run.json is written or a model is loaded"""
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(**{"data": "d.jsonl", "out": str(tmp_path / "o"), "frames": 8, **kw})
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_says_so(tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available on this machine; use --device cpu"):
+        EvalConfig(data="d.jsonl", out=str(tmp_path / "o"), device="cuda")
