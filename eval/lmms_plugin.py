@@ -275,7 +275,10 @@ def doc_to_target(doc) -> str:
 
 def parse_choice(prediction: str, options) -> int | None:
     """The option a free-form answer picks: a leading letter ("B", "B.", "(B) ...") first, then
-    an option text equal to (or, when only one fits, contained in) the answer; None if neither."""
+    an option text equal to (or, when only one fits, contained as a phrase in) the answer; None
+    if neither. Stricter than the runner's parse_choice, which takes an option that merely starts
+    the answer: "one or two" is None here. Trailing punctuation is ignored on both sides
+    (Video-MME's options end in a full stop)."""
     import re
 
     from .videoqa_data import LETTERS
@@ -283,11 +286,15 @@ def parse_choice(prediction: str, options) -> int | None:
     m = re.match(r"^\(?([A-J])(?:[.):]|\s|$)", text)
     if m and LETTERS.index(m.group(1)) < len(options):
         return LETTERS.index(m.group(1))
-    low = text.lower().rstrip(".")
-    exact = [i for i, o in enumerate(options) if o.strip().lower() == low]
+
+    def norm(t):
+        return re.sub(r"[\s.,;:!?]+$", "", str(t).strip().lower())
+    low = norm(text)
+    exact = [i for i, o in enumerate(options) if norm(o) and norm(o) == low]
     if len(exact) == 1:
         return exact[0]
-    inside = [i for i, o in enumerate(options) if re.search(rf"\b{re.escape(o.strip().lower())}\b", low)]
+    inside = [i for i, o in enumerate(options)
+              if norm(o) and re.search(rf"(?<!\w){re.escape(norm(o))}(?!\w)", low)]
     return inside[0] if len(inside) == 1 else None
 
 

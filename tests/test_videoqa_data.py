@@ -446,3 +446,6 @@ def test_plugin_task_functions_for_jsonl_datasets():
     assert [parse_choice(p, doc["options"]) for p in ("C", "(C) two", "C. two", "two", "Two.", "it is two",
                                                      "E", "none", "one or two")] == [2, 2, 2, 2, 2, 2, None, None, None]
     assert process_results(doc, ["C"]) == {"accuracy": 1.0} and process_results(doc, ["one"]) == {"accuracy": 0.0}
+    mme = ["Apples.", "Candles.", "Berries.", "Same."]  # Video-MME's options end in a full stop
+    assert [parse_choice(p, mme) for p in ("Berries.", "berries", "The answer is Berries.", "Apples or Berries.",
+                                          "Sameness")] == [2, 2, 2, None, None]
