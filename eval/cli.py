@@ -158,14 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["convert"]:  # its own parser (eval/videoqa_data.py) takes everything after the word
-        from .videoqa_data import convert_main
-        return convert_main(argv[1:])
-    if argv[:2] == ["eval", "report"]:  # its own parser (eval/videoqa_report.py)
-        from .videoqa_report import main as report_main
-        return report_main(argv[2:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["convert"]:  # its own parser (eval/videoqa_data.py) takes everything after the word
+            from .videoqa_data import convert_main
+            return convert_main(argv[1:])
+        if argv[:2] == ["eval", "report"]:  # its own parser (eval/videoqa_report.py)
+            from .videoqa_report import main as report_main
+            return report_main(argv[2:])
+        args = build_parser().parse_args(argv)
         return args.fn(args) or 0
     except Exception as exc:  # show a user error as one line, not a traceback
         from tokenreduce.errors import TokenReduceError

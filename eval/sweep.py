@@ -105,6 +105,15 @@ def plan_runs(methods, budgets, frames: int, policies: dict | None = None, basel
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ValueError(f"duplicate run label(s) {dup}: give each policy a distinct label")
+    # each run has its own directory under --out: labels must stay apart once made file-safe
+    dirs = {}
+    for label in labels:
+        d = _dirname(label)
+        if d in (".", "..") or d in dirs:
+            other = f" and {dirs[d]!r}" if d in dirs else ""
+            raise ValueError(f"run label {label!r}{other} would use the directory {d!r}; give labels that differ "
+                             "in letters, digits, '_', '.', '=' or '-'")
+        dirs[d] = label
     return runs
 
 

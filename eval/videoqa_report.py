@@ -35,6 +35,18 @@ CONTROLS = {
 }
 
 
+def report_runs(budgets: str) -> list:
+    """The sweep's runs for --budgets "0.3,0.5": baseline, every method at each budget, and the
+    controls the target checks need unless a budget already gives them (--budgets 0.25 runs
+    fastv_b0.25 once)."""
+    try:
+        values = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets {budgets!r}: give fractions of the visual tokens kept, e.g. 0.3,0.5") from None
+    have = {label for label, *_ in plan_runs(list(SWEEP_METHODS), values, 8)}
+    return plan_runs(list(SWEEP_METHODS), values, 8, {k: v for k, v in CONTROLS.items() if k not in have})
+
+
 def ensure_dataset(root: Path, name: str, num: int, seed: int, frames: int, qtypes) -> Path:
     """render the set once; reuse it when the JSONL already has `num` records"""
     path = root / f"{name}.jsonl"
@@ -119,16 +131,15 @@ def main(argv=None) -> int:
     from .embedded import embedded_info
     from .videoqa import EvalConfig, load_qa_model, run_eval
 
+    runs = report_runs(args.budgets)  # checked before anything is rendered or loaded
     out = Path(args.out)
     data = out / "data"
     held_out = ensure_dataset(data, "heldout", args.per_type * len(QTYPES), HELD_OUT_SEED, 8, QTYPES)
     brief = ensure_dataset(data, "brief32", args.brief, BRIEF_SEED, 32, ["brief_color"])
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     qa = load_qa_model(args.model)
     # the embedded model answers with one word: 3 new tokens give the answer plus a decode-time figure
     base = dict(data=str(held_out), model=args.model, frames=8, progress=args.progress, max_new_tokens=3,
                 overwrite=args.overwrite)
-    runs = plan_runs(list(SWEEP_METHODS), budgets, 8, CONTROLS)
     rows = run_sweep(base, runs, out / "sweep", qa=qa)
     write_outputs(rows, out / "sweep")
     baseline_summary = json.loads((out / "sweep" / "baseline" / "summary.json").read_text())

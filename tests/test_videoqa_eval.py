@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,21 @@ def test_sweep_method_table_errors_name_valid_choices():
         plan_runs(["visionzip"], [0.5], frames=8)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         SWEEP_METHODS["random"].spec(1.5, 8)
+    # every run has its own directory: labels that make the same file-safe name are refused
+    with pytest.raises(ValueError, match="'a_b' and 'a b' would use the directory 'a_b'"):
+        plan_runs([], [], 8, {"a b": "llm.layer.2=fastv", "a_b": "projector.out=random"})
+    with pytest.raises(ValueError, match="would use the directory '..'"):
+        plan_runs([], [], 8, {"..": "llm.layer.2=fastv"})
+
+
+def test_report_budgets_and_its_controls(capsys):
+    from tokenreduce.eval.videoqa_report import CONTROLS, report_runs
+    labels = [r[0] for r in report_runs("0.25,0.5")]
+    assert labels.count("fastv_b0.25") == 1 and set(CONTROLS) <= set(labels)
+    assert len(labels) == len(set(labels))
+    for bad, msg in (("0.3,x", "give fractions of the visual tokens kept"), ("1.5", r"\(0, 1\]")):
+        assert cli.main(["eval", "report", "--out", "unused", "--budgets", bad]) == 2
+        assert re.search(msg, capsys.readouterr().err)
 
 
 def test_hf_checkpoint_with_its_processor(tmp_path, data):
