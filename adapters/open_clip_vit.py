@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch import nn
 
 from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.registry import register_adapter
@@ -36,9 +37,13 @@ class OpenClipViTAdapter(ViTAdapter):
             raise UnsupportedModelError("open_clip transformer with batch_first=False (sequence-first layout) "
                                         "is not supported; build the model with open_clip >= 2.24 defaults")
         for i, blk in enumerate(tr.resblocks):
-            if not hasattr(blk, "ln_2") or not hasattr(blk.attn, "in_proj_weight") or blk.attn.in_proj_weight is None:
-                raise UnsupportedModelError(f"open_clip block {i} ({type(blk).__name__}) is not a "
-                                            "ResidualAttentionBlock with packed in-projection")
+            # CustomResidualAttentionBlock (qk_norm, scale_*, scaled_cosine_attn) has its own Attention
+            if not hasattr(blk, "ln_2") or not isinstance(blk.attn, nn.MultiheadAttention) or \
+                    blk.attn.in_proj_weight is None:
+                raise UnsupportedModelError(f"open_clip block {i} ({type(blk).__name__}, attention "
+                                            f"{type(getattr(blk, 'attn', None)).__name__}) is not a "
+                                            "ResidualAttentionBlock with nn.MultiheadAttention and packed "
+                                            "in-projection (open_clip's default ViT)")
         self.num_prefix = 1 if getattr(self.visual, "class_embedding", None) is not None else 0
         self.cls_index = 0 if self.num_prefix else None
 

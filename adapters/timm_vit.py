@@ -20,7 +20,10 @@ class TimmViTAdapter(ViTAdapter):
     def __init__(self, model):
         super().__init__(model)
         for i, blk in enumerate(model.blocks):
-            if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp", "drop_path2")) or \
+            # timm's pre-norm Block only: ResPostBlock (post-norm, e.g. vit_*_rpn_*) has the same
+            # attribute names but applies norm2 after the MLP, so norm2 is not the MLP's input
+            if not is_a(blk, "timm.models.vision_transformer.Block") or \
+                    not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp", "drop_path2")) or \
                     not hasattr(blk.attn, "qkv"):
                 raise UnsupportedModelError(
                     f"timm block {i} is a {type(blk).__name__} with attention {type(getattr(blk, 'attn', None)).__name__}; "

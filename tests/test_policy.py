@@ -133,3 +133,51 @@ def test_unsupported_model_lists_families():
     import torch
     with pytest.raises(UnsupportedModelError, match=r"no adapter recognises torch.nn.modules.linear.Linear; supported families:.*timm"):
         tr.reduce(torch.nn.Linear(2, 2), "vision.out=random(keep=1)")
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_reduce_that_fails_while_installing_takes_its_hooks_off(vit_case):
+    """an adapter that fails half-way through install (after some hooks are in) leaves the model
+    exactly as unreduced as it found it"""
+    import torch
+    model = vit_case.build()
+    x = vit_case.inputs()
+    base, hooks = vit_case.run(model, x), _hook_count(model)
+    adapter_cls = tr.registry.find_adapter(model)
+
+    class FailsLate(adapter_cls):
+        def install(self, stages, recorder, *args, **kw):
+            super().install(stages, recorder, *args, **kw)
+            assert _hook_count(model) > hooks
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.reduce(model, "vision.out=random(keep=4)", adapter=FailsLate)
+    assert _hook_count(model) == hooks and not tr.unreduce(model)
+    assert torch.equal(vit_case.run(model, x), base)
+
+
+@pytest.mark.parametrize("build,match", [
+    # post-norm: norm2 runs after the MLP, so it is not the MLP's input
+    (lambda: _timm_model("vit_base_patch16_rpn_224", img_size=32, embed_dim=32, depth=2, num_heads=2),
+     "ResPostBlock.*supports timm's pre-norm Block"),
+    # qk_norm / scaled_cosine_attn blocks carry open_clip's own Attention, not nn.MultiheadAttention
+    (lambda: _open_clip_custom(), "CustomResidualAttentionBlock, attention Attention.*nn.MultiheadAttention"),
+])
+def test_blocks_the_adapters_cannot_hook_are_refused(build, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        tr.reduce(build(), "vision.out=random(keep=4)")
+
+
+def _timm_model(name, **kw):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, pretrained=False, **kw).eval()
+
+
+def _open_clip_custom():
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=16, width=32, layers=2, heads=2, mlp_ratio=2.0,
+                             output_dim=16, qk_norm=True).eval()

@@ -82,7 +82,8 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     policy: a Policy, a dict, a one-line spec string or a path to a YAML/JSON file.
     adapter: an adapter class to use instead of the one the registry finds.
     Reducing an already reduced model replaces the previous policy (only once the new one is
-    known to be valid: a policy that fails to parse or resolve leaves the old one installed).
+    known to be valid: a policy that fails to parse or resolve leaves the old one installed; one
+    that fails while installing takes its own hooks off again and leaves the model unreduced).
     """
     policy = Policy.coerce(policy)
     adapter_cls = adapter or find_adapter(model)
@@ -95,7 +96,11 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     if old is not None:
         old.remove()
     handle = Handle(model, policy, ad, stages)
-    ad.install(stages, handle.recorder)
+    try:
+        ad.install(stages, handle.recorder)
+    except BaseException:
+        ad.remove()  # the hooks placed before the failure: the model is left unreduced, as it was
+        raise
     model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict
     return handle
 
