@@ -391,10 +391,11 @@ def heatmap_figure(frames: np.ndarray, selected, kept: np.ndarray, site: str):
     im = None
     for j, i in enumerate(selected):
         f = frames[int(i)].astype(np.float32)
-        H = f.shape[0]
-        cell = H // side
-        mask = upscale((kept[j] > 0).reshape(side, side, 1).astype(np.float32), cell)
-        mask = np.pad(mask, ((0, H - mask.shape[0]), (0, f.shape[1] - mask.shape[1]), (0, 0)), mode="edge")
+        H, W = f.shape[:2]
+        # the model squeezes the whole frame to a square, so a token covers H/side x W/side pixels
+        rows = np.minimum(np.arange(H) * side // H, side - 1)
+        cols = np.minimum(np.arange(W) * side // W, side - 1)
+        mask = (kept[j] > 0).reshape(side, side)[rows[:, None], cols[None, :]][..., None].astype(np.float32)
         shown = f * (0.25 + 0.75 * mask)
         axes[0, j].imshow(shown.clip(0, 255).astype(np.uint8), interpolation="nearest")
         axes[0, j].set_title(f"frame {int(i)}: {int((kept[j] > 0).sum())}/{kept.shape[1]}", fontsize=8)
@@ -466,12 +467,12 @@ def build_demo(vm: VideoModel, samples: list, repeats: int = 3, max_bytes: int |
             frames, _ = load_video(path, int(n_frames), max_bytes, max_seconds)
             spec = (spec or "").strip() or policy_spec(method, keep)
             r = run_video_qa(vm, frames, question, options, spec, selection, int(k), repeats)
+            heat = figure_to_array(heatmap_figure(r.frames, r.selected, r.kept, r.kept_site))
         except DemoInputError as exc:
             return None, None, "", "", error_markdown(exc)
         except Exception as exc:  # noqa: BLE001 - e.g. a reducer refusing this input: say so in the page, log the rest
             traceback.print_exc()
             return None, None, "", "", error_markdown(f"{type(exc).__name__}: {exc}")
-        heat = figure_to_array(heatmap_figure(r.frames, r.selected, r.kept, r.kept_site))
         status = f"Done on {vm.label}." + ("" if vm.trained else " UNTRAINED: answers are meaningless.")
         return (frames_strip(r.frames, r.selected), heat, answer_markdown(r, correct if name in by_name and not upload
                                                                             else None),

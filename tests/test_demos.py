@@ -181,6 +181,18 @@ def test_budget_is_the_fraction_of_frame_tokens_kept(tiny_vqa, clip, method, bud
     assert abs(kept - budget * 8 * vm.tokens_per_frame) <= 3, (spec, kept)
 
 
+@pytest.mark.parametrize("H,W", [(240, 320), (320, 180)])
+def test_heat_map_cells_follow_the_frame_shape(H, W):
+    """the model squeezes a frame to a square: token (row 0, col 3) of the 4x4 grid is the top
+    quarter of the rows and the right quarter of the columns, in landscape and portrait alike"""
+    kept = np.zeros((1, 16), np.float32)
+    kept[0, 3] = 1.0
+    fig = vq.heatmap_figure(np.full((1, H, W, 3), 200, np.uint8), [0], kept, "projector.out")
+    bright = np.asarray(fig.axes[0].images[0].get_array())[..., 0] > 100
+    ys, xs = np.nonzero(bright)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (0, H // 4 - 1, W - W // 4, W - 1)
+
+
 def test_run_video_qa_with_frame_selection(tiny_vqa, clip):
     vm, (frames, s) = tiny_vqa, clip
     r = vq.run_video_qa(vm, frames, s["question"], s["options"], "projector.out=random(keep=0.25)", "uniform", 4,
