@@ -111,7 +111,8 @@ def _hf_from_config(path: Path):
     if model_type is None:
         raise ValueError(f"{path}: config.json has no 'model_type'")
     if "vision_config" in data and model_type in ("clip", "siglip"):
-        data = data["vision_config"]
+        data = dict(data["vision_config"])  # a full CLIP / SigLIP config: its vision tower
+        data.pop("model_type", None)          # (the sub-config names its own model_type)
         model_type = f"{model_type}_vision_model"
     cfg = tf.AutoConfig.for_model(model_type, **data)
     cls_name = _HF_MODEL_FOR_CONFIG.get(type(cfg).__name__)

@@ -25,6 +25,19 @@ def test_sites(capsys):
     assert "structured plans only" in capsys.readouterr().out
 
 
+def test_sites_of_a_full_clip_or_siglip_config_file(tmp_path, capsys):
+    """hf:DIR/config.json of a whole CLIP / SigLIP model (text + vision): its vision tower's sites"""
+    import transformers as tf
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    for name, cfg in (("clip", tf.CLIPConfig(vision_config=dict(small, image_size=32, patch_size=8),
+                                             text_config=small)),
+                      ("siglip", tf.SiglipConfig(vision_config=dict(small, image_size=32, patch_size=8),
+                                                 text_config=small))):
+        cfg.save_pretrained(tmp_path / name)
+        assert main(["sites", f"hf:{tmp_path / name / 'config.json'}"]) == 0
+        assert "vision.block.{0..1}" in capsys.readouterr().out
+
+
 def test_sites_bad_model_is_one_line_error(capsys):
     assert main(["sites", "hf:no-such-preset"]) == 2
     err = capsys.readouterr().err
