@@ -34,10 +34,11 @@ VIDEOMAE_B = dict(image_size=224, patch_size=16, num_frames=16, tubelet_size=2, 
                   num_attention_heads=12, intermediate_size=3072, num_labels=400)
 
 
-def videomae_b(depth: int = 12, seed: int = 0):
+def videomae_b(depth: int = 12, seed: int = 0, frames: int = 16, image: int = 224):
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
     torch.manual_seed(seed)
-    return VideoMAEForVideoClassification(VideoMAEConfig(num_hidden_layers=depth, **VIDEOMAE_B)).eval()
+    cfg = VideoMAEConfig(num_hidden_layers=depth, **{**VIDEOMAE_B, "num_frames": frames, "image_size": image})
+    return VideoMAEForVideoClassification(cfg).eval()
 
 
 def _timed_pair(model, policy, x, runs, warmup, device):
@@ -64,16 +65,17 @@ def _summary(ms, frac):
 
 
 def bench_sta_videomae(r: int = 32, depth: int = 12, batch: int = 1, runs: int = 3, warmup: int = 1,
-                       device: str = "cpu", dtype: str = "float32", policy: str | None = None) -> dict:
-    """STA on a VideoMAE-B-shaped random model; see the module docstring."""
+                       device: str = "cpu", dtype: str = "float32", policy: str | None = None,
+                       frames: int = 16, image: int = 224) -> dict:
+    """STA on a VideoMAE-B-shaped random model (frames x image^2 input); see the module docstring."""
     dt = getattr(torch, dtype)
-    model = videomae_b(depth).to(device=device, dtype=dt)
+    model = videomae_b(depth, frames=frames, image=image).to(device=device, dtype=dt)
     policy = policy or f"vision.layer.*=sta(r={r})"
-    x = torch.randn(batch, 16, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dt)
+    x = torch.randn(batch, frames, 3, image, image, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dt)
     before = machine()
     ms, stats, spec = _timed_pair(model, policy, x, runs, warmup, device)
     out = {"benchmark": "sta_videomae", "model": f"VideoMAE-B shape (depth {depth}, random weights)",
-           "policy": spec, "batch": batch, "frames": 16, "image": 224, "tokens_start": stats.get("tokens_start"),
+           "policy": spec, "batch": batch, "frames": frames, "image": image, "tokens_start": stats.get("tokens_start"),
            "device": str(device), "dtype": dtype, "runs": runs, "warmup": warmup}
     out.update(_summary(ms, stats.get("flops_fraction", 1.0)))
     toks = stats.get("tokens") or []
@@ -177,14 +179,16 @@ def main_from_args(args) -> dict:
     which = (getattr(args, "model", None) or "all").lower()
     if which not in ("all", "videomae", "sta", "swin", "swin3d_t", "videoswin"):
         raise SystemExit(f"bench video: --model must be videomae or swin (or omitted for both), got {which!r}")
+    if args.policy and which == "all":
+        raise SystemExit("bench video: --policy names one model's sites; give --model videomae or --model swin with it")
     out = {}
     if which in ("all", "videomae", "sta"):
         out["sta_videomae"] = bench_sta_videomae(depth=args.layers or 12, batch=args.batch, runs=args.runs,
                                                  warmup=args.warmup, device=args.device, dtype=args.dtype,
-                                                 policy=args.policy if which != "all" else None)
+                                                 policy=args.policy, frames=args.frames or 16, image=args.image or 224)
         print(format_result(out["sta_videomae"]))
     if which in ("all", "swin", "swin3d_t", "videoswin"):
-        pols = [args.policy] if (args.policy and which != "all") else SWIN_POLICIES
+        pols = [args.policy] if args.policy else SWIN_POLICIES
         out["swin"] = bench_swin(pols, frames=args.frames or 16, size=args.image or 224, batch=args.batch,
                                  runs=args.runs, warmup=args.warmup, device=args.device, dtype=args.dtype)
         print(format_result(out["swin"]))

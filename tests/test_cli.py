@@ -53,3 +53,14 @@ def test_bench_vit_writes_json(tmp_path, capsys):
     assert 0 < res["flops_fraction"] < 1 and res["baseline_ms"] > 0 and res["reduced_ms"] > 0
     assert len(res["machine_before"]["loadavg"]) == 3
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_bench_video_takes_frames_image_and_policy(capsys):
+    """VideoMAE honours --frames / --image (4 frames of 64x64 -> 2 x 4 x 4 = 32 tokens); a
+    --policy without --model is refused, since it names one model's sites"""
+    import pytest
+    assert main(["bench", "video", "--model", "videomae", "--frames", "4", "--image", "64", "--layers", "4",
+                 "--runs", "1", "--warmup", "0", "--policy", "vision.layer.*=sta(r=4)"]) == 0
+    assert "tokens [32, 24, 20, 16]" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give --model videomae or --model swin"):
+        main(["bench", "video", "--policy", "vision.layer.*=sta(r=4)"])
