@@ -159,6 +159,25 @@ def parse_options(text, vocabulary: set) -> list:
     return opts
 
 
+def parse_question(text, tokenizer) -> str:
+    """The question in the model's words: lower-cased (the vocabulary is), every word known; the
+    embedded model reads unknown words as <unk>, so they are named instead of silently dropped."""
+    q = str(text or "").strip().lower()
+    if not q:
+        raise DemoInputError("type a question")
+    enc = tokenizer(q, add_special_tokens=False, return_offsets_mapping=True)
+    unknown = [q[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == tokenizer.unk_token_id]
+    specials = [t for t in ("<video>", "<image>") if t in q]
+    if unknown or specials:
+        from tokenreduce.eval.synthetic import VideoQAGenerator
+        examples = sorted({VideoQAGenerator(seed=i).sample(qt)["question"]
+                           for i, qt in enumerate(("region_color", "first_color", "start_end", "count", "brief_color"))})
+        bad = ", ".join(map(repr, dict.fromkeys(unknown + specials)))
+        raise DemoInputError(f"the embedded model does not know {bad}; it reads only the synthetic questions' "
+                             f"words, e.g. {'; '.join(examples)}")
+    return q
+
+
 def policy_spec(method: str, keep: float) -> str:
     """The one-line spec for a method and a budget (`keep`: fraction of the visual tokens kept):
     the eval sweep's own mapping (tokenreduce.eval.sweep.SWEEP_METHODS), so a budget means the same
@@ -282,8 +301,7 @@ def run_video_qa(vm: VideoModel, frames: np.ndarray, question: str, options: lis
     from tokenreduce.eval.frame_scorers import VLMScorer
     from tokenreduce.eval.frame_select import select_frames
 
-    if not question or not question.strip():
-        raise DemoInputError("type a question")
+    question = parse_question(question, vm.processor.tokenizer)
     if selection not in FRAME_SELECTION:
         raise DemoInputError(f"unknown frame selection {selection!r}; valid: {', '.join(FRAME_SELECTION)}")
     T = len(frames)
@@ -293,7 +311,7 @@ def run_video_qa(vm: VideoModel, frames: np.ndarray, question: str, options: lis
     proc, model = vm.processor, vm.model
     tok = proc.tokenizer
     option_ids = tok.convert_tokens_to_ids(options)
-    prompt = proc.prompt(question.strip(), options)
+    prompt = proc.prompt(question, options)
 
     with model_lock(), torch.no_grad():
         reference = vm.reference  # copied before any reduction is installed on `model`

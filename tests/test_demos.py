@@ -230,6 +230,12 @@ def test_video_inputs_say_what_is_wrong(tmp_path, tiny_vqa):
     assert vq.parse_options("red, top-left", tiny_vqa.vocabulary) == ["red", "top-left"]
     with pytest.raises(DemoInputError, match="valid: none, uniform"):
         vq.policy_spec("fastvv", 0.5)
+    tok = tiny_vqa.processor.tokenizer
+    assert vq.parse_question("  What colour is the cross?", tok) == "what colour is the cross?"
+    with pytest.raises(DemoInputError, match="does not know 'zzz', 'dog'; .*e.g. how many circles are there"):
+        vq.parse_question("zzz colour is the dog ?", tok)
+    with pytest.raises(DemoInputError, match="does not know '<video>'"):
+        vq.parse_question("where is the <video> ?", tok)
 
 
 # -- both apps in a headless browser ------------------------------------------------------------
