@@ -5,6 +5,8 @@ import torch
 import tokenreduce as tr
 from tokenreduce.errors import SiteError
 
+from conftest import VIT_CASES
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -71,13 +73,11 @@ def test_future_layer_is_refused():
         tr.reduce(_clip(), "vision.block.1=vtc_cls(keep=8, layers=[3])")
 
 
+@pytest.mark.parametrize("vit_case", [c for c in VIT_CASES if c.has_cls], ids=lambda c: c.name)
 def test_layers_outside_the_model_are_refused_not_wrapped(vit_case):
     """layers=[depth + 6] used to wrap around to layer 6; negative indices count from the end"""
     model = vit_case.build()
-    info = tr.sites(model)["vision.out"]
-    if "cls_attn" not in info.signals:
-        pytest.skip(f"{vit_case.name}: no [CLS] token")
-    depth = info.depth
+    depth = tr.sites(model)["vision.out"].depth
     with pytest.raises(SiteError, match=rf"at layer {depth + 6}; valid layers: 0..{depth - 1}"):
         tr.reduce(model, f"vision.out=vtc_cls(keep=4, layers=[{depth + 6}])")
     with tr.reduce(model, "vision.out=vtc_cls(keep=4, layers=[-1])"):
