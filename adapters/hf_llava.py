@@ -145,6 +145,9 @@ class LlavaFamilyAdapter(Adapter):
         extra = [(infos[n], r.needs(infos[n])) for n, r in stages if n in ("vision.out", "projector.out")]
         self._tower_active = self.tower_adapter is not None and bool(
             tower_stages or "vision.out" in by or any(nd.signals for _, nd in extra))
+        # the tower's FLOPs count only when the policy changes them (sites inside it): otherwise
+        # flops_fraction is the LLM's, whichever site (vision.out, projector.out, llm.layer) acts
+        self._tower_reduced = self._tower_active and bool(tower_stages)
         if self._tower_active:
             self.tower_adapter.hooks = self.hooks
             self.tower_adapter.install(tower_stages, recorder, extra_needs=extra)
@@ -450,19 +453,25 @@ class LlavaFamilyAdapter(Adapter):
 
     def _model_post(self, module, args, output):
         p = self.prompt
-        logits = getattr(output, "logits", None)
+        if isinstance(output, tuple):  # return_dict=False: (loss,) logits, ...
+            at = 1 if output and torch.is_tensor(output[0]) and output[0].dim() == 0 else 0
+            logits = output[at] if len(output) > at else None
+        else:
+            logits = getattr(output, "logits", None)
         if p is None or logits is None or logits.shape[1] != p.col_map.shape[1] or logits.shape[1] <= 1:
             return None
         full = logits.new_zeros(logits.shape[0], p.L_full + 1, logits.shape[-1])
         idx = p.col_map.masked_fill(p.col_map < 0, p.L_full)
         full.scatter_(1, idx[..., None].expand_as(logits), logits)
+        if isinstance(output, tuple):
+            return output[:at] + (full[:, :p.L_full],) + output[at + 1:]
         output.logits = full[:, :p.L_full]
         return output
 
     # -- stats --------------------------------------------------------------------------------
     def flops(self, record):
         parts = [f for f in (self.llm.flops(record),
-                             self.tower_adapter.flops(record) if self._tower_active else None) if f]
+                             self.tower_adapter.flops(record) if self._tower_reduced else None) if f]
         if not parts:
             return None
         return sum(p[0] for p in parts), sum(p[1] for p in parts)

@@ -403,7 +403,7 @@ class LLMSites:
             elif base == "last_query_attn":
                 n = int(arg) if arg else 1
                 st.signals.put(sig, j, st.pos, last_query_attention(query.detach(), key.detach(), scale, n=n,
-                                                                    key_mask=valid))
+                                                                    key_mask=valid, query_valid=valid))
 
     # -- stats --------------------------------------------------------------------------------
     def flops(self, record):

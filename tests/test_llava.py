@@ -118,7 +118,10 @@ def test_drop_at_layer_equals_masking(case):
 
 
 @pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)",
-                                  "projector.out=random(keep=0.5, shared=True); llm.layer.1=fastv(ratio=0.5)"])
+                                  "projector.out=random(keep=0.5, shared=True); llm.layer.1=fastv(ratio=0.5)",
+                                  # ATP's per-sample counts make a ragged batch: FastV must read each
+                                  # sample's own last token, not the padding slot after it
+                                  "llm.layer.1=atp; llm.layer.3=fastv(ratio=0.5)"])
 def test_generate_batch_matches_single(case, spec):
     """Invariant 4: generate with KV cache, batch 2 left-padded == each sample alone."""
     with tr.reduce(case.model, spec) as h:
@@ -190,6 +193,32 @@ def test_vision_sites_on_llava15():
     assert st["llm_input_tokens"] < case.batch["attention_mask"].sum(1).float().mean()
     assert g.sequences.shape[1] == case.batch["input_ids"].shape[1] + NEW
     assert 0 < st["flops_fraction"] < 1
+
+
+def test_flops_fraction_counts_the_tower_only_when_reduced_inside_it():
+    """the same LLM input from vision.out or projector.out is the same fraction (the tower's FLOPs,
+    unchanged by both, are left out); sites inside the tower add the tower to both totals"""
+    case = V.llava("sdpa")
+    stats = {}
+    for spec in ("projector.out=random(keep=8, shared=True)", "vision.out=random(keep=8, shared=True)",
+                 "vision.block.*=tome(r=1)"):
+        with tr.reduce(case.model, spec) as h, torch.no_grad():
+            case.model(**case.batch)
+            stats[spec.split("=")[0]] = h.stats
+    a, b, c = stats["projector.out"], stats["vision.out"], stats["vision.block.*"]
+    assert a["llm_input_tokens"] == b["llm_input_tokens"]
+    assert a["flops_unreduced"] == b["flops_unreduced"] and a["flops_fraction"] == pytest.approx(b["flops_fraction"])
+    assert c["flops_unreduced"] > a["flops_unreduced"]
+
+
+def test_return_dict_false_logits_cover_the_input(case):
+    """a shortened prompt's logits are scattered back to the input's length in tuple outputs too"""
+    with tr.reduce(case.model, "projector.out=random(keep=0.5, shared=True); llm.layer.2=fastv(ratio=0.5)"), \
+            torch.no_grad():
+        as_dict = case.model(**case.batch).logits
+        as_tuple = case.model(**case.batch, return_dict=False)[0]
+    assert as_tuple.shape == as_dict.shape and as_dict.shape[1] == case.batch["input_ids"].shape[1]
+    assert torch.equal(as_tuple, as_dict)
 
 
 def test_frames_site_on_video_models():

@@ -41,11 +41,17 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None
 
 
 def last_query_attention(q: Tensor, k: Tensor, scale: float, n: int = 1, causal_offset: int | None = None,
-                         key_mask: Tensor | None = None) -> Tensor:
+                         key_mask: Tensor | None = None, query_valid: Tensor | None = None) -> Tensor:
     """Attention of the last `n` queries, averaged over heads and those queries: (B, N).
 
     With n > 1 the earlier of those queries only see keys up to their own position (causal).
+    query_valid (B, N): which rows are real tokens. A ragged plan leaves padding slots at the end of
+    the shorter samples; their last queries are then each sample's own last n valid rows.
     """
+    if query_valid is not None and causal_offset is None and not bool(query_valid[:, -n:].all()):
+        idx = torch.arange(q.shape[2], device=q.device).expand_as(query_valid)
+        rows = torch.where(query_valid, idx, torch.full_like(idx, -1)).topk(n, dim=1).values.flip(1)
+        return query_rows_attention(q, k, scale, rows.clamp(min=0), key_mask, causal=True).mean(1)
     N = k.shape[2]
     qn = q[:, :, -n:]
     bias = None
