@@ -427,9 +427,12 @@ class LlavaFamilyAdapter(Adapter):
         if changed or bool(pad.any()):
             self.prompt = _Prompt(col_map, L, dropped)
         g = lambda t: t.gather(1, col_map.clamp(min=0))
+        # the items' common (T, H, W) grid, so spatial reducers (uniform) see the layout in the LLM too
+        grids = {it.state.grid for _, items in plan for it in items}
         tpl = TokenStream(x=None, pos=torch.arange(Lp, device=dev).expand(B, Lp).clone(), size=g(size),
                           kind=g(kind).masked_fill(pad, int(Kind.TEXT)), frame=g(frame).masked_fill(pad, -1),
-                          valid=valid, order="sequence", patch=g(patch).masked_fill(pad, -1))
+                          valid=valid, order="sequence", patch=g(patch).masked_fill(pad, -1),
+                          grid=grids.pop() if len(grids) == 1 else None)
         self.llm.pending_template = tpl
         self.recorder.last.extra["prompt_tokens"] = float(valid0.sum(1).float().mean())
         self.recorder.last.extra["llm_input_tokens"] = float(valid.sum(1).float().mean())

@@ -238,3 +238,19 @@ def test_unsupported_site_is_refused():
         tr.reduce(case.model, "vision.out=random(keep=4)")
     with pytest.raises(SiteError, match="fastv cannot run at site 'projector.out'"):
         tr.reduce(case.model, "projector.out=fastv(ratio=0.5)")
+
+
+def test_uniform_in_the_llm_keeps_the_lattice_it_keeps_before_it():
+    """the LLM sites know the image grid: uniform(keep=4) on a 4x4 grid keeps the same 2x2 lattice
+    at llm.layer.K as at projector.out (not evenly spaced indices, a diagonal)"""
+    case = V.llava("sdpa")
+    single = case.singles[0]
+    is_img = single["input_ids"][0] == V.IMG
+    first = int(is_img.nonzero()[0])
+    kept = {}
+    for site in ("projector.out", "llm.layer.0", "llm.layer.2"):
+        with tr.reduce(case.model, f"{site}=uniform(keep=4)") as h, torch.no_grad():
+            case.model(**single)
+            pos = h.trace[site]["pos"][0].tolist()
+        kept[site] = sorted(pos) if site == "projector.out" else sorted(p - first for p in pos if is_img[p])
+    assert kept["projector.out"] == kept["llm.layer.0"] == kept["llm.layer.2"] == [0, 2, 8, 10]
