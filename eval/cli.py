@@ -87,9 +87,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_quality(args) -> int:
+def cmd_quality(argv) -> int:
+    """its own parser (eval/quality.py) takes every option; --out defaults to out/quality"""
     from . import quality
-    return quality.main(["--out", args.out] + (["--quick"] if args.quick else []))
+    has_out = any(a == "--out" or a.startswith("--out=") for a in argv)
+    return quality.main(([] if has_out else ["--out", "out/quality"]) + list(argv))
 
 
 def cmd_eval(args) -> int:
@@ -132,10 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=8, help="tokens to decode (vlm)")
     b.add_argument("--policies", default=None, help='JSON {"name": "spec", ...} (vlm; default: every method at a 70%% cut)')
     b.set_defaults(fn=cmd_bench)
-    q = sub.add_parser("quality", help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy")
-    q.add_argument("--out", default="out/quality")
-    q.add_argument("--quick", action="store_true")
-    q.set_defaults(fn=cmd_quality)
+    sub.add_parser("quality", add_help=False,
+                   help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "
+                        "(tokenreduce quality --help)")
     e = sub.add_parser("eval", help="video-QA accuracy and cost of a policy (videoqa), or of many (sweep)")
     esub = e.add_subparsers(dest="what", required=True)
     from . import sweep, videoqa  # their parsers; models and data load only when a run starts
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
         if argv[:1] == ["convert"]:  # its own parser (eval/videoqa_data.py) takes everything after the word
             from .videoqa_data import convert_main
             return convert_main(argv[1:])
+        if argv[:1] == ["quality"]:
+            return cmd_quality(argv[1:])
         if argv[:2] == ["eval", "report"]:  # its own parser (eval/videoqa_report.py)
             from .videoqa_report import main as report_main
             return report_main(argv[2:])

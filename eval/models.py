@@ -167,6 +167,11 @@ def load_model(spec: str, meta: bool = False):
 
 def image_size(model, default: int = 224) -> int:
     """The input resolution a vision model expects."""
+    # the size the model was built for first: timm keeps the pretrained config's 224 in
+    # pretrained_cfg even when created with img_size=112
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        return int(built[-1] if isinstance(built, (tuple, list)) else built)
     for attr in ("default_cfg", "pretrained_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and "input_size" in cfg:

@@ -535,7 +535,10 @@ def main(argv=None) -> int:
                     help="autocast precision of the forwards (the weights stay float32)")
     ap.add_argument("--cache-dir", default=None, help="converted-weights cache (default $TOKENREDUCE_CACHE "
                                                       "or ~/.cache/tokenreduce)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: at most 120 digits and 40 faces")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n_digits, args.n_faces = min(args.n_digits, 120), min(args.n_faces, 40)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     load_start = os.getloadavg()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,8 @@ def train(steps: int = 400, batch: int = 32, frames: int = 32, lr: float = 2e-3,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="frame_selector.safetensors", help="where to save the head (safetensors)")
+    ap.add_argument("--out", default="frame_selector.safetensors",
+                    help="the safetensors FILE to save the head to (its folder is created)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--frames", type=int, default=32, help="candidate frames per synthetic clip")
@@ -130,6 +132,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--k", type=int, default=4, help="frames selected in the evaluation")
     args = ap.parse_args(argv)
+    if Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out} is a folder; give the file to write, e.g. {Path(args.out) / 'selector.safetensors'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before training, not after it
     head, _ = train(steps=args.steps, batch=args.batch, frames=args.frames, lr=args.lr, seed=args.seed)
     head.save(args.out)
     report = evaluate(head, frames=args.frames, k=args.k)

@@ -64,3 +64,20 @@ def test_bench_video_takes_frames_image_and_policy(capsys):
     assert "tokens [32, 24, 20, 16]" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="give --model videomae or --model swin"):
         main(["bench", "video", "--policy", "vision.layer.*=sta(r=4)"])
+
+
+def test_quality_takes_its_own_options(capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(["quality", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--policy SPEC" in out
+
+
+def test_image_size_is_the_size_a_timm_model_was_built_for():
+    import timm
+
+    from tokenreduce.eval.models import image_size
+    assert image_size(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=112)) == 112
+    assert image_size(timm.create_model("vit_tiny_patch16_224", pretrained=False)) == 224

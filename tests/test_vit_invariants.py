@@ -105,3 +105,13 @@ def test_reduce_twice_replaces_policy(vit_case):
     assert list(h2.stats["sites"]) == ["vision.block.1"]
     assert tr.unreduce(model)
     assert torch.equal(vit_case.run(model, x), base)
+
+
+def test_linear_macs_counts_multihead_attention_projections():
+    """open_clip's blocks use nn.MultiheadAttention: q/k/v sit in in_proj_weight (a parameter, not a
+    Linear) and out_proj is a Linear, 4 C^2 multiply-adds per token in all; with kdim/vdim the
+    projections are separate weights"""
+    from tokenreduce.flops import linear_macs
+    C = 48
+    assert linear_macs(torch.nn.MultiheadAttention(C, 4)) == 4 * C * C
+    assert linear_macs(torch.nn.MultiheadAttention(C, 4, kdim=16, vdim=8)) == C * C + C * 16 + C * 8 + C * C

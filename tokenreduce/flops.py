@@ -5,8 +5,18 @@ from torch import nn
 
 
 def linear_macs(module: nn.Module) -> int:
-    """Multiply-adds per token of every nn.Linear inside `module`."""
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    """Multiply-adds per token of every nn.Linear inside `module`, and of nn.MultiheadAttention's
+    packed q/k/v in-projection (a parameter, not a Linear; its out_proj is a Linear)."""
+    macs = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            macs += m.in_features * m.out_features
+        elif isinstance(m, nn.MultiheadAttention):
+            if m.in_proj_weight is not None:
+                macs += m.in_proj_weight.numel()
+            else:  # separate q/k/v weights (kdim / vdim differ from embed_dim)
+                macs += sum(w.numel() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+    return macs
 
 
 def attention_flops(n_query: float, n_key: float, attn_dim: int) -> float:
