@@ -394,7 +394,13 @@ class LlavaFamilyAdapter(Adapter):
                 size[b, chosen] = it.state.size[0]
                 changed |= len(chosen) != it.n
             if start != len(cols):
-                raise SiteError(f"the prompt has {len(cols)} placeholder tokens ({token}) but the features fill {start}")
+                hint = ""
+                if start and len(cols) % start == 0:  # generate() repeated the prompt rows, not the features
+                    hint = ("; generate(num_beams > 1 or num_return_sequences > 1) repeats the prompt after the "
+                            "features are computed, which a reduced model does not support: use num_beams=1 and "
+                            "num_return_sequences=1 (repeat the inputs yourself for several samples)")
+                raise SiteError(f"the prompt has {len(cols)} placeholder tokens ({token}) but the features fill "
+                                f"{start}{hint}")
         am = kwargs.get("attention_mask")
         valid0 = am.bool() if am is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         counts = keep.sum(1)
