@@ -158,8 +158,10 @@ class VLMScorer:
     takes the processor's outputs and returns next-token `logits`. processor: its processor
     (tokenizer + image processor). Each frame is asked `prompt` (with "{question}") through
     the processor's chat template when it has one ("USER: <image>\\n... ASSISTANT:" otherwise);
-    score = p(True) / (p(True) + p(False)) from the last position's logits, where True/False
-    are the first token ids of `true_token` / `false_token`. One frame per forward, as the
+    score = p(True) / (p(True) + p(False)) from the last position's logits, where p(True) sums
+    the first tokens of `true_token` written with and without a leading space (a BPE tokenizer
+    answers " True" after "ASSISTANT:", "True" after a chat template's newline), and the same for
+    `false_token`. One frame per forward, as the
     paper scores frames independently. The plain HF model is used; no tokenreduce adapter.
     """
 
@@ -175,9 +177,9 @@ class VLMScorer:
         self.prompt = prompt
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
         tok = getattr(processor, "tokenizer", processor)
-        self.true_id = self._first_id(tok, true_token)
-        self.false_id = self._first_id(tok, false_token)
-        if self.true_id == self.false_id:
+        self.true_ids = sorted({self._first_id(tok, t) for t in (true_token, " " + true_token)})
+        self.false_ids = sorted({self._first_id(tok, t) for t in (false_token, " " + false_token)})
+        if set(self.true_ids) & set(self.false_ids):
             raise ValueError(f"vlm scorer: {true_token!r} and {false_token!r} start with the same token")
         if use_chat_template is None:
             use_chat_template = bool(getattr(processor, "chat_template", None))
@@ -204,7 +206,7 @@ class VLMScorer:
         dev = next(self.model.parameters()).device
         inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
         logits = self.model(**inputs).logits[0, -1].float()
-        return float(torch.sigmoid(logits[self.true_id] - logits[self.false_id]))
+        return float(torch.sigmoid(logits[self.true_ids].logsumexp(0) - logits[self.false_ids].logsumexp(0)))
 
     def __call__(self, pixels: Tensor, questions=None, k: int | None = None) -> Tensor:
         B, T = pixels.shape[:2]

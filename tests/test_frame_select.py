@@ -231,3 +231,30 @@ def test_frame_select_at_llava_onevision_frames_site():
         assert h.stats["sites"]["frames"]["tokens_in"] == 4
     assert seen["q"] == ["what happens?", "who is there?"] and seen["shape"][:2] == (2, 4)
     assert out.shape[0] == 2
+
+
+def test_vlm_scorer_sums_both_spellings_of_true_and_false():
+    """a BPE tokenizer has "True" and " True" (after "ASSISTANT:") as different tokens: p(True)
+    counts both, as p(False) does"""
+    from types import SimpleNamespace
+
+    from tokenreduce.eval.frame_scorers import VLMScorer
+    ids = {"True": [5], " True": [6], "False": [7], " False": [8]}
+    tok = SimpleNamespace(encode=lambda text, add_special_tokens=False: ids[text])
+    logits = torch.full((1, 1, 10), -30.0)
+    logits[0, 0, [5, 6, 7, 8]] = torch.tensor([0.0, 1.0, 0.5, -1.0])
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **_):
+            return SimpleNamespace(logits=logits)
+    proc = lambda **_: {}  # noqa: E731
+    proc.tokenizer = tok
+    sc = VLMScorer(model=Model(), processor=proc, use_chat_template=False)
+    assert sc.true_ids == [5, 6] and sc.false_ids == [7, 8]
+    p = logits[0, 0, [5, 6, 7, 8]].softmax(-1)
+    want = float((p[0] + p[1]) / p.sum())
+    assert sc.score_frame(np.zeros((4, 4, 3), np.uint8), "what is red?") == pytest.approx(want, abs=1e-6)
