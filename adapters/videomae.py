@@ -144,9 +144,23 @@ class VideoMAEAdapter(ViTAdapter):
     # -- install -------------------------------------------------------------------------------
     def install(self, stages, recorder) -> None:
         self._frame_stages = [red for name, red in stages if name == FRAMES]
-        super().install([(n, r) for n, r in stages if n != FRAMES], recorder)
+        token_stages = [(n, r) for n, r in stages if n != FRAMES]
+        if token_stages and is_a(self.model, CLASSIFIER) and getattr(self.model, "fc_norm", None) is None:
+            raise SiteError("videomae: this classifier (use_mean_pooling=False) reads its first token, which token "
+                            f"sites would drop or move ({', '.join(n for n, _ in token_stages)}); only the frames "
+                            "site runs on it")
+        super().install(token_stages, recorder)
         if self._frame_stages:
             self.hooks.pre(self.videomae.embeddings, self._on_frames, with_kwargs=True)
+        elif token_stages:
+            self.hooks.pre(self.videomae.embeddings, self._refuse_mask, with_kwargs=True)
+
+    @staticmethod
+    def _refuse_mask(module, args, kwargs):
+        if (args[1] if len(args) > 1 else kwargs.get("bool_masked_pos")) is not None:
+            raise SiteError("videomae: token sites cannot run on a bool_masked_pos input (MAE pre-training masks): "
+                            "the visible tokens are not the video's grid; drop the mask or the reduction")
+        return None
 
     def install_extra(self):
         if is_a(self.model, CLASSIFIER) and getattr(self.model, "fc_norm", None) is not None:
@@ -162,9 +176,12 @@ class VideoMAEAdapter(ViTAdapter):
         scratch.begin()
         new, kept = reduce_frames(pix, 1, self._frame_stages, self.context, self._infos, scratch)
         self._frames_pending = scratch.last
-        if new is None:
-            return None
         nf = int(self.config.num_frames)
+        if new is None:  # nothing selected: the clip must already have the model's frame count
+            if pix.shape[1] != nf:
+                raise SiteError(f"videomae: the clip has {pix.shape[1]} frames and the frames site kept them all, "
+                                f"but this VideoMAE takes exactly config.num_frames={nf}; give at least {nf} frames")
+            return None
         if new.shape[1] != nf:
             raise SiteError(f"videomae: the frames site kept {new.shape[1]} frames but this VideoMAE takes exactly "
                             f"config.num_frames={nf} (its sinusoidal position table is fixed); select "

@@ -168,3 +168,44 @@ def test_frames_and_tokens_together(model):
 def test_unknown_site_names_choices(model):
     with pytest.raises(SiteError, match="vision.block"):
         tokenreduce.reduce(model, "stage.1=sta_slices(r=1)")
+
+
+def test_inputs_and_models_the_token_sites_cannot_serve_are_refused():
+    # a classifier without mean pooling reads its first token: token sites would move it
+    cls_token = tiny(use_mean_pooling=False)
+    with pytest.raises(SiteError, match=r"use_mean_pooling=False.*only the frames site"):
+        tokenreduce.reduce(cls_token, "vision.layer.1=uniform(keep=0.5)")
+    with tokenreduce.reduce(cls_token, "frames=frame_select(k=8)"):
+        run(cls_token, video(t=16))
+    # MAE masks: the visible tokens are not the grid the reducers are told about
+    m = tiny(classifier=False)
+    masked = torch.zeros(2, 64, dtype=torch.bool)
+    masked[:, ::2] = True
+    with tokenreduce.reduce(m, "vision.layer.1=uniform(keep=0.5)"), torch.no_grad():
+        with pytest.raises(SiteError, match="bool_masked_pos"):
+            m(video(), bool_masked_pos=masked)
+    # too few frames for the model, with nothing left to select
+    with tokenreduce.reduce(tiny(), "frames=frame_select(k=8)") as h, torch.no_grad():
+        with pytest.raises(SiteError, match="the clip has 6 frames .* config.num_frames=8; give at least 8"):
+            h.model(video(t=6))
+
+
+def test_a_module_inside_or_around_a_reduced_one_is_refused():
+    clf = tiny()
+    with tokenreduce.reduce(clf, "vision.layer.2=uniform(keep=0.5)"):
+        with pytest.raises(SiteError, match="VideoMAEForVideoClassification around this VideoMAEModel is already reduced"):
+            tokenreduce.reduce(clf.videomae, "vision.layer.1=uniform(keep=0.5)")
+    with tokenreduce.reduce(clf.videomae, "vision.layer.1=uniform(keep=0.5)"):
+        with pytest.raises(SiteError, match="VideoMAEModel inside this VideoMAEForVideoClassification"):
+            tokenreduce.reduce(clf, "vision.layer.2=uniform(keep=0.5)")
+    with tokenreduce.reduce(clf.videomae, "vision.layer.1=uniform(keep=0.5)"):  # removed: free again
+        run(clf, video())
+
+
+def test_sta_names_the_slot_count_it_needs():
+    """6 frames are 3 tubelets: stage 1 pairs slots, so the message asks for slots, not frames"""
+    m = tiny(frames=6)
+    with tokenreduce.reduce(m, "vision.layer.*=sta(r=2)"):
+        with pytest.raises(SiteError, match=r"groups 2 temporal slots .* the video has 3; .* multiple of 2 x the "
+                                            r"tubelet size"):
+            run(m, video(t=6))

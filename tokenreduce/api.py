@@ -1,11 +1,15 @@
 """reduce(model, policy) -> Handle."""
 from __future__ import annotations
 
+import weakref
+
+from .errors import SiteError
 from .hooks import Recorder
 from .policy import Policy, describe_sites
 from .registry import find_adapter
 
 _ATTR = "_tokenreduce_handle"
+_ACTIVE: "weakref.WeakSet[Handle]" = weakref.WeakSet()  # installed handles, to find nested ones
 
 
 class Handle:
@@ -92,6 +96,14 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     stages = policy.resolve(sites)
     for site, red in stages:
         red.check_site(sites[site])
+    for other in list(_ACTIVE):  # a reduction on a module inside this one, or around it
+        if other.removed or other.model is model:
+            continue
+        inner = any(m is other.model for m in model.modules())
+        if inner or any(m is model for m in other.model.modules()):
+            raise SiteError(f"{type(other.model).__name__} {'inside' if inner else 'around'} this "
+                            f"{type(model).__name__} is already reduced ({other.policy.to_spec() or 'no stages'}); "
+                            "remove that reduction first (handle.remove() or tokenreduce.unreduce(that module))")
     old = model.__dict__.get(_ATTR)
     if old is not None:
         old.remove()
@@ -102,6 +114,7 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
         ad.remove()  # the hooks placed before the failure: the model is left unreduced, as it was
         raise
     model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict
+    _ACTIVE.add(handle)
     return handle
 
 

@@ -169,8 +169,10 @@ class STA(Reducer):
         T = stream.grid[0]
         per = min(2 ** stage, T)
         if T % per:
-            raise SiteError(f"sta at {stream.site!r}: stage {stage} groups {per} frames but the video has {T} "
-                            f"temporal slots; use a frame count divisible by {per}")
+            raise SiteError(f"sta at {stream.site!r}: stage {stage} groups {per} temporal slots (tubelets of "
+                            f"frames) but the video has {T}; use a number of slots divisible by {per}, i.e. "
+                            f"a frame count that is a multiple of {per} x the tubelet size (e.g. 8 or 16 frames "
+                            "for VideoMAE's tubelet of 2)")
         order, prot, n = group_tokens(stream, per)
         B = stream.batch
         G = order.shape[1] // n
