@@ -3,6 +3,7 @@ Dinov2Model and Dinov2WithRegistersModel. Also used by the LLaVA-family adapter 
 inside a VLM."""
 from __future__ import annotations
 
+from tokenreduce.errors import SiteError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
@@ -82,6 +83,12 @@ class HFVisionAdapter(ViTAdapter):
         self.hooks.post(a.k_proj, on_k)
 
     def add_attention_bias(self, i, bias_fn):
+        impl = getattr(getattr(self._attn(i), "config", None), "_attn_implementation", None) or "eager"
+        if impl not in ("eager", "sdpa"):
+            # flex's score_mod indexes the mask per query and flash takes no float mask at all
+            raise SiteError(f"proportional attention (a merged token's log(size) added to the attention logits) "
+                            f"needs attn_implementation 'sdpa' or 'eager'; this tower uses {impl!r}")
+
         def hook(module, args, kwargs):
             bias = bias_fn()
             if bias is None:

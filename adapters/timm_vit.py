@@ -1,6 +1,8 @@
 """timm VisionTransformer (ViT, DeiT incl. distilled, DeiT-III LayerScale, QK-norm, registers)."""
 from __future__ import annotations
 
+import torch
+
 from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.registry import register_adapter
 
@@ -85,9 +87,11 @@ class TimmViTAdapter(ViTAdapter):
         if final is None or not self._pass.merged or getattr(self, "_final_x", None) is None:
             return None
         tokens = self._final_x
-        if tokens.shape[0] != x.shape[0]:
-            return None
         P = self.num_prefix
+        # only the pool of this forward's own tokens is replaced: forward_head(other features)
+        # must pool what it is given, not the last forward's tokens
+        if tokens.shape[0] != x.shape[0] or not torch.equal(tokens[:, P:].mean(1), x):
+            return None
         w = final.size[:, P:, None].to(tokens.dtype)
         return ((tokens[:, P:] * w).sum(1) / w.sum(1),)
 

@@ -175,6 +175,10 @@ class ViTAdapter(Adapter):
                 self.add_attention_bias(i, self._size_bias)
         H.post(self.out_module(), self._on_out)
         self.install_extra()
+        # gradient checkpointing re-runs each block in the backward pass, where the hooks would
+        # meet the end-of-forward state: refused at the forward that would checkpoint
+        self._checkpointed = [m for m in self.model.modules()
+                              if hasattr(m, "gradient_checkpointing") or hasattr(m, "grad_checkpointing")]
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_patch(self, module, args, output):
@@ -192,6 +196,13 @@ class ViTAdapter(Adapter):
         return i if self.owns_record else ("vision", i)
 
     def _begin(self, x):
+        if torch.is_grad_enabled() and any(
+                m.training and (getattr(m, "gradient_checkpointing", False) is True
+                                or getattr(m, "grad_checkpointing", False) is True) for m in self._checkpointed):
+            raise SiteError("gradient checkpointing is on: it re-runs each block in the backward pass, which token "
+                            "reduction does not support; turn it off (activation_checkpointing_disable() / "
+                            "gradient_checkpointing_disable() in transformers, set_grad_checkpointing(False) in "
+                            "timm / open_clip) or run without grad")
         p = self._pass = _Pass()
         if self.owns_record:
             self.recorder.begin()

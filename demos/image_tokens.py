@@ -228,10 +228,11 @@ def policy_spec(method: str, keep: float, depth: int, num_patches: int) -> str:
 
 
 def build_policy(spec: str):
-    """A Policy from a spec, with ToMe's source tracking switched on (the merge groups shown)."""
+    """A Policy from a spec, with source tracking switched on for every merging reducer (ToMe,
+    VisionZip, PruMerge+), so the overlay shows merge groups, not merged patches as dropped."""
     policy = parse_policy_text(spec)
     for stage in policy.stages:
-        if stage.reducer.name == "tome":
+        if hasattr(stage.reducer, "trace_source"):
             stage.reducer.trace_source = True
     return policy
 

@@ -60,6 +60,19 @@ def test_tome_groups_from_trace_cover_every_patch_once(tiny_vit):
     assert "merged groups" in overlays[-1][1]
 
 
+@pytest.mark.parametrize("spec", ["vision.out=visionzip(keep=0.25)", "vision.out=prumerge_plus()"])
+def test_merging_at_vision_out_shows_groups_not_dropped_patches(tiny_vit, spec):
+    """VisionZip / PruMerge+ merge the tokens they do not keep: the overlay's owners come from the
+    traced sources, so no merged patch is shown as dropped"""
+    m = tiny_vit
+    n = m.grid * m.grid
+    trace, _ = _trace(m, spec)
+    tr = trace["vision.out"]
+    owner = it.patch_groups(tr["pos"][0].numpy(), tr["size"][0].numpy(), tr["source"][0].numpy(), m.num_prefix, n)
+    dropped = n + m.num_prefix - int(tr["size"][0].sum())
+    assert int((owner < 0).sum()) == dropped
+
+
 def test_pruning_overlay_greys_out_exactly_the_dropped_patches(tiny_vit):
     m = tiny_vit
     n = m.grid * m.grid

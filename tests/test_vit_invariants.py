@@ -1,4 +1,5 @@
 """DESIGN.md invariants 1, 2, 5, 6 for every ViT adapter (timm, open_clip, HF towers)."""
+import pytest
 import torch
 
 import tokenreduce as tr
@@ -115,3 +116,50 @@ def test_linear_macs_counts_multihead_attention_projections():
     C = 48
     assert linear_macs(torch.nn.MultiheadAttention(C, 4)) == 4 * C * C
     assert linear_macs(torch.nn.MultiheadAttention(C, 4, kdim=16, vdim=8)) == C * C + C * 16 + C * 8 + C * C
+
+
+def test_timm_forward_head_pools_what_it_is_given():
+    """the size-weighted average pool replaces the pool of the forward's own merged tokens only:
+    forward_head(other features) afterwards pools those features as timm does"""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, class_token=False,
+                          global_pool="avg", depth=2).eval()
+    other = torch.randn(2, 4, m.embed_dim)
+    with torch.no_grad():
+        want = m.forward_head(other)
+        with tr.reduce(m, "vision.block.*=tome(r=1)"):
+            m(torch.randn(2, 3, 32, 32))
+            assert torch.allclose(m.forward_head(other), want, atol=1e-6)
+
+
+def test_apply_plan_keeps_float64():
+    from tokenreduce.stream import Plan, TokenStream, apply_plan
+    x = torch.randn(1, 4, 3, dtype=torch.float64)
+    st = TokenStream.start(x)
+    plan = Plan(keep=torch.tensor([[0, 2]]), assign=torch.tensor([[0, 0, 1, 1]]))
+    out, _ = apply_plan(st, plan)
+    assert out.x.dtype == torch.float64
+    assert torch.equal(out.x[0, 0], (x[0, 0] + x[0, 1]) / 2) and torch.equal(out.x[0, 1], (x[0, 2] + x[0, 3]) / 2)
+
+
+def test_modes_the_hooks_cannot_follow_are_refused():
+    """gradient checkpointing re-runs blocks in backward; flex / flash attention cannot take the
+    log(size) bias of proportional attention: both say so instead of failing deep inside"""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8)
+    torch.manual_seed(0)
+    m = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg))
+    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    m.train()
+    with tr.reduce(m, "vision.block.*=tome(r=1)"):
+        with pytest.raises(tr.SiteError, match="gradient checkpointing is on"):
+            m(pixel_values=torch.randn(2, 3, 32, 32))
+        with torch.no_grad():  # no backward, nothing re-run: fine
+            m(pixel_values=torch.randn(2, 3, 32, 32))
+    flex = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg))
+    flex.set_attn_implementation("flex_attention")
+    with pytest.raises(tr.SiteError, match="needs attn_implementation 'sdpa' or 'eager'; this tower uses 'flex_attention'"):
+        tr.reduce(flex, "vision.block.*=tome(r=1)")
+    tr.reduce(flex, "vision.block.*=tome(r=1, prop_attn=False)").remove()  # no bias: allowed

@@ -352,7 +352,8 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
     else:
         w = stream.size if plan.weight is None else plan.weight.to(torch.float32)
         slot = torch.where(assign >= 0, assign, torch.full_like(assign, K))  # K = trash slot
-        wx = stream.x.float() * w[..., None]
+        # at least float32 (half inputs are summed in float32), float64 stays float64
+        wx = stream.x.to(torch.promote_types(stream.x.dtype, torch.float32)) * w[..., None]
         x = torch.zeros(B, K + 1, stream.x.shape[-1], device=wx.device, dtype=wx.dtype)
         x.scatter_add_(1, slot[..., None].expand_as(wx), wx)
         size = torch.zeros(B, K + 1, device=wx.device, dtype=torch.float32).scatter_add_(1, slot, stream.size)

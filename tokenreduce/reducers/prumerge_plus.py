@@ -89,6 +89,7 @@ class PruMergePlus(Reducer):
     whisker: float = 1.5
     plus: bool = True
     layer: object = -1
+    trace_source: bool = False  # track which original patches each kept token holds (visualisation)
 
     def __post_init__(self):
         check_count(self.name, "knn", self.knn)
@@ -103,7 +104,7 @@ class PruMergePlus(Reducer):
 
     def needs(self, site: SiteInfo) -> Needs:
         layer = self.score_layer(site)
-        return Needs(signals={"cls_attn": (layer,), "keys": (layer,)})
+        return Needs(signals={"cls_attn": (layer,), "keys": (layer,)}, source=self.trace_source)
 
     def kept_local(self, a: torch.Tensor) -> torch.Tensor:
         """Indices (into `a`, one sample's visual tokens) that survive: top outliers, then extras."""

@@ -66,6 +66,7 @@ class VisionZip(Reducer):
     contextual: int = 10
     keep: object = None
     layer: object = None
+    trace_source: bool = False  # track which original patches each kept token holds (visualisation)
 
     def __post_init__(self):
         check_count(self.name, "dominant", self.dominant)
@@ -96,7 +97,7 @@ class VisionZip(Reducer):
 
     def needs(self, site: SiteInfo) -> Needs:
         layer = self.score_layer(site)
-        return Needs(signals={"cls_attn": (layer,), "keys": (layer,)})
+        return Needs(signals={"cls_attn": (layer,), "keys": (layer,)}, source=self.trace_source)
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self, stream: TokenStream) -> Plan | None:
