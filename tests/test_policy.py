@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import tokenreduce as tr
 from tokenreduce import Policy, Stage, make_reducer
@@ -181,3 +182,56 @@ def _open_clip_custom():
     from open_clip.transformer import VisionTransformer
     return VisionTransformer(image_size=32, patch_size=16, width=32, layers=2, heads=2, mlp_ratio=2.0,
                              output_dim=16, qk_norm=True).eval()
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("vision.block.-:2=random(keep=4)", "malformed site"),
+    ("vision.block.1:-=random(keep=4)", "malformed site"),
+])
+def test_a_lone_minus_in_a_site_range_is_malformed(spec, match):
+    with pytest.raises(PolicyError, match=match):
+        Policy.from_spec(spec)
+
+
+def test_malformed_policy_files_and_dicts_are_policy_errors(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("stages: [vision.out=random(keep=4)\n")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{stages: ")
+    for path in (bad_yaml, bad_json):
+        with pytest.raises(PolicyError, match=f"policy file '{path}' does not parse"):
+            Policy.coerce(str(path))
+    with pytest.raises(PolicyError, match="'params' must be a mapping"):
+        Policy.from_dict({"stages": [{"site": "vision.out", "method": "random", "params": [1]}]})
+    with pytest.raises(PolicyError, match="'stages' must be a list"):
+        Policy.from_dict({"stages": "vision.out=random"})
+
+
+def test_a_reduced_model_refuses_to_be_copied(vit_case):
+    import copy
+    model = vit_case.build()
+    with tr.reduce(model, "vision.block.*=tome(r=1)"):
+        with pytest.raises(tr.TokenReduceError, match="cannot be copied or pickled"):
+            copy.deepcopy(model)
+    twin = copy.deepcopy(model)  # removed: an ordinary module again
+    x = vit_case.inputs()
+    assert torch.equal(vit_case.run(twin, x), vit_case.run(model, x))
+
+
+def test_a_broken_plugin_does_not_hide_the_other_methods(monkeypatch):
+    """an entry point that fails to load (any error) or whose name differs from its class's name is
+    skipped; looking it up says why; every other method stays usable"""
+    from importlib.metadata import EntryPoint
+
+    from tokenreduce import registry
+    eps = [EntryPoint("broken", "tokenreduce.reducers.random:DoesNotExist", registry.REDUCER_GROUP),
+           EntryPoint("renamed", "tokenreduce.reducers.random:RandomPrune", registry.REDUCER_GROUP)]
+    registry.reducer_names()  # the real registry loaded, then a copy of it re-reads the fake entry points
+    monkeypatch.setattr(registry, "_reducers", {k: v for k, v in registry._reducers.items() if k != "__failed__"})
+    monkeypatch.setattr(registry, "_loaded", {"reducers": False, "adapters": True})
+    monkeypatch.setattr(registry, "entry_points", lambda group: eps if group == registry.REDUCER_GROUP else [])
+    assert "tome" in registry.reducer_names() and "broken" not in registry.reducer_names()
+    with pytest.raises(UnknownMethodError, match="broken is installed but failed to load: .*DoesNotExist"):
+        registry.reducer_class("broken")
+    with pytest.raises(UnknownMethodError, match="whose name is 'random'; the two must be equal"):
+        registry.reducer_class("renamed")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 
-from .errors import SiteError
+from .errors import SiteError, TokenReduceError
 from .hooks import Recorder
 from .policy import Policy, describe_sites
 from .registry import find_adapter
@@ -67,6 +67,13 @@ class Handle:
         if self.model.__dict__.get(_ATTR) is self:
             del self.model.__dict__[_ATTR]
         self.removed = True
+
+    def _refuse_copy(self, *_):
+        raise TokenReduceError("a model with a tokenreduce reduction installed cannot be copied or pickled: its "
+                               "hooks point at this model. Copy (or save) it before reduce(), or remove the "
+                               "reduction (handle.remove() / tokenreduce.unreduce(model)), copy, and reduce the copy")
+
+    __deepcopy__ = __copy__ = __reduce_ex__ = _refuse_copy
 
     def __enter__(self):
         return self

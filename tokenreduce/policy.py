@@ -21,7 +21,7 @@ from .errors import PolicyError, SiteError, choices
 from .registry import reducer_class
 from .reducers.base import Reducer, SiteInfo
 
-_SITE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(\.(\*|-?\d+|-?\d*:-?\d*))?$")
+_SITE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(\.(\*|-?\d+|(-?\d+)?:(-?\d+)?))?$")
 
 
 def make_reducer(method: str, params: dict | None = None) -> Reducer:
@@ -94,7 +94,11 @@ class Stage:
         method = d.pop("method", None)
         if site is None or method is None:
             raise PolicyError(f"a stage dict needs 'site' and 'method' keys (got {choices(sorted(d))})")
-        params = dict(d.pop("params", None) or {})  # a copy: the caller's dict stays as given
+        params = d.pop("params", None) or {}
+        if not isinstance(params, dict):
+            raise PolicyError(f"stage {site}={method}: 'params' must be a mapping of parameter names to values, "
+                              f"got {type(params).__name__}")
+        params = dict(params)  # a copy: the caller's dict stays as given
         both = sorted(set(params) & set(d))
         if both:
             raise PolicyError(f"stage {site}={method}: {choices(both)} given both in 'params' and beside them")
@@ -155,6 +159,9 @@ class Policy:
         extra = set(d) - {"stages"}
         if extra:
             raise PolicyError(f"unknown policy key(s) {choices(sorted(extra))}; valid keys: stages")
+        if d["stages"] is not None and not isinstance(d["stages"], (list, tuple)):
+            raise PolicyError(f"'stages' must be a list of stages (dicts or spec strings), got "
+                              f"{type(d['stages']).__name__}")
         return cls(list(d["stages"] or []))
 
     @classmethod
@@ -167,11 +174,11 @@ class Policy:
         if not path.exists():
             raise PolicyError(f"policy file {str(path)!r} not found")
         text = path.read_text()
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
+        import yaml
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise PolicyError(f"policy file {str(path)!r} does not parse: {exc}") from None
         if isinstance(data, str):
             return parse_spec(data)
         return cls.from_dict(data)
@@ -302,7 +309,7 @@ def expand_site(pattern: str, sites: dict) -> list:
         return [pattern]
     head, _, sel = pattern.rpartition(".")
     family = sorted((i for i in sites.values() if i.family == head and i.index is not None), key=lambda i: i.index)
-    if not family or not re.fullmatch(r"\*|-?\d+|-?\d*:-?\d*", sel):
+    if not family or not re.fullmatch(r"\*|-?\d+|(-?\d+)?:(-?\d+)?", sel):
         raise SiteError(f"unknown site {pattern!r}; valid sites: {describe_sites(sites)}")
     names = [i.name for i in family]
     n = len(names)

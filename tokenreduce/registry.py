@@ -42,9 +42,18 @@ def _load_group(group: str, into: dict) -> None:
         if ep.name in into:
             continue
         try:
-            into[ep.name] = ep.load()
-        except ImportError as exc:  # an optional dependency is missing: skip, but say why on lookup
+            obj = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a missing optional dependency, or a broken plugin:
+            # skip it (every other method stays usable) and say why on lookup
             into.setdefault("__failed__", {})[ep.name] = exc
+            continue
+        name = getattr(obj, "name", ep.name) if isinstance(obj, type) else ep.name
+        if group != SCORER_GROUP and name != ep.name:  # specs are written with the class's own name
+            into.setdefault("__failed__", {})[ep.name] = ValueError(
+                f"entry point {ep.name!r} names {obj.__module__}.{obj.__qualname__}, whose name is {name!r}; "
+                "the two must be equal")
+            continue
+        into[ep.name] = obj
 
 
 def _load_reducers() -> None:
@@ -74,7 +83,9 @@ def reducer_names() -> list:
 def reducer_class(name: str):
     _load_reducers()
     if name not in _reducers or name.startswith("__"):
-        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {choices(reducer_names())}")
+        failed = _reducers.get("__failed__", {})
+        why = f" ({name} is installed but failed to load: {failed[name]})" if name in failed else ""
+        raise UnknownMethodError(f"unknown method {name!r}{why}; valid methods: {choices(reducer_names())}")
     return _reducers[name]
 
 
