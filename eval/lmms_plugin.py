@@ -274,8 +274,8 @@ def doc_to_target(doc) -> str:
 
 
 def parse_choice(prediction: str, options) -> int | None:
-    """The option a free-form answer picks: a leading letter ("B", "B.", "(B) ...") first, then
-    an option text equal to (or, when only one fits, contained as a phrase in) the answer; None
+    """The option a free-form answer picks: an option text equal to the answer, else a leading
+    letter ("B", "B.", "(B) ..."), else the one option contained as a phrase in the answer; None
     if neither. Stricter than the runner's parse_choice, which takes an option that merely starts
     the answer: "one or two" is None here. Trailing punctuation is ignored on both sides
     (Video-MME's options end in a full stop)."""
@@ -283,16 +283,16 @@ def parse_choice(prediction: str, options) -> int | None:
 
     from .videoqa_data import LETTERS
     text = prediction.strip()
-    m = re.match(r"^\(?([A-J])(?:[.):]|\s|$)", text)
-    if m and LETTERS.index(m.group(1)) < len(options):
-        return LETTERS.index(m.group(1))
 
     def norm(t):
         return re.sub(r"[\s.,;:!?]+$", "", str(t).strip().lower())
     low = norm(text)
     exact = [i for i, o in enumerate(options) if norm(o) and norm(o) == low]
-    if len(exact) == 1:
+    if len(exact) == 1:  # before the letter: "A man is running." is an option's text, not A
         return exact[0]
+    m = re.match(r"^\(?([A-J])(?:[.):]|\s|$)", text)
+    if m and LETTERS.index(m.group(1)) < len(options):
+        return LETTERS.index(m.group(1))
     inside = [i for i, o in enumerate(options)
               if norm(o) and re.search(rf"(?<!\w){re.escape(norm(o))}(?!\w)", low)]
     return inside[0] if len(inside) == 1 else None

@@ -303,23 +303,30 @@ _LETTER = re.compile(r"^\(?([A-J])(?:[\).:,\s]|$)")
 
 
 def parse_choice(text: str, options: list) -> int:
-    """Option index of a generated answer, -1 when unparseable: a leading letter ("B", "(B)",
-    "B. red"), else an option's text matched case-insensitively, exactly, or as the start of the
-    answer (followed by a non-word character), the longest matching option winning."""
+    """Option index of a generated answer, -1 when unparseable: an option's text (two characters or
+    more) matched case-insensitively, exactly or as the start of the answer (followed by a
+    non-word character), the longest matching option winning; else a leading letter ("B", "(B)",
+    "B. red"). Text first, so "A man is running." picks the option "a man is running", not A."""
     t = text.strip()
-    m = _LETTER.match(t)
-    if m and CHOICE_LETTERS.index(m.group(1)) < len(options):
-        return CHOICE_LETTERS.index(m.group(1))
     low = t.lower()
     best, best_len = -1, -1
     for i, o in enumerate(options):
         o = str(o).strip().lower()
-        if not o:
+        if len(o) < 2:
             continue
         if low == o or (low.startswith(o) and not (low[len(o):len(o) + 1].isalnum())):
             if len(o) > best_len:
                 best, best_len = i, len(o)
-    return best
+    if best >= 0:
+        return best
+    m = _LETTER.match(t)
+    if m and CHOICE_LETTERS.index(m.group(1)) < len(options):
+        return CHOICE_LETTERS.index(m.group(1))
+    for i, o in enumerate(options):  # one-character options ("A", "1") last
+        o = str(o).strip().lower()
+        if o and (low == o or (low.startswith(o) and not low[len(o):len(o) + 1].isalnum())):
+            return i
+    return -1
 
 
 # -- measurement ----------------------------------------------------------------------------------
@@ -393,7 +400,7 @@ def score_batch(qa: QAModel, items: list, cfg: EvalConfig, handle) -> list:
             "flops_fraction": stats.get("flops_fraction", 1.0)} for _ in items]
     if "loglik" in cfg.scoring:
         conts = [[qa.continuation(it["options"], j, how) for j in range(len(it["options"]))] for it in items]
-        scores = option_logliks(qa, inputs, out.logits, prompts, conts, items)
+        scores = option_logliks(qa, inputs, out.logits, prompts, conts, items, handle)
         for r, it, sc, cs in zip(res, items, scores, conts):
             pred = int(np.argmax(sc))
             r.update(loglik_continuations=cs, loglik_scores=[round(float(s), 5) for s in sc], loglik_pred=pred,
@@ -412,7 +419,8 @@ def score_batch(qa: QAModel, items: list, cfg: EvalConfig, handle) -> list:
         ttft = (steps[0] - t0) * 1e3 if steps else None
         per_tok = (steps[-1] - steps[0]) * 1e3 / (len(steps) - 1) if len(steps) > 1 else None
         cache = getattr(gen, "cache", None) or getattr(gen, "past_key_values", None)
-        kv = kv_bytes(cache) if cache is not None and hasattr(cache, "layers") else None
+        # the batch's cache (padding included) shared out per sample, so --batch does not scale it
+        kv = kv_bytes(cache) / len(items) if cache is not None and hasattr(cache, "layers") else None
         L = inputs["input_ids"].shape[1]
         for b, (r, it) in enumerate(zip(res, items)):
             text = qa.decode(gen.sequences[b, L:])
@@ -426,28 +434,46 @@ def score_batch(qa: QAModel, items: list, cfg: EvalConfig, handle) -> list:
     return res
 
 
-def option_logliks(qa: QAModel, inputs: dict, logits, prompts: list, conts: list, items: list) -> list:
+def option_logliks(qa: QAModel, inputs: dict, logits, prompts: list, conts: list, items: list,
+                   handle=None) -> list:
     """log p(continuation | prompt) per option, summed over the continuation's tokens.
 
     The continuation's tokens are those of tokenize(prompt + continuation) beyond tokenize(prompt)
     (as lm-evaluation-harness, so merges across the boundary are scored as the model sees them).
-    When every continuation of a sample is one token, the prefill's last-position logits give all
-    options at once; otherwise one batched forward scores prompt + option for all options."""
+    When the prompt's own last token would merge into the continuation (a prompt ending in a
+    space, with a BPE tokenizer), the trailing whitespace moves into the continuation, as
+    lm-evaluation-harness does. When every continuation of a sample is one token, the prefill's
+    last-position logits give all options at once; otherwise one batched forward scores prompt +
+    option for all options. On that path the reduction runs on prompt + option: methods that
+    look at the last token (FastV, FrameFusion) or draw per row (random without shared=True) then
+    see the option; single-token continuations (the defaults: letters, the embedded model's
+    one-word options) and generated answers do not."""
     tok = qa.tokenizer
     out = []
     for b, (prompt, cs) in enumerate(zip(prompts, conts)):
+        texts = [prompt + _joiner(prompt, c) + c for c in cs]
         p_ids = _text_ids(tok, prompt)
-        c_ids = [_text_ids(tok, prompt + _joiner(prompt, c) + c)[len(p_ids):] for c in cs]
+        full = [_text_ids(tok, t) for t in texts]
+        reuse_prefill = True
+        if any(f[:len(p_ids)] != p_ids for f in full):  # the boundary merges: score from the stripped prompt
+            p_ids, reuse_prefill = _text_ids(tok, prompt.rstrip()), False
+        c_ids = [f[len(p_ids):] for f in full]
         if any(not c for c in c_ids):
             raise ValueError(f"an option's continuation tokenizes to nothing: {cs!r}")
-        if all(len(c) == 1 for c in c_ids):
+        if reuse_prefill and all(len(c) == 1 for c in c_ids):
             lp = torch.log_softmax(logits[b, -1].float(), -1)
             out.append([float(lp[c[0]]) for c in c_ids])
             continue
-        texts = [prompt + _joiner(prompt, c) + c for c in cs]
         batch = qa.inputs(texts, [items[b]["frames"]] * len(cs))
-        with torch.inference_mode():
-            lg = qa.model(**batch, use_cache=False).logits.float()
+        saved = handle.context.get("question") if handle is not None else None
+        try:
+            if handle is not None:  # one row per option, all of this sample's question
+                handle.context["question"] = [items[b]["question"]] * len(cs)
+            with torch.inference_mode():
+                lg = qa.model(**batch, use_cache=False).logits.float()
+        finally:
+            if handle is not None:
+                handle.context["question"] = saved
         lps = torch.log_softmax(lg, -1)
         L = lg.shape[1]
         scores = []

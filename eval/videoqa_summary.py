@@ -15,19 +15,20 @@ def _mean(values) -> float | None:
     return sum(v) / len(v) if v else None
 
 
-def _accuracy(rows: list) -> dict:
+def _accuracy(rows: list, scoring=("loglik", "generate")) -> dict:
     ok = [r for r in rows if "error" not in r]
     out = {"n": len(rows), "scored": len(ok), "errors": len(rows) - len(ok)}
-    for key, flag in (("loglik", "loglik_correct"), ("generated", "generated_correct")):
-        have = [r for r in ok if flag in r]
-        # errors count as wrong: accuracy is over every sample, not only the scored ones
-        out[key] = (sum(bool(r[flag]) for r in have) / len(rows)) if have and rows else None
+    for key, how, flag in (("loglik", "loglik", "loglik_correct"), ("generated", "generate", "generated_correct")):
+        # errors count as wrong: accuracy is over every sample, not only the scored ones (a run
+        # whose every sample failed scores 0, not "-"); None only for a scoring not asked for
+        asked = how in scoring or any(flag in r for r in ok)
+        out[key] = (sum(bool(r.get(flag)) for r in ok) / len(rows)) if asked and rows else None
     return out
 
 
 def summarise(rows: list, cfg, wall_s: float | None = None, loadavg_start=None) -> dict:
     ok = [r for r in rows if "error" not in r]
-    summary = {"config": cfg.identity(), **_accuracy(rows)}
+    summary = {"config": cfg.identity(), **_accuracy(rows, cfg.scoring)}
     cats = {}
     for key in CATEGORY_KEYS:
         groups = {}
@@ -36,7 +37,7 @@ def summarise(rows: list, cfg, wall_s: float | None = None, loadavg_start=None) 
             if v is not None:
                 groups.setdefault(str(v), []).append(r)
         if groups:
-            cats[key] = {k: _accuracy(g) for k, g in sorted(groups.items())}
+            cats[key] = {k: _accuracy(g, cfg.scoring) for k, g in sorted(groups.items())}
     summary["by_category"] = cats
     vt = [r["visual_tokens"] for r in ok if "visual_tokens" in r]
     site_names = list(dict.fromkeys(s for v in vt for s in v["sites"]))

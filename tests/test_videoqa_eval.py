@@ -386,3 +386,61 @@ def test_bad_run_options_name_the_valid_choices(tmp_path, kw, match):
 def test_cuda_without_cuda_says_so(tmp_path):
     with pytest.raises(ValueError, match="CUDA is not available on this machine; use --device cpu"):
         EvalConfig(data="d.jsonl", out=str(tmp_path / "o"), device="cuda")
+
+
+def test_parse_choice_reads_option_text_before_a_leading_letter():
+    opts = ["a woman is singing", "a man is running"]
+    assert parse_choice("A man is running.", opts) == 1 and parse_choice("A", opts) == 0
+    assert parse_choice("B. something else", opts) == 1
+    from tokenreduce.eval.lmms_plugin import parse_choice as plugin_choice
+    assert plugin_choice("A man is running.", opts) == 1 and plugin_choice("B", opts) == 1
+
+
+def test_accuracy_is_zero_not_missing_when_every_sample_failed():
+    from tokenreduce.eval.videoqa_summary import _accuracy
+    rows = [{"id": "a", "error": "boom"}, {"id": "b", "error": "boom"}]
+    acc = _accuracy(rows, ("loglik",))
+    assert acc["loglik"] == 0.0 and acc["generated"] is None and acc["errors"] == 2
+
+
+def test_multi_token_options_score_every_token_after_a_prompt_ending_in_a_space():
+    """byte-level BPE: "ASSISTANT: " ends in a lone space token that " red" would absorb; the
+    space moves into the continuation, so "red circle" is scored as two tokens (Ġred Ġcircle),
+    not one. A model with flat logits scores each option as -(tokens) x log V."""
+    import math
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenreduce.eval.videoqa import option_logliks
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["ASSISTANT: red circle", "ASSISTANT: two blue squares", "what is it ? ASSISTANT: green"] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+    V = len(tok)
+
+    def inputs(texts, frames):
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        L = max(map(len, ids))
+        return {"input_ids": torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])}
+    model = lambda input_ids, **_: SimpleNamespace(logits=torch.zeros(*input_ids.shape, V))  # noqa: E731
+    qa = SimpleNamespace(tokenizer=tok, inputs=inputs, model=model)
+    prompt = "what is it ? ASSISTANT: "
+    scores = option_logliks(qa, None, None, [prompt], [["red circle", "two blue squares"]], [{"frames": None}])
+    expect = [len(tok("ASSISTANT: " + c)["input_ids"]) - len(tok("ASSISTANT:")["input_ids"]) for c in
+              ("red circle", "two blue squares")]
+    assert expect == [2, 3]
+    assert scores[0] == pytest.approx([-n * math.log(V) for n in expect], rel=1e-5)
+
+
+def test_kv_bytes_are_per_sample_whatever_the_batch(tmp_path, data, model_dir, qa):
+    kv = {}
+    for batch in (1, 2):
+        s = run_eval(_cfg(data, tmp_path / f"b{batch}", model_dir, limit=4, scoring="generate", batch=batch,
+                          max_new_tokens=2), qa=qa)
+        kv[batch] = s["kv_bytes"]
+    assert kv[2] == pytest.approx(kv[1], rel=0.1)  # padding may add a little; never x batch
