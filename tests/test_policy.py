@@ -228,3 +228,24 @@ def test_a_broken_plugin_does_not_hide_the_other_methods(monkeypatch):
         registry.reducer_class("broken")
     with pytest.raises(UnknownMethodError, match="whose name is 'random'; the two must be equal"):
         registry.reducer_class("renamed")
+
+
+def test_a_users_reducer_wins_a_name_clash_with_a_built_in_whenever_it_registers(monkeypatch):
+    import dataclasses
+
+    from tokenreduce import registry
+    from tokenreduce.reducers.base import Reducer
+    from tokenreduce.reducers.tome import ToMe
+    registry.reducer_names()
+    monkeypatch.setattr(registry, "_reducers", dict(registry._reducers))
+
+    @dataclasses.dataclass
+    class MyToMe(Reducer):
+        name = "tome"
+    MyToMe.__module__ = "myplugin.reducers"
+    with pytest.warns(UserWarning, match="'tome' is taken by both tokenreduce.reducers.tome.ToMe and "
+                                         "myplugin.reducers.*MyToMe; using myplugin"):
+        registry.register_reducer(MyToMe)
+    with pytest.warns(UserWarning, match="using myplugin"):  # the built-in module loading later
+        registry.register_reducer(ToMe)
+    assert registry.reducer_class("tome") is MyToMe

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from importlib.metadata import entry_points
 
 from .errors import UnknownMethodError, UnsupportedModelError, choices
@@ -21,20 +22,34 @@ _adapters: dict = {}
 _loaded = {"reducers": False, "adapters": False}
 
 
-def register_reducer(cls):
-    """Class decorator / function: make a reducer available by its `name`."""
+def _register(table: dict, kind: str, cls):
+    """One rule for name clashes, whenever the modules load: a user's registration replaces a
+    built-in (tokenreduce's own) class of the same name, a built-in never replaces a user's, and
+    every clash is reported."""
     if not getattr(cls, "name", ""):
         raise ValueError(f"{cls.__name__} has no `name`")
-    _reducers[cls.name] = cls
+    prev = table.get(cls.name)
+    if prev is not None and prev is not cls and f"{prev.__module__}.{prev.__qualname__}" != \
+            f"{cls.__module__}.{cls.__qualname__}":
+        builtin = lambda c: c.__module__.startswith("tokenreduce.")  # noqa: E731
+        keep = prev if builtin(cls) and not builtin(prev) else cls
+        warnings.warn(f"{kind} name {cls.name!r} is taken by both {prev.__module__}.{prev.__qualname__} and "
+                      f"{cls.__module__}.{cls.__qualname__}; using {keep.__module__}.{keep.__qualname__}",
+                      stacklevel=3)
+        if keep is prev:
+            return cls
+    table[cls.name] = cls
     return cls
+
+
+def register_reducer(cls):
+    """Class decorator / function: make a reducer available by its `name`."""
+    return _register(_reducers, "reducer", cls)
 
 
 def register_adapter(cls):
     """Class decorator / function: make an adapter available for `reduce()` to find."""
-    if not getattr(cls, "name", ""):
-        raise ValueError(f"{cls.__name__} has no `name`")
-    _adapters[cls.name] = cls
-    return cls
+    return _register(_adapters, "adapter", cls)
 
 
 def _load_group(group: str, into: dict) -> None:
