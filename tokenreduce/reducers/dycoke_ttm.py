@@ -39,11 +39,11 @@ class DyCokeTTM(Reducer):
     or `ratio` (the shared name for "fraction removed"), the same number. The KV-cache pruning
     stage of DyCoke (during decoding) is not part of this reducer.
 
-    Deviations from the reference code, which do not match its own description:
-    - it scores frame 2i+1 with the similarities of the PREVIOUS pair (`similarities[(i-2)//2]`,
-      so frame 1 uses the last pair's); we compare each frame with its stated partner;
-    - its second loop runs over range(0, T - 4, 4), so the last window's frame 2 is never pruned
-      (with 4 frames, frame 2 is kept whole); we prune it in every window;
+    Deviations from the reference code (KD-TAO/DyCoke dd74634, llava_arch.py `dycole_ttm`; its
+    first commit 26dc6f4 also scored frame 2i+1 against the previous pair, fixed since):
+    - its second loop runs over range(0, T - 4, 4): when T is a multiple of 4 (T >= 8) the last
+      window's frame 2 is never pruned, and for T <= 4 it raises (an empty torch.stack); we prune
+      frame 2 in every window, the last included;
     - with an odd frame count it silently loses the last frame; we treat a trailing partial
       window by the same rules (its frame 0 whole, 1 and 2 against 0).
     - Survivors keep sequence (spatial) order, which the LLM reads at `projector.out`; the
