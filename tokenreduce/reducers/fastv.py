@@ -19,8 +19,11 @@ class FastV(Reducer):
 
     Placed at `llm.layer.K` (paper: K=2): take layer K-1's attention of the last token, averaged
     over heads, over the image tokens; keep the top round(n * (1 - ratio)) image tokens and every
-    text token. Survivors keep their original positions (position_ids = kept indices). The row
-    is computed next to the model's fused attention, not from an eager attention map. As in the
+    text token. The last token's row is what the reference code ranks by; the paper's text
+    describes the average attention each token receives from all others (FastV issues #14, #44,
+    #48), which keeps a different set. Survivors keep their original positions (position_ids =
+    kept indices). The row is computed next to the model's fused attention, not from an eager
+    attention map. As in the
     reference's KV-cache variant, pruning happens once at prefill; decode steps see that subset.
     `keep` (a count or a fraction of the image tokens) overrides `ratio` when given.
     `attended="least"` keeps the LEAST-attended tokens instead: not the paper's method but its
