@@ -23,8 +23,8 @@ class FastV(Reducer):
     describes the average attention each token receives from all others (FastV issues #14, #44,
     #48), which keeps a different set. Survivors keep their original positions (position_ids =
     kept indices). The row is computed next to the model's fused attention, not from an eager
-    attention map. As in the
-    reference's KV-cache variant, pruning happens once at prefill; decode steps see that subset.
+    attention map. As in the reference's KV-cache variant, pruning happens once at prefill;
+    decode steps see that subset.
     `keep` (a count or a fraction of the image tokens) overrides `ratio` when given.
     `attended="least"` keeps the LEAST-attended tokens instead: not the paper's method but its
     ablation control, showing how much the attention ranking is worth on a given model.
