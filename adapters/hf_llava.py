@@ -61,10 +61,11 @@ class _Item:
 class _Prompt:
     """How one prefill shortened the caller's sequence, kept for the decode steps after it."""
 
-    def __init__(self, col_map: Tensor, L_full: int, dropped: Tensor):
+    def __init__(self, col_map: Tensor, L_full: int, dropped: Tensor, real: Tensor):
         self.col_map = col_map      # (B, L') original column of each new column, -1 = new padding
         self.L_full = L_full
         self.dropped = dropped      # (B,) real tokens removed per sample
+        self.real = real            # (B,) real (unpadded) tokens of the caller's prompt per sample
 
 
 @register_adapter
@@ -431,7 +432,7 @@ class LlavaFamilyAdapter(Adapter):
         kwargs.update(new)
         dropped = valid0.sum(1) - valid.sum(1)
         if changed or bool(pad.any()):
-            self.prompt = _Prompt(col_map, L, dropped)
+            self.prompt = _Prompt(col_map, L, dropped, valid0.sum(1))
         g = lambda t: t.gather(1, col_map.clamp(min=0))
         # the items' common (T, H, W) grid, so spatial reducers (uniform) see the layout in the LLM too
         grids = {it.state.grid for _, items in plan for it in items}
@@ -447,6 +448,9 @@ class LlavaFamilyAdapter(Adapter):
     def _decode_inputs(self, kwargs):
         p = self.prompt
         am = kwargs.get("attention_mask")
+        ids, cache = kwargs.get("input_ids"), kwargs.get("cache", kwargs.get("past_key_values"))
+        if ids is not None and ids.shape[1] > 1 and cache is not None:
+            self._check_continuation(p, am, kwargs.get("position_ids"), ids.shape[1], cache)
         if am is not None and am.dim() == 2 and am.shape[1] > p.col_map.shape[1]:
             head = am[:, :p.L_full].gather(1, p.col_map.clamp(min=0)).masked_fill(p.col_map < 0, 0)
             kwargs["attention_mask"] = torch.cat([head, am[:, p.L_full:]], dim=1)
@@ -459,6 +463,25 @@ class LlavaFamilyAdapter(Adapter):
             text = (am.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
             kwargs["position_ids"] = text[None].expand(3, -1, -1) + self.base.rope_deltas[None]
         return kwargs
+
+    @staticmethod
+    def _check_continuation(p, am, pos, q, cache):
+        """Several new tokens on a reduced prompt's cache (prompt-lookup candidates, or a caller
+        feeding new tokens): they must start where the cache ends, counted past the prompt.
+        generate(past_key_values=<an earlier turn's cache>) slices its input by the cache's
+        length, which the reduction shortened, and would feed old tokens again."""
+        cached = cache.get_seq_length() - p.col_map.shape[1]
+        if am is not None and am.dim() == 2:
+            caller = torch.tensor([am.shape[1] - q - p.L_full])
+        elif pos is not None and pos.dim() == 2:
+            caller = pos[:, 0].cpu() - p.real.cpu()
+        else:
+            return
+        if bool((caller != cached).any()):
+            raise SiteError(f"new tokens start {caller.tolist()} tokens after the reduced prompt but its cache holds "
+                            f"{cached}: continuing a conversation by passing an earlier turn's past_key_values to "
+                            "generate() is not supported when a reduction shortened the prompt (run the whole "
+                            "conversation as one prompt, or feed only the new tokens with the full attention mask)")
 
     def _model_post(self, module, args, output):
         p = self.prompt

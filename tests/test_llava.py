@@ -254,3 +254,19 @@ def test_uniform_in_the_llm_keeps_the_lattice_it_keeps_before_it():
             pos = h.trace[site]["pos"][0].tolist()
         kept[site] = sorted(pos) if site == "projector.out" else sorted(p - first for p in pos if is_img[p])
     assert kept["projector.out"] == kept["llm.layer.0"] == kept["llm.layer.2"] == [0, 2, 8, 10]
+
+
+def test_several_new_tokens_on_a_shortened_prompt():
+    """prompt-lookup candidates (several tokens per step) continue a shortened prompt correctly;
+    generate(past_key_values=<an earlier turn's cache>) would re-feed old tokens (it slices by the
+    shortened cache's length) and is refused with what to do instead"""
+    case = V.llava("sdpa")
+    m, single = case.model, case.singles[0]
+    with tr.reduce(m, "projector.out=random(keep=0.5, shared=True)"):
+        greedy = _generate(m, single)
+        lookup = _generate(m, single, prompt_lookup_num_tokens=3)
+        assert torch.equal(greedy.sequences, lookup.sequences)
+        ids = torch.cat([greedy.sequences, torch.tensor([[9, 10, 11]])], 1)
+        with pytest.raises(tr.SiteError, match="continuing a conversation by passing an earlier turn's past_key_values"):
+            m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=greedy.past_key_values,
+                       max_new_tokens=2, do_sample=False)
