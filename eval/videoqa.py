@@ -309,24 +309,18 @@ def parse_choice(text: str, options: list) -> int:
     "B. red"). Text first, so "A man is running." picks the option "a man is running", not A."""
     t = text.strip()
     low = t.lower()
-    best, best_len = -1, -1
+    starting = []  # (length, index) of the options the answer starts with
     for i, o in enumerate(options):
         o = str(o).strip().lower()
-        if len(o) < 2:
-            continue
-        if low == o or (low.startswith(o) and not (low[len(o):len(o) + 1].isalnum())):
-            if len(o) > best_len:
-                best, best_len = i, len(o)
-    if best >= 0:
-        return best
+        if o and (low == o or (low.startswith(o) and not low[len(o):len(o) + 1].isalnum())):
+            starting.append((len(o), -i))
+    longest = max(starting, default=None)
+    if longest is not None and longest[0] >= 2:
+        return -longest[1]
     m = _LETTER.match(t)
     if m and CHOICE_LETTERS.index(m.group(1)) < len(options):
         return CHOICE_LETTERS.index(m.group(1))
-    for i, o in enumerate(options):  # one-character options ("A", "1") last
-        o = str(o).strip().lower()
-        if o and (low == o or (low.startswith(o) and not low[len(o):len(o) + 1].isalnum())):
-            return i
-    return -1
+    return -longest[1] if longest is not None else -1  # one-character options ("A", "1") last
 
 
 # -- measurement ----------------------------------------------------------------------------------
