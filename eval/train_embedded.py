@@ -129,6 +129,35 @@ def attention_loss(attn, input_ids, targets, video_token_id: int) -> torch.Tenso
     return -torch.log(mass[has] + 1e-6).mean()
 
 
+def background_tokens(color_maps, cell: int) -> torch.Tensor:
+    """(B, T * cells) bool: the frame tokens (as attention_targets lays them out) whose square
+    holds no object pixel at all, only the grey clutter"""
+    out = []
+    for cm in color_maps:
+        T, S, _ = cm.shape
+        g = S // cell
+        objects = (cm > 0).reshape(T, g, cell, g, cell).sum((2, 4)).reshape(T * g * g)
+        out.append(torch.as_tensor(objects == 0))
+    return torch.stack(out)
+
+
+def background_dropout(input_ids, background, max_rate: float, rng, video_token_id: int) -> torch.Tensor:
+    """(B, N) bool: the tokens to hide from every query. Half the samples hide nothing; the
+    others hide each of their background tokens with a probability drawn from U(0, max_rate).
+    Why: every clip has the same 128 frame tokens, so the model learned to count relative to how
+    much background it sees, and removing clutter tokens (what a good reducer removes) changed
+    its counts; real video LLMs see varying amounts of background (frame counts, resolutions)."""
+    B = background.shape[0]
+    rate = np.where(rng.random(B) < 0.5, 0.0, rng.uniform(0.0, max_rate, B))
+    hide = background & (torch.as_tensor(rng.random(background.shape)) < torch.as_tensor(rate)[:, None])
+    is_video = input_ids == video_token_id
+    rank = is_video.long().cumsum(-1) - 1
+    frame_tok = is_video & (rank < background.shape[1])  # every video token but the trailing newline
+    out = torch.zeros_like(is_video)
+    out[frame_tok] = hide.flatten().to(out.device)
+    return out
+
+
 def relevance_batch(gen, proc, n):
     """single frames of brief-appearance clips; half show the cross"""
     frames, texts, target = [], [], []
@@ -147,10 +176,14 @@ def relevance_batch(gen, proc, n):
     return inputs, torch.tensor([proc.tokenizer.convert_tokens_to_ids(x) for x in target])
 
 
-def forward_last(model, inputs, hidden_layer=None, attention_layer=None):
+def forward_last(model, inputs, hidden_layer=None, attention_layer=None, hide=None):
     """(next-token logits at the last position, the LLM hidden states after `hidden_layer` layers
-    or None, layer `attention_layer`'s attention probabilities (eager attention) or None)"""
+    or None, layer `attention_layer`'s attention probabilities (eager attention) or None).
+    `hide` ((B, N) bool): tokens no query may attend to, the others keeping their position ids;
+    the same as removing them from the sequence before the first layer."""
     pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if hide is not None:
+        inputs = dict(inputs, attention_mask=inputs["attention_mask"] * ~hide)
     out = model(**inputs, position_ids=pos, logits_to_keep=1, output_hidden_states=hidden_layer is not None,
                 output_attentions=attention_layer is not None)
     return (out.logits[:, -1], None if hidden_layer is None else out.hidden_states[hidden_layer],
@@ -260,6 +293,10 @@ def main(argv=None):
                    help="question types whose attention is supervised (comma-separated; default all)")
     p.add_argument("--attention-aux-layer", dest="attention_aux_layer", type=int, default=-1,
                    help="LLM layer whose attention --attention-aux supervises (-1 = the last)")
+    p.add_argument("--background-dropout", dest="background_dropout", type=float, default=0.0,
+                   help="hide a random share (up to this fraction, drawn per sample; half the samples hide "
+                        "nothing) of the frame tokens that show no object, so the answers do not depend on how "
+                        "much clutter the model sees")
     for k, v in DEFAULT_SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     args = p.parse_args(argv)
@@ -334,8 +371,12 @@ def main(argv=None):
             g["lr"] = lr
         samples, inputs, answers, _, (cols, shps), cmaps = make_batch(gen, proc, args.batch, weights=weights)
         inputs, (answers, cols, shps) = to_device(inputs, device), to_device((answers, cols, shps), device)
+        hide = None
+        if args.background_dropout:
+            hide = background_dropout(inputs["input_ids"], background_tokens(cmaps, 2 * cfg.vision_config.patch_size),
+                                      args.background_dropout, gen.rng, cfg.video_token_id)
         logits, hidden, attn = forward_last(model, inputs, hidden_layer=args.frame_aux_layer if args.frame_aux else None,
-                                            attention_layer=att_layer if args.attention_aux else None)
+                                            attention_layer=att_layer if args.attention_aux else None, hide=hide)
         loss_answer = F.cross_entropy(logits, answers)
         feats = captured.pop("x")  # (B*T, patches, D)
         loss_aux = (F.cross_entropy(color_head(feats).flatten(0, 1), cols.flatten())

@@ -202,10 +202,16 @@ def test_malformed_policy_files_and_dicts_are_policy_errors(tmp_path):
 
 def test_a_reduced_model_refuses_to_be_copied(vit_case):
     import copy
+    import io
+    import pickle
     model = vit_case.build()
     with tr.reduce(model, "vision.block.*=tome(r=1)"):
         with pytest.raises(tr.TokenReduceError, match="cannot be copied or pickled"):
             copy.deepcopy(model)
+        for save in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):  # not "Can't pickle local object"
+            with pytest.raises(tr.TokenReduceError, match="cannot be copied or pickled"):
+                save(model)
+    pickle.loads(pickle.dumps(model))
     twin = copy.deepcopy(model)  # removed: an ordinary module again
     x = vit_case.inputs()
     assert torch.equal(vit_case.run(twin, x), vit_case.run(model, x))

@@ -13,7 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tokenreduce.eval.synthetic import QTYPES, VideoQAGenerator  # noqa: E402
-from tokenreduce.eval.train_embedded import answer_objects, attention_loss, attention_targets, main  # noqa: E402
+from tokenreduce.eval.train_embedded import (answer_objects, attention_loss, attention_targets,  # noqa: E402
+                                             background_dropout, background_tokens, forward_last, main)
 
 CELL = 16  # 64 px frames, patch 8, the projector's 2x2 pooling: one LLM token per 16x16 square
 
@@ -78,6 +79,42 @@ def test_attention_loss_is_small_on_the_targets_and_large_elsewhere():
     assert float(attention_loss(uniform, ids, torch.zeros(1, 8, dtype=torch.bool), video_id)) == 0.0
 
 
+def test_background_dropout_hides_clutter_only_and_equals_removing_those_tokens():
+    from tokenreduce.eval.embedded import EmbeddedProcessor, build_config, build_model, build_tokenizer
+    tok = build_tokenizer()
+    cfg = build_config(tok)
+    model, proc = build_model(cfg, seed=0).eval(), EmbeddedProcessor(tok, cfg)
+    gen = VideoQAGenerator(seed=3)
+    samples = [gen.sample(q) for q in ("count", "region_color", "brief_color")]
+    rendered = [gen.render(s, with_labels=True) for s in samples]
+    background = background_tokens([r[1] for r in rendered], CELL)
+    objects = torch.stack([attention_targets([s], [r[1]], cell=CELL, min_pixels=1)[0] for s, r in zip(samples, rendered)])
+    assert background.shape == (3, 8 * 16) and not (background & objects).any() and background.any(1).all()
+    inputs = proc(text=[proc.prompt(s["question"], s["options"]) for s in samples], videos=[r[0] for r in rendered])
+    video = inputs["input_ids"] == cfg.video_token_id
+    hidden = [background_dropout(inputs["input_ids"], background, 1.0, np.random.default_rng(seed), cfg.video_token_id)
+              for seed in range(6)]
+    for hide in hidden:
+        assert not (hide & ~video).any()  # text and the trailing newline stay
+        for b in range(3):  # the hidden tokens are background tokens, in frame order
+            assert set(torch.nonzero(hide[b][video[b]][:128]).flatten().tolist()) <= set(
+                torch.nonzero(background[b]).flatten().tolist())
+    counts = torch.stack([h.sum(1) for h in hidden])
+    assert (counts == 0).any() and (counts > 0).any()  # some samples hide nothing, others something
+    hide = max(hidden, key=lambda h: int((h.sum(1) > 0).sum()))
+    captured = {}
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    with torch.no_grad():
+        masked = forward_last(model, inputs, hide=hide)[0]
+        handle.remove()
+        pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        for b in range(3):  # hiding = removing the tokens before layer 0, the others keeping their positions
+            keep = (inputs["attention_mask"][b] > 0) & ~hide[b]
+            out = model.model.language_model(inputs_embeds=captured["inputs_embeds"][b:b + 1, keep],
+                                             position_ids=pos[b:b + 1, keep])
+            torch.testing.assert_close(model.lm_head(out.last_hidden_state[:, -1])[0], masked[b], atol=1e-4, rtol=1e-4)
+
+
 def test_two_training_steps_write_a_loadable_model(tmp_path):
     from tokenreduce.eval.embedded import load_embedded
     out = tmp_path / "run"
@@ -96,7 +133,7 @@ def test_two_training_steps_write_a_loadable_model(tmp_path):
     out2 = tmp_path / "run2"
     assert main(["--out", str(out2), "--init", str(out), "--max-steps", "1", "--batch", "4", "--eval-samples", "5",
                  "--frames", "4", "--threads", "1", "--attention-aux", "1",
-                 "--attention-aux-types", "region_color,start_end"]) == 0
+                 "--attention-aux-types", "region_color,start_end", "--background-dropout", "1"]) == 0
     info2 = json.loads((out2 / "training.json").read_text())
     assert [st["steps"] for st in info2["stages"]] == [2, 1]
     assert info2["total_samples_seen"] == 12

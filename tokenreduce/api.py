@@ -4,7 +4,7 @@ from __future__ import annotations
 import weakref
 
 from .errors import SiteError, TokenReduceError
-from .hooks import Recorder
+from .hooks import COPY_REFUSED, Recorder
 from .policy import Policy, describe_sites
 from .registry import find_adapter
 
@@ -69,9 +69,7 @@ class Handle:
         self.removed = True
 
     def _refuse_copy(self, *_):
-        raise TokenReduceError("a model with a tokenreduce reduction installed cannot be copied or pickled: its "
-                               "hooks point at this model. Copy (or save) it before reduce(), or remove the "
-                               "reduction (handle.remove() / tokenreduce.unreduce(model)), copy, and reduce the copy")
+        raise TokenReduceError(COPY_REFUSED)
 
     __deepcopy__ = __copy__ = __reduce_ex__ = _refuse_copy
 

@@ -2,12 +2,41 @@
 one site, and the per-forward record behind `Handle.stats`."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .errors import TokenReduceError
 from .stream import Plan, TokenStream, apply_plan
+
+COPY_REFUSED = ("a model with a tokenreduce reduction installed cannot be copied or pickled: its hooks point at this "
+                "model. Copy (or save) it before reduce(), or remove the reduction (handle.remove() / "
+                "tokenreduce.unreduce(model)), copy, and reduce the copy")
+
+
+class InstalledHook:
+    """A function tokenreduce installs on a model (hook or instance attribute), called as itself.
+    Pickling it (torch.save(model), pickle.dumps) raises COPY_REFUSED: a closure's own error
+    ("Can't pickle local object") names neither the cause nor the fix. copy / deepcopy give the
+    same object back, as they do for a plain function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        raise TokenReduceError(COPY_REFUSED)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class HookSet:
@@ -17,12 +46,12 @@ class HookSet:
         self._undo = []
 
     def pre(self, module, fn, *, with_kwargs=False, prepend=True):
-        h = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
+        h = module.register_forward_pre_hook(InstalledHook(fn), with_kwargs=with_kwargs, prepend=prepend)
         self._undo.append(h.remove)
         return h
 
     def post(self, module, fn, *, with_kwargs=False, prepend=True):
-        h = module.register_forward_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
+        h = module.register_forward_hook(InstalledHook(fn), with_kwargs=with_kwargs, prepend=prepend)
         self._undo.append(h.remove)
         return h
 
@@ -32,6 +61,8 @@ class HookSet:
             raise TypeError("tokenreduce never patches a class; set attributes on instances")
         inst = vars(obj)
         had, old = name in inst, inst.get(name)
+        if callable(value) and not isinstance(value, (torch.nn.Module, type)):
+            value = InstalledHook(value)
         setattr(obj, name, value)
 
         def undo():
