@@ -255,3 +255,18 @@ def test_a_users_reducer_wins_a_name_clash_with_a_built_in_whenever_it_registers
     with pytest.warns(UserWarning, match="using myplugin"):  # the built-in module loading later
         registry.register_reducer(ToMe)
     assert registry.reducer_class("tome") is MyToMe
+
+
+def test_random_draws_differ_between_sites_with_names_of_equal_length():
+    """the seed mixes a hash of the site's name: vision.layer.3 and vision.block.3 (same length,
+    same layer) used to draw the same pattern"""
+    from tokenreduce.reducers.random import RandomPrune
+    from tokenreduce.stream import TokenStream
+
+    def kept(site):
+        s = TokenStream.start(torch.zeros(1, 64, 4))
+        s.site, s.layer = site, 3
+        return RandomPrune(keep=0.5).plan(s).keep.tolist()
+
+    assert kept("vision.block.3") == kept("vision.block.3")
+    assert kept("vision.block.3") != kept("vision.layer.3")

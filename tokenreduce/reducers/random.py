@@ -1,6 +1,7 @@
 """Random pruning baseline."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,9 @@ class RandomPrune(Reducer):
         k = stream.budget(self.keep)
         if bool((k >= stream.num_visual()).all()):
             return None
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + (stream.layer or 0) * 7919 + len(stream.site))
+        # the site's name, hashed (not its length: vision.layer.K and vision.block.K would collide)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + (stream.layer or 0) * 7919
+                                          + zlib.crc32(stream.site.encode()))
         if self.shared:
             table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
             rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
