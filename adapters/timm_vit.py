@@ -1,9 +1,11 @@
 """timm VisionTransformer (ViT, DeiT incl. distilled, DeiT-III LayerScale, QK-norm, registers)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from tokenreduce.errors import UnsupportedModelError
+from tokenreduce.errors import SiteError, UnsupportedModelError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
@@ -26,7 +28,7 @@ class TimmViTAdapter(ViTAdapter):
             # attribute names but applies norm2 after the MLP, so norm2 is not the MLP's input
             if not is_a(blk, "timm.models.vision_transformer.Block") or \
                     not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp", "drop_path2")) or \
-                    not hasattr(blk.attn, "qkv"):
+                    not self._plain_attention(blk.attn):
                 raise UnsupportedModelError(
                     f"timm block {i} is a {type(blk).__name__} with attention {type(getattr(blk, 'attn', None)).__name__}; "
                     "tokenreduce supports timm's pre-norm Block with fused qkv Attention")
@@ -34,6 +36,14 @@ class TimmViTAdapter(ViTAdapter):
         self.cls_index = 0 if getattr(model, "cls_token", None) is not None else None
         if self.cls_index is None:
             self.no_cls_note = f"{type(model).__name__} was built without a class token"
+
+    @staticmethod
+    def _plain_attention(attn) -> bool:
+        """timm's Attention layout: one qkv projection of 3 x heads x head_dim (DiffAttention
+        also has a qkv, but with 2 x heads half-size q/k heads and no attn_dim)"""
+        qkv = getattr(attn, "qkv", None)
+        return qkv is not None and hasattr(attn, "attn_dim") and \
+            getattr(qkv, "out_features", None) == 3 * attn.num_heads * attn.head_dim
 
     def blocks(self):
         return list(self.model.blocks)
@@ -80,6 +90,26 @@ class TimmViTAdapter(ViTAdapter):
         if getattr(m, "attn_pool", None) is None and getattr(m, "global_pool", "") == "avg" and \
                 not getattr(m, "pool_include_prefix", False):
             self.hooks.pre(m.fc_norm, self._weighted_avg_pool)
+        if hasattr(m, "forward_intermediates"):  # get_intermediate_layers calls it too
+            self.hooks.setattr(m, "forward_intermediates", self._checked_intermediates(m.forward_intermediates))
+
+    def _checked_intermediates(self, original):
+        """timm's forward_intermediates reshapes every intermediate to the patch grid (NCHW, the
+        default; get_intermediate_layers(reshape=True)): after a reduction that would silently
+        fold tokens into channels, so it raises instead. NLC gives the reduced tokens."""
+        signature = inspect.signature(original)
+
+        def forward_intermediates(*args, **kwargs):
+            out = original(*args, **kwargs)
+            fmt = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW")
+            p = self._pass
+            if fmt == "NCHW" and p is not None and p.state is not None and p.state.pos.shape[1] != p.n0:
+                raise SiteError(
+                    f"forward_intermediates(output_fmt='NCHW') / get_intermediate_layers(reshape=True) reshape the "
+                    f"tokens to the patch grid, but the reduction left {p.state.pos.shape[1]} of {p.n0}; use "
+                    "output_fmt='NLC' (reshape=False) for the reduced tokens, or remove the reduction first")
+            return out
+        return forward_intermediates
 
     def _weighted_avg_pool(self, module, args):
         final = self._pass.final

@@ -106,7 +106,7 @@ def set_spec(page, spec: str) -> None:
 def upload(page, path) -> None:
     """Put a file into the #upload component and wait until Gradio has taken it."""
     page.locator("#upload input[type=file]").set_input_files(str(path))
-    page.locator("#upload").get_by_text(Path(path).name).first.wait_for(timeout=30_000)
+    page.locator("#upload").get_by_text(Path(path).name).first.wait_for(timeout=90_000)  # generous: the CI machine may be busy
 
 
 def drive_image_demo(page, url: str, spec: str | None = None) -> dict:

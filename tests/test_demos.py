@@ -322,7 +322,7 @@ def test_image_demo_in_browser(servers, browser, tmp_path):
     page = browser.new_page()
     page.goto(servers["image_tokens"])
     page.locator("#upload input[type=file]").set_input_files(str(big))
-    page.get_by_text("exceed the maximum allowed size").first.wait_for(timeout=15_000)
+    page.get_by_text("exceed the maximum allowed size").first.wait_for(timeout=60_000)
     page.close()
 
 

@@ -133,6 +133,39 @@ def test_timm_forward_head_pools_what_it_is_given():
             assert torch.allclose(m.forward_head(other), want, atol=1e-6)
 
 
+def test_timm_intermediates_refuse_a_grid_reshape_of_reduced_tokens():
+    """forward_intermediates / get_intermediate_layers(reshape=True) fold the token sequence into
+    the patch grid: after ToMe that scrambled tokens into channels silently; now it raises, NLC
+    returns the reduced tokens, and an unreduced pass is untouched"""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=3,
+                          num_heads=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, want = m.forward_intermediates(x)
+        with tr.reduce(m, "vision.block.*=tome(r=2)"):
+            with pytest.raises(tr.SiteError, match="left 11 of 17; use output_fmt='NLC'"):
+                m.forward_intermediates(x)
+            with pytest.raises(tr.SiteError, match="reshape=True"):
+                m.get_intermediate_layers(x, n=2, reshape=True)
+            nlc = m.get_intermediate_layers(x, n=3)
+            assert [t.shape[1] for t in nlc] == [14, 12, 10]  # 16 patches, r=2 per block
+        with tr.reduce(m, "vision.out=random(keep=1.0)"):
+            _, same = m.forward_intermediates(x)
+        assert all(torch.equal(a, b) for a, b in zip(same, want))
+    assert "forward_intermediates" not in vars(m)
+
+
+def test_timm_diff_attention_is_refused_at_reduce_time():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=2,
+                          num_heads=4, attn_layer="diff").eval()
+    with pytest.raises(tr.UnsupportedModelError, match="with attention DiffAttention; tokenreduce supports"):
+        tr.reduce(m, "vision.out=random(keep=0.5)")
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+
+
 def test_apply_plan_keeps_float64():
     from tokenreduce.stream import Plan, TokenStream, apply_plan
     x = torch.randn(1, 4, 3, dtype=torch.float64)
