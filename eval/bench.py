@@ -10,6 +10,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -99,5 +100,7 @@ def format_vit(res: dict) -> str:
 
 
 def write_json(res, path) -> None:
+    """write a benchmark result, creating the folder (README's `--json out/vit.json` on a fresh clone)"""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=2)

@@ -18,7 +18,7 @@ import torch
 
 import tokenreduce as tr
 
-from .bench import machine, sync
+from .bench import machine, sync, write_json
 
 # 70% visual-token cut, for the methods that run on a SigLIP (no [CLS]) video model
 DEFAULT_POLICIES = {
@@ -232,8 +232,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     res = main_from_args(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(res, args.json)
     return 0
 
 
