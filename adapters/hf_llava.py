@@ -34,7 +34,7 @@ from tokenreduce.stream import Kind, TokenStream
 
 from .base import Adapter, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
-from .hf_llm import LLMSites, gather_positions
+from .hf_llm import LLMSites, gather_positions, refuse_fixed_size_cache
 from .hf_vision import HFVisionAdapter
 
 _T = "transformers.models."
@@ -329,6 +329,7 @@ class LlavaFamilyAdapter(Adapter):
             kwargs["input_ids"], args = args[0], tuple(args[1:])
         ids = kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        refuse_fixed_size_cache(cache)
         prefill = cache is None or cache.get_seq_length() == 0
         if not prefill:
             return (args, self._decode_inputs(kwargs)) if self.prompt is not None else None

@@ -20,6 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from tokenreduce.errors import SiteError
 from tokenreduce.flops import attention_flops, linear_macs
 from tokenreduce.hooks import run_stages
 from tokenreduce.signals import last_query_attention
@@ -63,6 +64,14 @@ def wrapped_attention_name(impl: str) -> str:
     if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
     return name
+
+
+def refuse_fixed_size_cache(cache) -> None:
+    """A static (compileable, preallocated) cache: its masks and slots are laid out for the full
+    prompt, so removed tokens cannot be followed; say so instead of failing inside the model."""
+    if getattr(cache, "is_compileable", False):
+        raise SiteError(f"{type(cache).__name__} (a fixed-size cache, e.g. generate(cache_implementation='static')) "
+                        "cannot follow the tokens a reduction removes; use the default dynamic cache")
 
 
 # -- tensor helpers -------------------------------------------------------------------------------
@@ -191,6 +200,10 @@ class LLMSites:
             self.by_site.setdefault(name, []).append(red)
         if not self.by_site:
             return
+        impl = self.lm.config._attn_implementation or ""
+        if "flex" in impl:  # its block mask is built for the full prompt length before layer 0
+            raise SiteError(f"llm.layer sites need attn_implementation 'sdpa' or 'eager' in the LLM; it uses "
+                            f"{impl!r} (load the model with attn_implementation='sdpa')")
         self.first = min(int(n.rsplit(".", 1)[1]) for n in self.by_site)
         capture = {}
         self.prop_attn = False
@@ -220,6 +233,7 @@ class LLMSites:
     # -- hooks --------------------------------------------------------------------------------
     def _lm_pre(self, module, args, kwargs):
         """A prefill starts a session before any layer runs (signal layers may precede sites)."""
+        refuse_fixed_size_cache(kwargs.get("past_key_values"))
         hs = kwargs.get("inputs_embeds")
         if hs is None:
             ids = kwargs.get("input_ids", args[0] if args else None)

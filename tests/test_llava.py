@@ -270,3 +270,17 @@ def test_several_new_tokens_on_a_shortened_prompt():
         with pytest.raises(tr.SiteError, match="continuing a conversation by passing an earlier turn's past_key_values"):
             m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=greedy.past_key_values,
                        max_new_tokens=2, do_sample=False)
+
+
+def test_fixed_size_caches_and_flex_attention_are_refused_with_what_to_do():
+    """a static cache and flex attention in the LLM cannot follow tokens removed inside it: both
+    said nothing useful before (a KeyError on a signal, torch's block-mask length error)"""
+    case = V.BUILDERS["llava_onevision"]("sdpa")
+    with tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)"):
+        with pytest.raises(tr.SiteError, match="fixed-size cache.*cannot follow the tokens a reduction removes; use the default dynamic cache"):
+            case.model.generate(**case.batch, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        case.model.generate(**case.batch, max_new_tokens=2, do_sample=False)  # the dynamic cache works
+    case.model.model.language_model.config._attn_implementation = "flex_attention"
+    with pytest.raises(tr.SiteError, match="need attn_implementation 'sdpa' or 'eager' in the LLM; it uses 'flex_attention'"):
+        tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)")
+    tr.reduce(case.model, "projector.out=random(keep=0.5)").remove()  # no LLM site: allowed
