@@ -94,6 +94,8 @@ def test_unknown_parameter_names_valid_ones():
     ("projector.out=dycoke_ttm(k=0.7, ratio=0.5)", "k and ratio name the same number"),
     ("vision.block.-:2=random(keep=4)", "malformed site"),  # a lone minus is not an index
     ("vision.block.1:-=random(keep=4)", "malformed site"),
+    ("vision.out=random(keep=4) vision.block.1=tome(r=1)", "separate stages with ';'"),
+    ("vision.out=random(keep=4), vision.block.-1=tome(r=1)", "separate stages with ';'"),
 ])
 def test_bad_values(spec, match):
     with pytest.raises(PolicyError, match=match):

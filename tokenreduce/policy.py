@@ -255,7 +255,10 @@ def parse_call(text: str) -> Reducer:
         try:
             call = ast.parse(f"_({args})", mode="eval").body
         except SyntaxError as exc:
-            raise PolicyError(f"malformed arguments in {text!r}: {exc.msg}") from None
+            hint = ""
+            if re.search(r"\)[\s,]*[A-Za-z_][\w.*:-]*\s*=", text):  # "a(...) site=b(...)": a second stage
+                hint = "; separate stages with ';', e.g. 'vision.block.*=tome(r=8); vision.out=random(keep=64)'"
+            raise PolicyError(f"malformed arguments in {text!r}: {exc.msg}{hint}") from None
         # "f(a=1)(b=2)", "f(a=1).x(b=2)", "f(a=1), g()" parse too: only one plain call is a spec
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "_"):
             raise PolicyError(f"malformed method call {text!r}; expected METHOD or METHOD(key=value, ...)")
