@@ -196,6 +196,12 @@ def test_malformed_policy_files_and_dicts_are_policy_errors(tmp_path):
     for path in (bad_yaml, bad_json):
         with pytest.raises(PolicyError, match=f"policy file '{path}' does not parse"):
             Policy.coerce(str(path))
+    (tmp_path / "empty.yaml").write_text("\n")
+    with pytest.raises(PolicyError, match="policy file '.*empty.yaml' is empty"):
+        Policy.coerce(str(tmp_path / "empty.yaml"))
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(PolicyError, match="policy file '.*dir.yaml' is a directory"):
+        Policy.coerce(str(tmp_path / "dir.yaml"))
     with pytest.raises(PolicyError, match="'params' must be a mapping"):
         Policy.from_dict({"stages": [{"site": "vision.out", "method": "random", "params": [1]}]})
     with pytest.raises(PolicyError, match="'stages' must be a list"):

@@ -173,7 +173,11 @@ class Policy:
         path = Path(path)
         if not path.exists():
             raise PolicyError(f"policy file {str(path)!r} not found")
+        if not path.is_file():
+            raise PolicyError(f"policy file {str(path)!r} is a directory, not a YAML/JSON file")
         text = path.read_text()
+        if not text.strip():
+            raise PolicyError(f"policy file {str(path)!r} is empty; write stages as {{'stages': [...]}} or one spec line")
         import yaml
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
