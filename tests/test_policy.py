@@ -278,3 +278,12 @@ def test_random_draws_differ_between_sites_with_names_of_equal_length():
 
     assert kept("vision.block.3") == kept("vision.block.3")
     assert kept("vision.block.3") != kept("vision.layer.3")
+
+
+def test_unknown_adapter_options_are_named(vit_case):
+    model = vit_case.build()
+    with pytest.raises(TypeError, match="has no option\\(s\\) foo; valid: "):
+        tr.reduce(model, "vision.out=random(keep=4)", foo=1)
+    with pytest.raises(TypeError, match="has no option\\(s\\) foo"):
+        tr.sites(model, foo=1)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

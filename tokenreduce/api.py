@@ -96,7 +96,7 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     """
     policy = Policy.coerce(policy)
     adapter_cls = adapter or find_adapter(model)
-    ad = adapter_cls(model, **adapter_options)
+    ad = _make_adapter(adapter_cls, model, adapter_options)
     sites = ad.sites()
     stages = policy.resolve(sites)
     for site, red in stages:
@@ -134,7 +134,20 @@ def unreduce(model) -> bool:
 
 def sites(model, **adapter_options) -> dict:
     """The sites `model` publishes: name -> SiteInfo."""
-    return find_adapter(model)(model, **adapter_options).sites()
+    return _make_adapter(find_adapter(model), model, adapter_options).sites()
+
+
+def _make_adapter(adapter_cls, model, options: dict):
+    """adapter_cls(model, **options), with unknown options named against the ones it takes"""
+    import inspect
+    params = inspect.signature(adapter_cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [n for n, p in params.items() if n not in ("self", "model") and p.kind is not p.VAR_POSITIONAL]
+        bad = sorted(set(options) - set(valid))
+        if bad:
+            raise TypeError(f"{adapter_cls.__name__} has no option(s) {', '.join(bad)}; valid: "
+                            f"{', '.join(valid) or 'none'}")
+    return adapter_cls(model, **options)
 
 
 def describe(model) -> str:
