@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
+import secrets
 import sys
 from collections import Counter
 from pathlib import Path
@@ -83,6 +85,7 @@ MVBENCH_VIDEO_DIRS = {
     "action_count": "perception/videos",
 }
 
+_UTF8_BOM = b"\xef\xbb\xbf"
 _LETTER_RE = re.compile(r"^\(?([A-J])[.)]?$")
 _OPTION_PREFIX_RE = re.compile(r"^\s*\(?([A-J])[.):]\s*")
 
@@ -184,46 +187,62 @@ def load_records(path, video_root=None) -> tuple:
     records: valid samples in file order, `answer` an index, `meta` a dict, `video` an absolute
     path (relative ones resolved against `video_root`, or else the JSONL's folder; the path as
     written is kept in meta["video_given"] when it changed). problems: one
-    {"line": n (1-based), "id": id or None, "error": message} per malformed line (bad JSON,
-    invalid record, duplicate id); those lines are skipped and loading goes on. Blank lines are
-    ignored. A missing file raises FileNotFoundError.
+    {"line": n (1-based), "id": id or None, "error": message} per malformed line (not UTF-8,
+    bad JSON, invalid record, duplicate id); those lines are skipped and loading goes on. Blank
+    lines are ignored; a UTF-8 byte-order mark at the start of the file is dropped. A missing
+    file (or a folder) raises FileNotFoundError.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is a folder; give the dataset's .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {str(path)!r}")
     base = Path(video_root) if video_root is not None else path.resolve().parent
     records, problems, first_line = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append({"line": n, "id": None, "error": f"not valid JSON ({exc.msg} at column {exc.colno})"})
-                continue
-            rid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
-            norm, err = normalise_record(rec)
-            if err is None and norm["id"] in first_line:
-                err = f"duplicate id {norm['id']!r} (first used on line {first_line[norm['id']]}); ids must be unique"
-            if err is not None:
-                problems.append({"line": n, "id": rid, "error": err})
-                continue
-            first_line[norm["id"]] = n
-            video = resolve_video(norm["video"], base)
-            if video != norm["video"]:
-                norm["meta"].setdefault("video_given", norm["video"])
-                norm["video"] = video
-            records.append(norm)
+    data = path.read_bytes()
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM):]
+    # bytes.splitlines splits on \n, \r\n and \r, as reading in text mode does; a JSON line holds
+    # no raw \r or \n (they must be escaped inside strings)
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append({"line": n, "id": None, "error": f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                                             f"column {exc.start + 1}); save the file as UTF-8"})
+            continue
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append({"line": n, "id": None, "error": f"not valid JSON ({exc.msg} at column {exc.colno})"})
+            continue
+        rid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
+        norm, err = normalise_record(rec)
+        if err is None and norm["id"] in first_line:
+            err = f"duplicate id {norm['id']!r} (first used on line {first_line[norm['id']]}); ids must be unique"
+        if err is not None:
+            problems.append({"line": n, "id": rid, "error": err})
+            continue
+        first_line[norm["id"]] = n
+        video = resolve_video(norm["video"], base)
+        if video != norm["video"]:
+            norm["meta"].setdefault("video_given", norm["video"])
+            norm["video"] = video
+        records.append(norm)
     return records, problems
 
 
 def write_records(path, records, relative_to_file: bool = False) -> Path:
     """Write records as JSONL (answers normalised to indices, keys in the canonical order).
 
-    Raises ValueError naming the first invalid record or duplicate id, before anything is
-    written. relative_to_file: write each video path relative to the output file's folder (so
-    the dataset can move with its videos); otherwise the paths are written as given.
+    Raises ValueError naming the first invalid record, duplicate id or value JSON cannot hold
+    (in meta), before anything is written. The file is written under a temporary name in the
+    same folder and then renamed over `path` (an existing file is replaced), so a failed write
+    leaves no partial file. relative_to_file: write each video path relative to the output
+    file's folder (so the dataset can move with its videos); otherwise the paths are written as
+    given.
     """
     path = Path(path)
     out, seen = [], set()
@@ -237,11 +256,25 @@ def write_records(path, records, relative_to_file: bool = False) -> Path:
         seen.add(norm["id"])
         if relative_to_file:
             norm["video"] = os.path.relpath(resolve_video(norm["video"], Path.cwd()), path.resolve().parent)
-        out.append({k: norm[k] for k in FIELDS})
+        try:
+            out.append(json.dumps({k: norm[k] for k in FIELDS}, ensure_ascii=False) + "\n")
+        except (TypeError, ValueError) as exc:  # e.g. a set or another non-JSON object in meta
+            raise ValueError(f"record {i} (id {norm['id']!r}) cannot be written as JSON: {exc}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in out:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    # write a temporary file next to `path`, then rename it over `path`: a failure part-way
+    # never leaves a truncated file, and an existing `path` is only replaced by a complete one
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask, as open() does
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.writelines(out)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
 
 
@@ -268,12 +301,35 @@ def _skip(skipped, rid, reason: str) -> None:
         skipped.append({"id": rid, "reason": reason})
 
 
-def _read_json(path, what: str):
+def _source_file(path, what: str) -> Path:
+    """`path` as a Path when it is an existing file; else FileNotFoundError (nothing there) or
+    ValueError (a folder), each naming `what` and the path."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder, not a file")
+    if not p.exists():
+        raise FileNotFoundError(f"no {what} at {str(p)!r} (no such file)")
+    return p
+
+
+def _read_text(path, what: str) -> str:
+    """The file's text, decoded as UTF-8 (a leading byte-order mark dropped). Errors name the
+    file, and for bytes that are not UTF-8 the byte offset and line."""
+    data = _source_file(path, what).read_bytes()
+    skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {what} at {str(path)!r}") from None
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = skip + exc.start  # offset in the file
+        line = data.count(b"\n", 0, at) + 1
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text at byte {at} (line {line}: byte "
+                         f"0x{data[at]:02x}); save it as UTF-8") from None
+
+
+def _read_json(path, what: str):
+    text = _read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
 
@@ -301,15 +357,25 @@ def convert_nextqa(csv_path, video_dir, video_map=None, skipped: list | None = N
     """
     vmap = _load_video_map(video_map)
     records = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    text = _read_text(csv_path, "NExT-QA CSV")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         missing = [c for c in NEXTQA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{str(csv_path)!r} is not a NExT-QA multiple-choice CSV: missing column(s) "
                              f"{', '.join(missing)}; expected {', '.join(NEXTQA_COLUMNS)}")
+        ncols = len(reader.fieldnames)
         for row in reader:
-            vid, qid = row["video"].strip(), row["qid"].strip()
+            vid, qid = (row.get("video") or "").strip(), (row.get("qid") or "").strip()
             rid = f"nextqa-{vid}-{qid}"
+            # DictReader fills the missing fields of a short row with None and keeps the extra
+            # fields of a long one under the key None: both rows are misaligned, so left out
+            extra = row.pop(None, None) or []
+            given = sum(v is not None for v in row.values()) + len(extra)
+            if given != ncols:
+                _skip(skipped, rid if vid and qid else f"CSV line {reader.line_num}",
+                      f"row has {given} of the header's {ncols} columns")
+                continue
             try:
                 answer = int(row["answer"])
             except (TypeError, ValueError):
@@ -320,6 +386,9 @@ def convert_nextqa(csv_path, video_dir, video_map=None, skipped: list | None = N
                    "options": [row[f"a{i}"].strip() for i in range(5)], "answer": answer,
                    "meta": {"type": row["type"].strip(), "qid": qid, "video_id": vid}}
             _keep(rec, records, skipped)
+    except csv.Error as exc:
+        raise ValueError(f"NExT-QA CSV {str(csv_path)!r} cannot be read as CSV (line {reader.line_num}): "
+                         f"{exc}") from None
     return records
 
 
@@ -356,14 +425,24 @@ def convert_mvbench(src, video_root, video_dirs=None, skipped: list | None = Non
             if not isinstance(it, dict) or any(k not in it for k in ("video", "question", "candidates", "answer")):
                 _skip(skipped, rid, "entry needs video, question, candidates and answer")
                 continue
-            cands = [str(c) for c in it["candidates"]] if isinstance(it["candidates"], list) else it["candidates"]
+            cands = it["candidates"]
+            if not isinstance(cands, list):
+                _skip(skipped, rid, f"candidates must be a list of option texts, got {type(cands).__name__}")
+                continue
+            bad = [k for k, c in enumerate(cands) if c is None or isinstance(c, (list, dict))]
+            if bad:  # str(None) would become the option text "None"
+                _skip(skipped, rid, f"candidate(s) {bad} are not texts: {[cands[k] for k in bad]}")
+                continue
+            if it["answer"] is None or isinstance(it["answer"], (list, dict)):
+                _skip(skipped, rid, f"answer must be the text of one candidate, got {it['answer']!r}")
+                continue
+            cands = [str(c) for c in cands]
             meta = {"task": task}
             for key in ("start", "end"):
                 if it.get(key) is not None:
                     meta[key] = it[key]
             # the answer is a candidate's text: match it as text only (a candidate may be "A")
-            hits = [k for k, c in enumerate(cands) if c.strip() == str(it["answer"]).strip()] \
-                if isinstance(cands, list) else []
+            hits = [k for k, c in enumerate(cands) if c.strip() == str(it["answer"]).strip()]
             if len(hits) != 1:
                 _skip(skipped, rid, f"answer {it['answer']!r} equals {len(hits)} of the candidates, not exactly one")
                 continue
@@ -382,11 +461,16 @@ def convert_videomme(parquet_path, video_dir, skipped: list | None = None) -> li
     Needs pyarrow (`pip install tokenreduce[eval]`).
     """
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ImportError("reading the Video-MME parquet needs pyarrow: pip install tokenreduce[eval] "
                           f"(or pip install pyarrow) ({exc})") from exc
-    table = pq.read_table(parquet_path)
+    _source_file(parquet_path, "Video-MME parquet")
+    try:
+        table = pq.read_table(parquet_path)
+    except (OSError, ValueError, pa.ArrowException) as exc:  # e.g. ArrowInvalid: not a parquet file
+        raise ValueError(f"Video-MME parquet {str(parquet_path)!r} cannot be read as parquet: {exc}") from None
     missing = [c for c in VIDEOMME_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{str(parquet_path)!r} is not a Video-MME parquet: missing column(s) {', '.join(missing)}; "
@@ -428,10 +512,17 @@ def convert_egoschema(questions_path, answers_path, video_dir, skipped: list | N
                          f"got {type(answers).__name__}")
     records = []
     for i, q in enumerate(questions):
-        uid = q.get("q_uid") if isinstance(q, dict) else None
+        if not isinstance(q, dict):
+            _skip(skipped, None, f"question {i} is not a JSON object {{q_uid, question, option 0..option 4}}")
+            continue
+        uid = q.get("q_uid")
         if uid is None:
             _skip(skipped, None, f"question {i} has no q_uid")
             continue
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)):
+            _skip(skipped, None, f"question {i}: q_uid must be a string, got {type(uid).__name__} {uid!r}")
+            continue
+        uid = str(uid)  # the answers file's keys are strings (JSON object keys always are)
         rid = f"egoschema-{uid}"
         if uid not in answers:
             _skip(skipped, rid, "no answer in the answers file")
@@ -455,7 +546,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="nextqa: the MC CSV; mvbench: a task JSON or a folder of them; "
                                "videomme: the parquet; egoschema: questions.json")
     p.add_argument("--videos", required=True, help="folder holding the videos (mvbench: the root of the task folders)")
-    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--out", required=True, help="output JSONL (never one of the input files; an existing file "
+                                                "only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument("--answers", help="egoschema: answers JSON {q_uid: int} (e.g. subset_answers.json)")
     p.add_argument("--video-map", help="nextqa: map_vid_vidorID.json; mvbench: JSON {task: folder under --videos} "
                                        "or 'mvbench' for the standard MVBench layout")
@@ -466,7 +559,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def convert(fmt: str, src, videos, answers=None, video_map=None, skipped: list | None = None) -> list:
-    """Dispatch to the converter of `fmt` (one of FORMATS)."""
+    """Dispatch to the converter of `fmt` (one of FORMATS). `answers` is for egoschema only and
+    `video_map` for nextqa and mvbench only; giving either to another format is a ValueError."""
+    if fmt in FORMATS and answers is not None and fmt != "egoschema":
+        raise ValueError(f"answers (--answers) apply to egoschema only, not {fmt}")
+    if fmt in FORMATS and video_map is not None and fmt not in ("nextqa", "mvbench"):
+        raise ValueError(f"a video map (--video-map) applies to nextqa and mvbench only, not {fmt}")
     if fmt == "nextqa":
         return convert_nextqa(src, videos, video_map=video_map, skipped=skipped)
     if fmt == "mvbench":
@@ -480,10 +578,43 @@ def convert(fmt: str, src, videos, answers=None, video_map=None, skipped: list |
     raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _input_files(args) -> list:
+    """The files `convert` reads for these arguments (that exist), as (option, path) pairs."""
+    src = Path(args.src)
+    found = [("SRC", p) for p in sorted(src.glob("*.json"))] if args.format == "mvbench" and src.is_dir() \
+        else [("SRC", src)]
+    if args.answers is not None:
+        found.append(("--answers", Path(args.answers)))
+    if args.video_map is not None and not (args.format == "mvbench" and args.video_map == "mvbench"):
+        found.append(("--video-map", Path(args.video_map)))
+    return [(opt, p) for opt, p in found if p.is_file()]
+
+
+def _print_skipped(skipped: list, file) -> None:
+    print(f"skipped {len(skipped)}:", file=file)
+    reasons = Counter(s["reason"] for s in skipped).most_common()
+    example = {}
+    for s in skipped:
+        example.setdefault(s["reason"], s["id"])
+    for reason, n in reasons[:10]:
+        print(f"  {n:6d}  {reason}  (e.g. {example[reason]})", file=file)
+    if len(reasons) > 10:
+        print(f"  ... and {len(reasons) - 10} more distinct reasons", file=file)
+
+
 def convert_main(argv=None) -> int:
     """`tokenreduce convert FORMAT SRC --videos DIR --out FILE [...]`; argv are the arguments
     after `convert` (a leading "convert" is accepted too). Prints the counts; returns 0, or 2
-    on bad input."""
+    on bad input (nothing is written then). --out is never one of the input files, and an
+    existing --out is replaced only with --overwrite; the output is written to a temporary file
+    and renamed into place, so a failed run leaves no partial file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["convert"]:
         argv = argv[1:]
@@ -494,6 +625,25 @@ def convert_main(argv=None) -> int:
     if args.video_map is not None and args.format not in ("nextqa", "mvbench"):
         print(f"--video-map applies to nextqa and mvbench only, not {args.format}", file=sys.stderr)
         return 2
+    if args.answers is not None and args.format != "egoschema":
+        print(f"--answers applies to egoschema only (its answers JSON), not {args.format}", file=sys.stderr)
+        return 2
+    if args.answers is None and args.format == "egoschema":
+        print("egoschema needs --answers FILE (a JSON {q_uid: int}, e.g. subset_answers.json)", file=sys.stderr)
+        return 2
+    out = Path(os.path.expanduser(args.out))
+    if out.is_dir():
+        print(f"--out {args.out!r} is a folder; give the path of the JSONL file to write", file=sys.stderr)
+        return 2
+    for opt, p in _input_files(args):
+        if _same_file(out, p):
+            print(f"--out {args.out!r} is the input file {str(p)!r} ({opt}); refusing to overwrite an input: "
+                  "choose another --out", file=sys.stderr)
+            return 2
+    if out.exists() and not args.overwrite:
+        print(f"--out {args.out!r} already exists; pass --overwrite to replace it, or choose another --out",
+              file=sys.stderr)
+        return 2
     videos = os.path.abspath(os.path.expanduser(args.videos))
     if not os.path.isdir(videos):
         print(f"warning: --videos {videos!r} is not a folder; paths are written anyway", file=sys.stderr)
@@ -501,27 +651,30 @@ def convert_main(argv=None) -> int:
     try:
         records = convert(args.format, args.src, videos, answers=args.answers, video_map=args.video_map,
                           skipped=skipped)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         print(f"cannot convert: {exc}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"cannot convert: no usable records in {args.src!r} ({len(skipped)} entries skipped); "
+              f"{args.out!r} was not written", file=sys.stderr)
+        if skipped:
+            _print_skipped(skipped, sys.stderr)
         return 2
     total = len(records)
     if args.limit is not None:
         records = records[:args.limit]
-    write_records(args.out, records, relative_to_file=args.relative)
+    try:
+        write_records(out, records, relative_to_file=args.relative)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+        print(f"cannot write --out {args.out!r}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     found = sum(os.path.exists(r["video"]) for r in records)
     print(f"wrote {len(records)} records to {args.out}"
           + (f" (of {total}; --limit {args.limit})" if len(records) < total else ""))
     print(f"videos found: {found}/{len(records)}")
     if skipped:
-        print(f"skipped {len(skipped)}:")
-        reasons = Counter(s["reason"] for s in skipped).most_common()
-        example = {}
-        for s in skipped:
-            example.setdefault(s["reason"], s["id"])
-        for reason, n in reasons[:10]:
-            print(f"  {n:6d}  {reason}  (e.g. {example[reason]})")
-        if len(reasons) > 10:
-            print(f"  ... and {len(reasons) - 10} more distinct reasons")
+        _print_skipped(skipped, sys.stdout)
     return 0
 
 

@@ -64,6 +64,19 @@ def test_load_records_reports_malformed_lines_and_keeps_good_ones(tmp_path):
     assert "neither a letter A..C nor the text" in by_line[12]["error"]
 
 
+def test_load_records_bom_and_a_bad_byte_are_per_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n"
+                  + json.dumps(GOOD | {"id": "caf\u00e9-latin1"}, ensure_ascii=False).encode("latin-1") + b"\r\n"
+                  + json.dumps(GOOD | {"id": "caf\u00e9"}, ensure_ascii=False).encode() + b"\r\n")
+    records, problems = vd.load_records(p)
+    assert [r["id"] for r in records] == ["a", "caf\u00e9"]
+    assert len(problems) == 1 and problems[0]["line"] == 2 and problems[0]["id"] is None
+    assert "not UTF-8 text (byte 0xe9 at column" in problems[0]["error"]
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        vd.load_records(tmp_path)
+
+
 def test_letter_and_text_answers_normalise_to_the_index(tmp_path):
     opts = ["red", "blue", "green", "A"]
     assert vd.answer_index("C", opts) == 2
@@ -120,6 +133,20 @@ def test_write_then_load_round_trips(tmp_path):
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+def test_write_records_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "d.jsonl"
+    out.write_text("keep me\n")
+    with pytest.raises(ValueError, match=r"record 1 \(id 'b'\) cannot be written as JSON"):
+        vd.write_records(out, [GOOD, GOOD | {"id": "b", "meta": {"s": {1, 2}}}])
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vd.os, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        vd.write_records(out, [GOOD])
+    assert out.read_text() == "keep me\n" and sorted(os.listdir(tmp_path)) == ["d.jsonl"]
+
+
 def test_synthetic_dataset_is_in_this_format(tmp_path):
     from tokenreduce.eval.synthetic import write_dataset
     path = write_dataset(tmp_path / "syn", num=2)
@@ -163,6 +190,29 @@ def test_convert_nextqa(tmp_path):
         vd.convert_nextqa(bad, str(vids))
 
 
+def test_convert_nextqa_bad_rows_and_files(tmp_path):
+    src = tmp_path / "val.csv"
+    _nextqa_csv(src, [["1001", 300, 640, 480, "q", "a", "b", "c", "d", "e", 2, 6, "CW"],
+                      ["101", 10, 1, 1, "what", "a", "b", "c"],                         # short row
+                      ["102", 10, 1, 1, "what, then", "a", "b", "c", "d", "e", 1, 2, "CW", "extra"]])
+    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())   # as Excel saves it: the header still parses
+    skipped = []
+    recs = vd.convert_nextqa(src, str(tmp_path), skipped=skipped)
+    assert [r["id"] for r in recs] == ["nextqa-1001-6"]
+    assert skipped == [{"id": "CSV line 3", "reason": "row has 8 of the header's 13 columns"},
+                       {"id": "nextqa-102-2", "reason": "row has 14 of the header's 13 columns"}]
+    latin = tmp_path / "latin.csv"
+    _nextqa_csv(latin, [["1001", 300, 640, 480, "caf\u00e9", "a", "b", "c", "d", "e", 2, 6, "CW"]])
+    latin.write_bytes(latin.read_text().encode("latin-1"))
+    at = latin.read_bytes().index(b"\xe9")
+    with pytest.raises(ValueError, match=rf"NExT-QA CSV '.*latin.csv' is not UTF-8 text at byte {at} \(line 2"):
+        vd.convert_nextqa(latin, str(tmp_path))
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        vd.convert_nextqa(tmp_path, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no NExT-QA CSV at '.*nope.csv' \(no such file\)"):
+        vd.convert_nextqa(tmp_path / "nope.csv", str(tmp_path))
+
+
 def test_convert_mvbench(tmp_path):
     jdir = tmp_path / "json"
     jdir.mkdir()
@@ -175,9 +225,17 @@ def test_convert_mvbench(tmp_path):
         {"video": "video_10001.mp4", "question": "How many metal objects?", "candidates": ["2", "3", "1"],
          "answer": "1"},
     ]))
+    (jdir / "state_change.json").write_text(json.dumps([
+        {"video": "n.mp4", "question": "q", "candidates": [None, "y"], "answer": "y"},
+        {"video": "n.mp4", "question": "q", "candidates": "x or y", "answer": "y"},
+    ]))
     skipped = []
     recs = vd.convert_mvbench(jdir, str(tmp_path / "video"), skipped=skipped)
     assert [r["id"] for r in recs] == ["mvbench-action_sequence-0", "mvbench-moving_count-0"]
+    assert skipped[1:] == [{"id": "mvbench-state_change-0", "reason": "candidate(s) [0] are not texts: [None]"},
+                           {"id": "mvbench-state_change-1",
+                            "reason": "candidates must be a list of option texts, got str"}]
+    skipped = skipped[:1]
     assert recs[0]["answer"] == 1 and recs[0]["options"] == ["Ate the medicine.", "Took the cup."]
     assert recs[0]["meta"] == {"task": "action_sequence", "start": 11.1, "end": 19.6}
     assert recs[0]["video"] == str(tmp_path / "video" / "action_sequence" / "ZS9XR.mp4")
@@ -214,6 +272,11 @@ def test_convert_videomme(tmp_path):
                                "task_type": "Counting Problem", "videoID": "fFjv93ACGo8"}
     assert len(skipped) == 1 and skipped[0]["id"] == "videomme-002-1"
     assert "out of range for 4 options" in skipped[0]["reason"]
+    with pytest.raises(FileNotFoundError, match=r"no Video-MME parquet at '.*nonexist.parquet' \(no such file\)"):
+        vd.convert_videomme(tmp_path / "nonexist.parquet", str(tmp_path))
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"'.*fake.parquet' cannot be read as parquet"):
+        vd.convert_videomme(tmp_path / "fake.parquet", str(tmp_path))
 
 
 def test_convert_videomme_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
@@ -240,6 +303,15 @@ def test_convert_egoschema(tmp_path):
                        "options": [f"c did {k}" for k in range(5)], "answer": 3, "meta": {}}
     assert skipped[0] == {"id": "egoschema-uid1", "reason": "no answer in the answers file"}
     assert skipped[1]["id"] == "egoschema-uid3" and "out of range for 5 options" in skipped[1]["reason"]
+    # a number q_uid matches the answers file's string key; a list q_uid is skipped, not a crash
+    qs = [{"q_uid": 123, "question": "q?", **{f"option {k}": f"o{k}" for k in range(5)}},
+          {"q_uid": ["x"], "question": "q?", **{f"option {k}": f"o{k}" for k in range(5)}}]
+    (tmp_path / "q2.json").write_text(json.dumps(qs))
+    (tmp_path / "a2.json").write_text(json.dumps({"123": 4}))
+    skipped = []
+    recs = vd.convert_egoschema(tmp_path / "q2.json", tmp_path / "a2.json", "/v", skipped=skipped)
+    assert [(r["id"], r["video"], r["answer"]) for r in recs] == [("egoschema-123", "/v/123.mp4", 4)]
+    assert skipped == [{"id": None, "reason": "question 1: q_uid must be a string, got list ['x']"}]
 
 
 def test_convert_cli(tmp_path, capsys):
@@ -256,8 +328,13 @@ def test_convert_cli(tmp_path, capsys):
     records, problems = vd.load_records(out)
     assert problems == [] and records[0]["video"] == str(vids / "uid0.mp4")
     assert json.loads(out.read_text().splitlines()[0])["video"] == "videos/uid0.mp4"
+    before = out.read_bytes()
     rc = vd.convert_main(["egoschema", str(q), "--answers", str(a), "--videos", str(vids), "--out", str(out),
                           "--limit", "1"])
+    assert rc == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    rc = vd.convert_main(["egoschema", str(q), "--answers", str(a), "--videos", str(vids), "--out", str(out),
+                          "--limit", "1", "--overwrite"])
     assert rc == 0 and "(of 2; --limit 1)" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 1
     assert vd.convert_main(["egoschema", str(q), "--videos", str(vids), "--out", str(out)]) == 2
@@ -265,6 +342,54 @@ def test_convert_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         vd.convert_main(["ucf101", str(q), "--videos", str(vids), "--out", str(out)])
     assert "invalid choice: 'ucf101'" in capsys.readouterr().err
+
+
+def test_convert_cli_never_overwrites_an_input(tmp_path, capsys):
+    src = _nextqa_csv(tmp_path / "keep.csv", [["7", 1, 1, 1, "q", "a", "b", "c", "d", "e", 4, 0, "TN"]])
+    before = src.read_bytes()
+    for out in (src, tmp_path / "." / "keep.csv"):
+        assert vd.convert_main(["nextqa", str(src), "--videos", str(tmp_path), "--out", str(out), "--overwrite"]) == 2
+        assert "is the input file" in capsys.readouterr().err and src.read_bytes() == before
+    q, a = _egoschema(tmp_path)
+    a_before = a.read_bytes()
+    assert vd.convert_main(["egoschema", str(q), "--answers", str(a), "--videos", str(tmp_path),
+                            "--out", str(a), "--overwrite"]) == 2
+    assert "(--answers)" in capsys.readouterr().err and a.read_bytes() == a_before
+    jdir = tmp_path / "json"
+    jdir.mkdir()
+    task = jdir / "t.json"
+    task.write_text(json.dumps([{"video": "v.mp4", "question": "q", "candidates": ["x", "y"], "answer": "y"}]))
+    assert vd.convert_main(["mvbench", str(jdir), "--videos", str(tmp_path), "--out", str(task), "--overwrite"]) == 2
+    assert "is the input file" in capsys.readouterr().err and json.loads(task.read_text())[0]["answer"] == "y"
+    # a folder as --out or (for a one-file format) as SRC: one line, no traceback
+    assert vd.convert_main(["nextqa", str(src), "--videos", str(tmp_path), "--out", str(jdir)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert vd.convert_main(["nextqa", str(jdir), "--videos", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder, not a file" in err
+    # --answers only means something to egoschema
+    assert vd.convert_main(["nextqa", str(src), "--answers", str(a), "--videos", str(tmp_path),
+                            "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "--answers applies to egoschema only" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+    # a write that fails (here: the folder of --out is a file) is one line, too
+    assert vd.convert_main(["nextqa", str(src), "--videos", str(tmp_path), "--out", str(src / "o.jsonl")]) == 2
+    assert "cannot write --out" in capsys.readouterr().err and src.read_bytes() == before
+
+
+def test_convert_cli_writes_nothing_without_records(tmp_path, capsys):
+    q, _ = _egoschema(tmp_path)
+    (tmp_path / "none.json").write_text(json.dumps({"other": 1}))
+    out = tmp_path / "ego.jsonl"
+    args = ["egoschema", str(q), "--answers", str(tmp_path / "none.json"), "--videos", str(tmp_path), "--out", str(out)]
+    assert vd.convert_main(args) == 2
+    err = capsys.readouterr().err
+    assert "no usable records" in err and "was not written" in err
+    assert "4  no answer in the answers file  (e.g. egoschema-uid0)" in err
+    assert not out.exists()
+    out.write_text("old\n")
+    assert vd.convert_main(args + ["--overwrite"]) == 2 and out.read_text() == "old\n"
+    assert sorted(os.listdir(tmp_path)) == ["ego.jsonl", "none.json", "questions.json", "subset_answers.json"]
 
 
 def test_python_dash_m_convert(tmp_path):
