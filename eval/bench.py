@@ -16,7 +16,34 @@ import torch
 
 import tokenreduce as tr
 
-from .models import call_vision, image_size, load_model
+from .models import call_vision, image_size, load_model, patch_size
+
+
+def check_device(device) -> str:
+    """`device` if it names a usable device (cpu, cuda, cuda:N); a ValueError naming the valid forms if not."""
+    text = str(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown --device {text!r}; valid forms: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: not supported here; valid forms: cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {text}: this machine has {n} CUDA device(s); valid: "
+                             f"{', '.join(f'cuda:{i}' for i in range(n))}")
+    return text
+
+
+def check_counts(**counts) -> None:
+    """ValueError unless every count is an int >= 1 (warmup: >= 0)."""
+    for name, value in counts.items():
+        low = 0 if name == "warmup" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value!r}")
 
 
 def sync(device) -> None:
@@ -52,16 +79,29 @@ def machine() -> dict:
 def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", batch=8, runs=10, warmup=3,
               device="cpu", dtype="float32", image=None) -> dict:
     """Baseline vs reduced ms/batch, speed-up, analytic FLOPs fraction, tokens per layer."""
+    check_counts(batch=batch, runs=runs, warmup=warmup, **({} if image is None else {"image": image}))
+    check_device(device)
     if isinstance(model, str):
-        name, model = model, load_model(model)
+        name, model = model, load_model(model, image=image)
     else:
         name = type(model).__name__
+    size = image_size(model) if image is None else image
+    patch = patch_size(model)
+    if patch and size % patch:
+        raise ValueError(f"--image {size}: {name} cuts images into {patch}x{patch} patches, so the size must be a "
+                         f"multiple of {patch} (e.g. {max(1, size // patch) * patch} or {(max(1, size // patch) + 1) * patch})")
     dt = getattr(torch, dtype)
     model = model.to(device=device, dtype=dt).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dt)
+    if image is not None:  # one small forward: a model built for another size says so here, in one line
+        try:
+            with torch.inference_mode():
+                call_vision(model, x[:1])
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"--image {size}: {name} does not take {size}x{size} images (it was built for "
+                             f"{image_size(model)}x{image_size(model)}): {exc}") from None
     reduced = copy.deepcopy(model)
     handle = tr.reduce(reduced, policy)
-    size = image or image_size(model)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dt)
     load_before = machine()
 
     def run(m):

@@ -28,7 +28,7 @@ import torch
 
 import tokenreduce as tr
 
-from .bench import machine, time_interleaved
+from .bench import check_counts, check_device, machine, time_interleaved
 
 VIDEOMAE_B = dict(image_size=224, patch_size=16, num_frames=16, tubelet_size=2, hidden_size=768,
                   num_attention_heads=12, intermediate_size=3072, num_labels=400)
@@ -68,6 +68,15 @@ def bench_sta_videomae(r: int = 32, depth: int = 12, batch: int = 1, runs: int =
                        device: str = "cpu", dtype: str = "float32", policy: str | None = None,
                        frames: int = 16, image: int = 224) -> dict:
     """STA on a VideoMAE-B-shaped random model (frames x image^2 input); see the module docstring."""
+    check_counts(depth=depth, batch=batch, runs=runs, warmup=warmup, frames=frames, image=image)
+    check_device(device)
+    patch, tubelet = VIDEOMAE_B["patch_size"], VIDEOMAE_B["tubelet_size"]
+    if image % patch:
+        raise ValueError(f"--image {image}: VideoMAE cuts frames into {patch}x{patch} patches, so the size must be a "
+                         f"multiple of {patch} (e.g. {max(1, image // patch) * patch} or {(max(1, image // patch) + 1) * patch})")
+    if frames % tubelet:
+        raise ValueError(f"--frames {frames}: VideoMAE groups frames in tubelets of {tubelet}, so the number of "
+                         f"frames must be a multiple of {tubelet}")
     dt = getattr(torch, dtype)
     model = videomae_b(depth, frames=frames, image=image).to(device=device, dtype=dt)
     policy = policy or f"vision.layer.*=sta(r={r})"
@@ -92,6 +101,8 @@ SWIN_POLICIES = ("stage.0=sta_slices(r=2)", "stage.1=sta_slices(r=2)", "stage.1=
 def bench_swin(policies=SWIN_POLICIES, frames: int = 16, size: int = 224, batch: int = 1, runs: int = 3,
                warmup: int = 1, device: str = "cpu", dtype: str = "float32") -> dict:
     """Structured STA on swin3d_t: speed-up vs token cut, per policy; see the module docstring."""
+    check_counts(frames=frames, image=size, batch=batch, runs=runs, warmup=warmup)
+    check_device(device)
     from torchvision.models.video import swin3d_t
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
@@ -148,7 +159,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    from .cli import THREADS
+    ap.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--quiet", action="store_true", help="JSON only, no summary lines")
     a = ap.parse_args(argv)
@@ -181,16 +193,23 @@ def main_from_args(args) -> dict:
         raise SystemExit(f"bench video: --model must be videomae or swin (or omitted for both), got {which!r}")
     if args.policy and which == "all":
         raise SystemExit("bench video: --policy names one model's sites; give --model videomae or --model swin with it")
+    def arg(name, default):  # 0 is a value (refused below), not "use the default"
+        value = getattr(args, name, None)
+        return default if value is None else value
+    frames, image, batch = arg("frames", 16), arg("image", 224), arg("batch", 1)
     out = {}
     if which in ("all", "videomae", "sta"):
-        out["sta_videomae"] = bench_sta_videomae(depth=args.layers or 12, batch=args.batch, runs=args.runs,
+        out["sta_videomae"] = bench_sta_videomae(depth=arg("layers", 12), batch=batch, runs=args.runs,
                                                  warmup=args.warmup, device=args.device, dtype=args.dtype,
-                                                 policy=args.policy, frames=args.frames or 16, image=args.image or 224)
+                                                 policy=args.policy, frames=frames, image=image)
         print(format_result(out["sta_videomae"]))
     if which in ("all", "swin", "swin3d_t", "videoswin"):
+        if getattr(args, "layers", None) is not None and which != "all":
+            raise ValueError("bench video --model swin: --layers cannot apply (it sets VideoMAE's depth; swin3d_t "
+                             "keeps its own stages)")
         pols = [args.policy] if args.policy else SWIN_POLICIES
-        out["swin"] = bench_swin(pols, frames=args.frames or 16, size=args.image or 224, batch=args.batch,
-                                 runs=args.runs, warmup=args.warmup, device=args.device, dtype=args.dtype)
+        out["swin"] = bench_swin(pols, frames=frames, size=image, batch=batch, runs=args.runs, warmup=args.warmup,
+                                 device=args.device, dtype=args.dtype)
         print(format_result(out["swin"]))
     return out
 

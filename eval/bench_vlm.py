@@ -18,7 +18,7 @@ import torch
 
 import tokenreduce as tr
 
-from .bench import machine, sync, write_json
+from .bench import check_counts, check_device, machine, sync, write_json
 
 # 70% visual-token cut, for the methods that run on a SigLIP (no [CLS]) video model
 DEFAULT_POLICIES = {
@@ -132,19 +132,40 @@ def measure_once(model, inputs, decode_tokens, device) -> dict:
 
 def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, warmup=1, decode_tokens=8,
               device="cpu", dtype="float32") -> dict:
+    """policies: {name: spec}; the unreduced "baseline" is always measured (first). Policies the
+    caller gave must all run (an error names the bad one); of the built-in DEFAULT_POLICIES, one
+    whose method cannot run here is skipped with a message."""
+    check_counts(frames=frames, vision_layers=vision_layers, layers=llm_layers, runs=runs, warmup=warmup,
+                 decode_tokens=decode_tokens)
+    check_device(device)
     dt = getattr(torch, dtype)
-    policies = dict(policies or DEFAULT_POLICIES)
+    given = policies is not None
+    policies = dict(DEFAULT_POLICIES if policies is None else policies)
+    if str(policies.get("baseline", "") or "").strip().lower() not in ("", "none", "baseline"):
+        raise ValueError(f"the policy name 'baseline' is kept for the unreduced model (got {policies['baseline']!r}); "
+                         "give this policy another name")
+    policies = {"baseline": "", **{k: v for k, v in policies.items() if k != "baseline"}}
+    parsed = {}
+    for name, spec in policies.items():  # parse every spec before building the model
+        try:
+            parsed[name] = tr.Policy.coerce(spec)
+        except tr.TokenReduceError as exc:
+            if given:
+                raise ValueError(f"policy {name!r} ({spec!r}): {exc}") from None
+            print(f"skipping {name}: {exc}")
     model = build(frames, vision_layers, llm_layers, device, dt)
     inputs, n_visual = make_inputs(model, frames, device, dt)
     available = {}
-    for name, spec in policies.items():
+    for name, policy in parsed.items():
         try:
             # parsed once: every round installs the same reducers, so what they build lazily on
             # first use (a frame scorer, say) is built in the warm-up, not in each timed run
-            policy = tr.Policy.coerce(spec)
             tr.reduce(model, policy).remove()
             available[name] = policy
         except tr.TokenReduceError as exc:  # a method that cannot run here (e.g. not yet registered)
+            if given:
+                raise ValueError(f"policy {name!r} ({policies[name]!r}) cannot run on the LLaVA-OneVision-shaped "
+                                 f"model: {exc}") from None
             print(f"skipping {name}: {exc}")
     samples = {n: [] for n in available}
     stats = {}
@@ -198,6 +219,22 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_policies(text: str) -> dict:
+    """--policies: a JSON object {name: spec}."""
+    try:
+        pol = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'--policies must be a JSON object {{name: spec}}, e.g. \'{{"fastv": '
+                         f'"llm.layer.2=fastv(ratio=0.5)"}}\': {exc} in {text!r}') from None
+    if not isinstance(pol, dict):
+        raise ValueError(f"--policies must be a JSON object {{name: spec}}, got a JSON {type(pol).__name__}: {text!r}")
+    bad = [k for k, v in pol.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"--policies must be a JSON object {{name: spec}} with spec strings; not a string: "
+                         f"{', '.join(repr(k) for k in bad)}")
+    return pol
+
+
 def main_from_args(args) -> dict:
     """`tokenreduce bench vlm`: --policy SPEC runs that policy against the baseline (default: every
     method of DEFAULT_POLICIES); the model is the OneVision-shaped one built here, batch 1."""
@@ -205,28 +242,37 @@ def main_from_args(args) -> dict:
                                        ("--batch", (getattr(args, "batch", 1) or 1) != 1)) if given]
     if unused:
         raise ValueError(f"bench vlm builds its own LLaVA-OneVision-0.5B-shaped model at batch 1: {', '.join(unused)} "
-                         "cannot apply; it takes --frames, --vision-layers, --layers, --policy, --runs, --warmup, "
-                         "--decode-tokens, --device, --dtype")
-    policies = json.loads(args.policies) if getattr(args, "policies", None) else None
+                         "cannot apply; it takes --frames, --vision-layers, --layers, --policy, --policies, --runs, "
+                         "--warmup, --decode-tokens, --device, --dtype, --threads, --json")
+    policies = parse_policies(args.policies) if getattr(args, "policies", None) is not None else None
     if getattr(args, "policy", None):
-        policies = {"baseline": "", "policy": args.policy}
-    res = bench_vlm(frames=args.frames or 8, vision_layers=args.vision_layers or 27, llm_layers=args.layers or 24,
+        if policies is not None and "policy" in policies:
+            raise ValueError("--policies already has a policy named 'policy'; put the --policy spec in --policies "
+                             "under another name")
+        policies = {**(policies or {}), "policy": args.policy}
+
+    def arg(name, default):  # 0 is a value (refused by bench_vlm), not "use the default"
+        value = getattr(args, name, None)
+        return default if value is None else value
+    res = bench_vlm(frames=arg("frames", 8), vision_layers=arg("vision_layers", 27), llm_layers=arg("layers", 24),
                     runs=args.runs, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                    decode_tokens=args.decode_tokens, policies=policies)
+                    decode_tokens=arg("decode_tokens", 8), policies=policies)
     print(format_table(res))
     return res
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--vision-layers", dest="vision_layers", type=int, default=27)
-    p.add_argument("--layers", type=int, default=24, help="LLM layers")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    from .cli import int_at_least
+    pos = int_at_least(1)
+    p.add_argument("--frames", type=pos, default=8)
+    p.add_argument("--vision-layers", dest="vision_layers", type=pos, default=27)
+    p.add_argument("--layers", type=pos, default=24, help="LLM layers")
+    p.add_argument("--runs", type=pos, default=3)
+    p.add_argument("--warmup", type=int_at_least(0), default=1)
+    p.add_argument("--decode-tokens", dest="decode_tokens", type=pos, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--policies", default=None, help='JSON {"name": "spec", ...}')
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

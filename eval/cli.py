@@ -19,6 +19,23 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def int_at_least(low: int, meaning: str = ""):
+    """An argparse type: an int >= low (`meaning` explains the lowest value, e.g. 0 = torch's default)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+THREADS = int_at_least(0, " (0 = torch's default)")
+
+
 def cmd_methods(args) -> int:
     import tokenreduce as tr
     rows = []
@@ -61,15 +78,32 @@ def cmd_sites(args) -> int:
     return 0
 
 
+# flags of `bench` that only some benchmarks take: flag -> (attribute, the benchmarks that take it)
+BENCH_ONLY = {"--frames": ("frames", ("vlm", "video")), "--layers": ("layers", ("vlm", "video")),
+              "--vision-layers": ("vision_layers", ("vlm",)), "--decode-tokens": ("decode_tokens", ("vlm",)),
+              "--policies": ("policies", ("vlm",))}
+
+
 def cmd_bench(args) -> int:
     import torch
+
+    from .bench import check_device
+    unused = [flag for flag, (attr, takers) in BENCH_ONLY.items()
+              if args.what not in takers and getattr(args, attr, None) is not None]
+    if unused:
+        takes = ["--model", "--policy", "--batch", "--image", "--runs", "--warmup", "--device", "--dtype",
+                 "--threads", "--json"] + [f for f, (_, takers) in BENCH_ONLY.items() if args.what in takers]
+        raise ValueError(f"bench {args.what}: {', '.join(unused)} cannot apply "
+                         f"({'; '.join(f'{f} is for bench ' + ' / '.join(BENCH_ONLY[f][1]) for f in unused)}); "
+                         f"it takes {', '.join(takes)}")
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "vit":
         from .bench import bench_vit, format_vit, write_json
         res = bench_vit(args.model or "vit_base_patch16_224", args.policy or "vision.block.*=tome(r=13)",
-                        batch=args.batch or 8, runs=args.runs, warmup=args.warmup, device=args.device,
-                        dtype=args.dtype, image=args.image)
+                        batch=8 if args.batch is None else args.batch, runs=args.runs, warmup=args.warmup,
+                        device=args.device, dtype=args.dtype, image=args.image)
         print(format_vit(res))
     else:
         try:
@@ -78,7 +112,8 @@ def cmd_bench(args) -> int:
         except ImportError:
             print(f"benchmark {args.what!r} is not available; valid: vit, vlm, video", file=sys.stderr)
             return 2
-        args.batch = args.batch or 1
+        if args.batch is None:
+            args.batch = 1
         res = mod.main_from_args(args)
         from .bench import write_json
     if args.json:
@@ -111,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the registered reduction methods")
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_methods)
-    s = sub.add_parser("sites", help="list the sites of a model",
-                       description="MODEL: timm:NAME, open_clip:NAME, hf:PRESET, hf:path/config.json or torchvision:swin3d_t")
+    from .models import MODEL_SPEC_FORMS
+    s = sub.add_parser("sites", help="list the sites of a model", description=f"MODEL: {MODEL_SPEC_FORMS}")
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_sites)
@@ -120,18 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["vit", "vlm", "video"])
     b.add_argument("--model", default=None)
     b.add_argument("--policy", default=None)
-    b.add_argument("--batch", type=int, default=None, help="batch size (default: 8 for vit, 1 for video)")
-    b.add_argument("--image", type=int, default=None, help="input resolution (default: the model's)")
-    b.add_argument("--runs", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--device", default="cpu")
+    pos = int_at_least(1)
+    b.add_argument("--batch", type=pos, default=None, help="batch size (default: 8 for vit, 1 for vlm / video)")
+    b.add_argument("--image", type=pos, default=None, help="input resolution (default: the model's)")
+    b.add_argument("--runs", type=pos, default=10)
+    b.add_argument("--warmup", type=int_at_least(0), default=3)
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    b.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    b.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")
     b.add_argument("--json", default=None, help="write the result as JSON here")
-    b.add_argument("--frames", type=int, default=None, help="video frames (vlm, video)")
-    b.add_argument("--layers", type=int, default=None, help="LLM layers (vlm) / encoder layers (video)")
-    b.add_argument("--vision-layers", dest="vision_layers", type=int, default=None, help="vision tower layers (vlm)")
-    b.add_argument("--decode-tokens", dest="decode_tokens", type=int, default=8, help="tokens to decode (vlm)")
+    b.add_argument("--frames", type=pos, default=None, help="video frames (vlm, video)")
+    b.add_argument("--layers", type=pos, default=None, help="LLM layers (vlm) / encoder layers (video)")
+    b.add_argument("--vision-layers", dest="vision_layers", type=pos, default=None, help="vision tower layers (vlm)")
+    b.add_argument("--decode-tokens", dest="decode_tokens", type=pos, default=None,
+                   help="tokens to decode (vlm; default 8)")
     b.add_argument("--policies", default=None, help='JSON {"name": "spec", ...} (vlm; default: every method at a 70%% cut)')
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
@@ -143,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = esub.add_parser("videoqa", help="one policy on a video-QA JSONL (resumable)",
                         description=videoqa.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     videoqa.add_arguments(v)
-    v.set_defaults(fn=cmd_eval)
+    v.set_defaults(fn=cmd_eval, parser=v)
     w = esub.add_parser("sweep", help="baseline + methods x budgets, table and plots",
                         description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_arguments(w)
-    w.set_defaults(fn=cmd_eval)
+    w.set_defaults(fn=cmd_eval, parser=w)
     esub.add_parser("report", add_help=False,
                     help="the main command: every method on the embedded model + the target checks "
                          "(tokenreduce eval report --help)")
@@ -169,10 +206,16 @@ def main(argv=None) -> int:
             from .videoqa_report import main as report_main
             return report_main(argv[2:])
         args = build_parser().parse_args(argv)
+        sub = getattr(args, "parser", None)
+        if sub is not None and (getattr(args, "threads", 0) or 0) < 0:  # eval videoqa / sweep: their own parsers
+            sub.error(f"argument --threads: must be >= 0 (0 = torch's default), got {args.threads}")
         return args.fn(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # show a user error as one line, not a traceback
         from tokenreduce.errors import TokenReduceError
-        if isinstance(exc, (TokenReduceError, ValueError, FileNotFoundError)):
+        if isinstance(exc, (TokenReduceError, ValueError, OSError)):
             print(f"tokenreduce: error: {exc}", file=sys.stderr)
             return 2
         raise

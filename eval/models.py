@@ -8,6 +8,8 @@
     hf:tiny-llava | hf:llava-onevision-0.5b            LLaVA-1.5 tiny / OneVision-0.5B shape
     hf:path/to/config.json         any supported HF config, random weights
     torchvision:swin3d_t           torchvision VideoSwin (t, s, b), random weights
+    embedded | embedded:DIR        the shipped embedded video-QA model (LLaVA-OneVision classes), or one
+                                   written by train_embedded
 A bare name (vit_base_patch16_224) is taken as a timm model.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from tokenreduce.errors import choices
 
 HF_PRESETS = {}
+MODEL_SPEC_FORMS = ("timm:NAME (or a bare timm model name), open_clip:NAME, hf:PRESET, hf:path/config.json, "
+                    "torchvision:swin3d_t|swin3d_s|swin3d_b, embedded, embedded:DIR")
 
 
 def hf_preset(name):
@@ -106,7 +110,12 @@ _HF_MODEL_FOR_CONFIG = {
 
 def _hf_from_config(path: Path):
     import transformers as tf
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); hf: takes a preset or a config.json") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config.json holds a JSON object, got {type(data).__name__}")
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{path}: config.json has no 'model_type'")
@@ -126,22 +135,45 @@ def _hf_from_config(path: Path):
     raise ValueError(f"{path}: no model class for config {type(cfg).__name__}")
 
 
-def load_model(spec: str, meta: bool = False):
+def _load_embedded(path: str, meta: bool):
+    from .embedded import ASSET_DIR, load_embedded
+    directory = Path(path) if path else ASSET_DIR
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"embedded:{path or ''}: no embedded model at {str(directory)!r} (config.json "
+                                "missing); give a directory written by python -m tokenreduce.eval.train_embedded")
+    if meta:  # structure only: no weights read
+        import torch
+        import transformers as tf
+        cfg = tf.AutoConfig.from_pretrained(str(directory))
+        with torch.device("meta"):
+            return tf.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    return load_embedded(directory)[0]
+
+
+def load_model(spec: str, meta: bool = False, image: int | None = None):
     """A model (eval mode) from a spec string; see the module docstring. meta=True builds it on
-    the meta device where the library allows it (HF models: structure only, no memory)."""
+    the meta device where the library allows it (HF models: structure only, no memory).
+    image: build a timm model for this input resolution (other kinds are built at their own size)."""
     if meta and spec.startswith("hf:") and not spec.endswith("dinov2-small"):
         import torch
         with torch.device("meta"):
             return load_model(spec)
     kind, _, name = spec.partition(":")
-    if not name:
+    if kind == "embedded":
+        return _load_embedded(name, meta)
+    bare = not name
+    if bare:
         kind, name = "timm", spec
     if kind == "timm":
         import timm
         if name not in timm.list_models():
+            if bare:
+                raise ValueError(f"unknown model {spec!r}: not a timm model name, and it has no kind prefix; "
+                                 f"valid forms: {MODEL_SPEC_FORMS}")
             raise ValueError(f"unknown timm model {name!r}; e.g. vit_base_patch16_224, deit_small_patch16_224 "
                              "(see timm.list_models('vit*'))")
-        return timm.create_model(name, pretrained=False).eval()
+        kw = {} if image is None else {"img_size": image}
+        return timm.create_model(name, pretrained=False, **kw).eval()
     if kind == "open_clip":
         import open_clip
         if name not in open_clip.list_models():
@@ -155,14 +187,32 @@ def load_model(spec: str, meta: bool = False):
             path = path / "config.json"
         if path.suffix == ".json" and path.exists():
             return _hf_from_config(path).eval()
+        if path.suffix == ".json" or "/" in name or "\\" in name:
+            raise FileNotFoundError(f"hf:{name}: no such file {str(path)!r}; hf: takes a preset "
+                                    f"({choices(sorted(HF_PRESETS))}) or a config.json")
         raise ValueError(f"hf:{name} is neither a preset nor a config.json; presets: {choices(sorted(HF_PRESETS))}")
     if kind == "torchvision":
         from torchvision.models import video
         if name not in ("swin3d_t", "swin3d_s", "swin3d_b"):
             raise ValueError(f"unknown torchvision video model {name!r}; valid: swin3d_t, swin3d_s, swin3d_b")
         return getattr(video, name)(weights=None).eval()
-    raise ValueError(f"unknown model kind {kind!r} in {spec!r}; use timm:NAME, open_clip:NAME, hf:PRESET|config.json "
-                     "or torchvision:swin3d_t")
+    raise ValueError(f"unknown model kind {kind!r} in {spec!r}; valid forms: {MODEL_SPEC_FORMS}")
+
+
+def patch_size(model) -> int | None:
+    """The side of a vision model's square patches (None if it does not say)."""
+    candidates = [getattr(getattr(model, "patch_embed", None), "patch_size", None),
+                  getattr(getattr(model, "visual", None), "patch_size", None)]
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        candidates += [getattr(cfg, "patch_size", None), getattr(getattr(cfg, "vision_config", None), "patch_size", None)]
+    for p in candidates:
+        if p is None:
+            continue
+        p = p[-1] if isinstance(p, (tuple, list)) else p
+        if isinstance(p, int) and p > 0:
+            return p
+    return None
 
 
 def image_size(model, default: int = 224) -> int:

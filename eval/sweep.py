@@ -101,6 +101,7 @@ def plan_runs(methods, budgets, frames: int, policies: dict | None = None, basel
             runs.append((f"{m}_b{b:g}", m, float(b), sm.spec(float(b), frames)))
     for label, spec in (policies or {}).items():
         runs.append((label, label, None, spec))
+    runs = [(label, method, budget, _checked_spec(label, spec)) for label, method, budget, spec in runs]
     labels = [r[0] for r in runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -115,6 +116,17 @@ def plan_runs(methods, budgets, frames: int, policies: dict | None = None, basel
                              "in letters, digits, '_', '.', '=' or '-'")
         dirs[d] = label
     return runs
+
+
+def _checked_spec(label: str, spec) -> str:
+    """The run's policy in canonical form (what eval videoqa stores), or a ValueError naming the run."""
+    from tokenreduce.errors import TokenReduceError
+
+    from .videoqa import normalise_policy
+    try:
+        return normalise_policy(spec)
+    except (TokenReduceError, ValueError, TypeError) as exc:
+        raise ValueError(f"run {label!r}: policy {spec!r}: {exc}") from None
 
 
 def _dirname(label: str) -> str:
@@ -140,13 +152,18 @@ def run_sweep(base_cfg, runs: list, out, qa=None) -> list:
             rows.append(row)
             continue
         if s is not None:
-            vt = s["visual_tokens"]
-            row.update(n=s["n"], errors=s["errors"], acc_loglik=s["loglik"], acc_generated=s["generated"],
-                       visual_tokens_llm_input=vt["llm_input"], visual_tokens_final=vt["final"],
-                       flops_fraction=s["flops_fraction"], prefill_ms=s["prefill_ms"], ttft_ms=s["ttft_ms"],
-                       decode_ms_per_token=s["decode_ms_per_token"], loadavg=s["loadavg_end"])
+            row.update(_summary_fields(s))
         rows.append(row)
     return rows
+
+
+def _summary_fields(s: dict) -> dict:
+    """A sweep row's numbers from a run's summary (run_eval's return value / summary.json)."""
+    vt = s["visual_tokens"]
+    return dict(n=s["n"], errors=s["errors"], acc_loglik=s["loglik"], acc_generated=s["generated"],
+                visual_tokens_llm_input=vt["llm_input"], visual_tokens_final=vt["final"],
+                flops_fraction=s["flops_fraction"], prefill_ms=s["prefill_ms"], ttft_ms=s["ttft_ms"],
+                decode_ms_per_token=s["decode_ms_per_token"], loadavg=s["loadavg_end"])
 
 
 def _f(v, spec):
@@ -214,11 +231,21 @@ def load_policies(arg: str | None) -> dict:
     """--policies: a JSON file or an inline JSON object {label: spec}."""
     if not arg:
         return {}
-    text = Path(arg).read_text() if Path(arg).is_file() else arg
+    path = Path(arg)
+    if path.is_file():
+        text = path.read_text()
+    elif path.is_dir():
+        raise ValueError(f"--policies {arg}: is a directory; give a JSON file or an inline JSON object {{label: spec}}")
+    elif not arg.lstrip().startswith("{") and (arg.endswith((".json", ".yaml", ".yml")) or "/" in arg or "\\" in arg):
+        raise FileNotFoundError(f"--policies {arg}: no such file; give a JSON file or an inline JSON object "
+                                "{label: spec}")
+    else:
+        text = arg
     try:
         pol = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--policies must be a JSON file or object {{label: spec}}: {exc}") from None
+        where = f" (file {arg})" if path.is_file() else ""
+        raise ValueError(f"--policies must be a JSON file or object {{label: spec}}{where}: {exc}") from None
     if not isinstance(pol, dict) or not all(isinstance(v, str) for v in pol.values()):
         raise ValueError("--policies must map labels to policy spec strings")
     return pol
@@ -251,11 +278,76 @@ def main_from_args(args) -> int:
     return 0
 
 
-def write_outputs(rows: list, out) -> None:
+def _label_of_dir(name: str) -> tuple:
+    """(method, budget) of a run directory's label, as plan_runs names them."""
+    if name == "baseline":
+        return "baseline", None
+    m = re.fullmatch(r"(.+)_b([0-9.eE+-]+)", name)
+    if m and m.group(1) in SWEEP_METHODS:
+        try:
+            return m.group(1), float(m.group(2))
+        except ValueError:
+            pass
+    return name, None
+
+
+def earlier_rows(out) -> list:
+    """Rows of runs already under `out`: those listed in its sweep.json whose directory is still there,
+    then finished run directories (summary.json) that it does not list."""
     out = Path(out)
+    rows = []
+    listed = out / "sweep.json"
+    if listed.is_file():
+        try:
+            old = json.loads(listed.read_text())
+        except json.JSONDecodeError as exc:
+            print(f"sweep: ignoring the unreadable {listed} ({exc}); its runs are read from their directories")
+            old = []
+        for r in old if isinstance(old, list) else []:
+            if isinstance(r, dict) and "label" in r and (out / _dirname(str(r["label"]))).is_dir():
+                rows.append(r)
+    dirs = {_dirname(str(r["label"])) for r in rows}
+    for summary in sorted(out.glob("*/summary.json")):
+        name = summary.parent.name
+        if name in dirs:
+            continue
+        try:
+            s = json.loads(summary.read_text())
+            run_cfg = json.loads((summary.parent / "run.json").read_text()).get("config", {}) \
+                if (summary.parent / "run.json").is_file() else {}
+            method, budget = _label_of_dir(name)
+            row = {"label": name, "method": method, "budget": budget,
+                   "policy": run_cfg.get("policy", s.get("policy", ""))}
+            row.update(_summary_fields(s))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            print(f"sweep: {summary.parent} is not a finished run ({type(exc).__name__}: {exc}); left out of the table")
+            continue
+        rows.append(row)
+    return rows
+
+
+def merge_rows(old: list, new: list) -> list:
+    """`old` with each row of `new` in place of the old row with its label; new labels appended."""
+    merged = list(old)
+    index = {r["label"]: i for i, r in enumerate(merged)}
+    for r in new:
+        if r["label"] in index:
+            merged[index[r["label"]]] = r
+        else:
+            index[r["label"]] = len(merged)
+            merged.append(r)
+    return merged
+
+
+def write_outputs(rows: list, out) -> list:
+    """sweep.md / sweep.json / plots of every run under `out`: `rows` (this invocation's runs) merged
+    into the rows of runs an earlier sweep left there. Returns the merged rows."""
+    out = Path(out)
+    rows = merge_rows(earlier_rows(out), rows)
     table = format_table(rows)
     (out / "sweep.md").write_text(table + "\n")
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     paths = plot(rows, out)
     print(table)
     print(f"wrote {out / 'sweep.md'}, " + ", ".join(str(p) for p in paths))
+    return rows

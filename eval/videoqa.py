@@ -31,11 +31,16 @@ Per sample
 Output directory
   run.json         the run's config; resuming a directory with another config (model, policy,
                    frames, data, scoring, frame selection, continuation, ...) is refused unless
-                   --overwrite
+                   --overwrite. A non-empty directory without run.json (not a run directory) is
+                   refused unless --overwrite; --overwrite only ever deletes the run's own files
+                   (run.json, results*.jsonl, summary.json, summary.md).
   results.jsonl    one line per sample, appended (flushed and fsync'ed) as each finishes; a rerun
-                   skips the ids already there; a truncated last line (a run killed mid-write) is
-                   dropped and redone. Bad inputs (missing / corrupt video, malformed record) are
-                   lines with "error" and count as errors, never as correct.
+                   skips the samples already there, unless their record was edited since (each
+                   line stores a hash of its record, `record_hash`; the redone line, appended
+                   later, is the one counted); a truncated last line (a run killed mid-write) is
+                   dropped and redone. Ctrl-C stops a run; rerunning the same command resumes it.
+                   Bad inputs (missing / corrupt video, malformed record) are lines with "error"
+                   and count as errors, never as correct. A dataset with no valid record is refused.
   summary.json / summary.md   accuracy overall and per category (meta.qtype / task / type /
                    task_type / duration / domain when present), errors, mean visual tokens
                    per site, FLOPs fraction, timings, peak memory, load average.
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import os
 import re
 import sys
@@ -61,8 +67,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .videoqa_results import (append_result, done_ids, merge_results, read_results, repair_truncated,  # noqa: F401
-                              results_file, shard)
+from .videoqa_results import (append_result, done_hashes, done_ids, is_done, merge_results,  # noqa: F401
+                              read_results, record_hash, repair_truncated, results_file, shard)
 from .videoqa_summary import CATEGORY_KEYS, format_summary, summarise, write_summary  # noqa: F401
 
 SCORINGS = ("loglik", "generate")
@@ -104,11 +110,18 @@ class EvalConfig:
     stop_after: int | None = None         # test hook: simulate a kill after N results (see --stop-after)
 
     def __post_init__(self):
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
+            raise ValueError(f"--out must be a directory path, got {self.out!r}")
+        if not isinstance(self.data, (str, os.PathLike)) or not str(self.data).strip():
+            raise ValueError(f"--data must be the path of a JSONL dataset, got {self.data!r}")
         kind, _, path = str(self.model).partition(":")
         if kind not in ("embedded", "hf") or (kind == "hf" and not path):
             raise ValueError(f"unknown --model {self.model!r}; valid forms: {MODEL_FORMS}")
         if isinstance(self.scoring, str):
             self.scoring = tuple(s.strip() for s in self.scoring.split(",") if s.strip())
+        if not isinstance(self.scoring, (tuple, list, set, frozenset)):
+            raise ValueError(f"scoring must be a comma list or a sequence of: {', '.join(SCORINGS)}; "
+                             f"got {self.scoring!r}")
         bad = [s for s in self.scoring if s not in SCORINGS]
         if bad or not self.scoring:
             raise ValueError(f"unknown scoring {bad or self.scoring!r}; choose from: {', '.join(SCORINGS)}")
@@ -125,13 +138,12 @@ class EvalConfig:
             raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: float32, float16, bfloat16")
-        for name in ("frames", "batch", "max_new_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, low, optional in INT_FIELDS:
+            setattr(self, name, _check_int(name, getattr(self, name), low, optional))
         if self.candidates is not None and self.candidates < self.frames:
             raise ValueError(f"--candidates ({self.candidates}) must be >= --frames ({self.frames})")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError(f"--limit must be >= 0, got {self.limit}")
+        if not isinstance(self.scorer_args, dict):
+            raise ValueError(f"--scorer-args must be a JSON object (a dict), got {self.scorer_args!r}")
         self.policy = normalise_policy(self.policy)
 
     def identity(self) -> dict:
@@ -145,6 +157,24 @@ class EvalConfig:
         d["candidates"] = self.candidates if self.frame_select else None
         d["scorer_args"] = self.scorer_args if self.frame_select else {}
         return {k: d[k] for k in IDENTITY_KEYS}
+
+
+# integer options: (field, smallest valid value, None allowed)
+INT_FIELDS = (("frames", 1, False), ("batch", 1, False), ("max_new_tokens", 1, False), ("limit", 0, True),
+              ("candidates", 1, True), ("seed", 0, False), ("warmup", 0, False), ("stop_after", 0, True))
+
+
+def _check_int(name: str, value, low: int, optional: bool = False):
+    """value as an int >= low (None passes when optional); bools, floats and strings are refused."""
+    if value is None and optional:
+        return None
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        what = f"an integer >= {low}" + (" or None" if optional else "")
+        raise ValueError(f"{flag} must be {what}, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
+    return int(value)
 
 
 def normalise_policy(policy) -> str:
@@ -490,41 +520,72 @@ def _text_ids(tok, text: str) -> list:
 
 # -- results files --------------------------------------------------------------------------------
 # -- run directory ------------------------------------------------------------------------------
+# the files a run writes in its directory: the only ones --overwrite deletes
+RUN_FILES = ("run.json", "results.jsonl", "summary.json", "summary.md", "results.jsonl.tmp", "run.json.tmp")
+
+
+def read_run_json(path) -> dict:
+    """The config stored in a run directory's run.json; ValueError when it is damaged."""
+    path = Path(path)
+    hint = "use another --out or --overwrite"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a tokenreduce run.json ({_describe(exc)}); {hint}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config", {}), dict):
+        raise ValueError(f"{path}: not a tokenreduce run.json (expected an object with a \"config\" object, "
+                         f"got {type(data).__name__}); {hint}")
+    return data.get("config", {})
+
+
 def check_out_dir(cfg: EvalConfig) -> None:
-    """Refuse a directory holding another run (read-only, so every process can check it)."""
+    """Refuse a directory holding another run, a damaged run.json, a non-empty directory that is
+    not a run directory (no run.json), or a path that is a file (read-only, so every process
+    can check it)."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory; give a directory path")
     if cfg.overwrite or not out.exists():
         return
     run_json = out / "run.json"
+    if not run_json.exists():
+        # run.json.tmp: another process of this run is writing run.json right now
+        if any(p.name != "run.json.tmp" for p in out.iterdir()):
+            raise ValueError(f"{str(out)!r} is not empty and has no run.json, so it is not a tokenreduce run "
+                             f"directory and its files ({', '.join(RUN_FILES[1:4])}) could be overwritten; "
+                             "use a new or empty --out, or --overwrite to use it anyway (only those files "
+                             "are replaced)")
+        return
+    old = read_run_json(run_json)
     if not any(p.stat().st_size for p in out.glob("results*.jsonl")):
         return  # no results yet (e.g. a run that failed to start): nothing to protect
-    if run_json.exists():
-        old = json.loads(run_json.read_text()).get("config", {})
-        ident = cfg.identity()
-        diff = [k for k in IDENTITY_KEYS if old.get(k) != ident.get(k)]
-        if diff:
-            detail = "; ".join(f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in diff)
-            raise ValueError(f"{str(out)!r} holds a run with another config ({detail}); use another --out, "
-                             "or --overwrite to discard its results")
-    elif any(out.glob("results*.jsonl")):
-        raise ValueError(f"{str(out)!r} has results but no run.json, so they cannot be checked; "
-                         "use another --out or --overwrite")
+    ident = cfg.identity()
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != ident.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in diff)
+        raise ValueError(f"{str(out)!r} holds a run with another config ({detail}); use another --out, "
+                         "or --overwrite to discard its results")
 
 
 def prepare_out_dir(cfg: EvalConfig) -> None:
-    """Create the directory and its run.json (after check_out_dir); --overwrite clears old results."""
+    """Create the directory and its run.json (after check_out_dir); --overwrite clears the run's
+    own files (RUN_FILES and results.rank*.jsonl), never anything else."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way (the path or one of its parents), no permission, ...
+        raise ValueError(f"--out {str(out)!r}: cannot create the directory ({_describe(exc)})") from None
     run_json = out / "run.json"
     if cfg.overwrite:
-        for p in [out / "results.jsonl", out / "summary.json", out / "summary.md", run_json,
-                  *out.glob("results.rank*.jsonl")]:
-            if p.exists():
+        for p in [*(out / name for name in RUN_FILES), *out.glob("results.rank*.jsonl")]:
+            if p.is_file() or p.is_symlink():
                 p.unlink()
     ident = cfg.identity()
-    if not run_json.exists() or json.loads(run_json.read_text()).get("config") != ident:
-        run_json.write_text(json.dumps({"config": ident, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                        "argv": sys.argv}, indent=2))
+    if not run_json.exists() or read_run_json(run_json) != ident:
+        tmp = out / "run.json.tmp"  # written whole, then renamed: other processes never read half of it
+        tmp.write_text(json.dumps({"config": ident, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "argv": sys.argv}, indent=2))
+        os.replace(tmp, run_json)
     repair_truncated(out / "results.jsonl")
 
 
@@ -615,6 +676,12 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
     if world > 1 and torch.device(cfg.device).type == "cuda":
         cfg.device = f"cuda:{getattr(state, 'local_process_index', rank)}"  # one GPU per process
     records, problems = load_records(cfg.data, video_root=cfg.video_root)
+    if not records:  # nothing to evaluate: say why rather than finish with n 0
+        if not problems:
+            raise ValueError(f"{cfg.data}: no records (the file is empty)")
+        first = "; ".join(f"line {p.get('line')}: {p.get('error')}" for p in problems[:3])
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{cfg.data}: no valid records; {len(problems)} malformed line(s): {first}{more}")
     check_out_dir(cfg)  # every process, before the barrier: a refusal must not leave the others waiting
     if state.is_main_process:
         prepare_out_dir(cfg)
@@ -623,9 +690,11 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
         records = records[:cfg.limit]
     order = [r["id"] for r in records] + [_problem_id(p) for p in problems]
     mine = shard(records, rank, world)
-    done = done_ids(cfg.out)
-    todo = [r for r in mine if r["id"] not in done]
-    my_problems = [p for p in problems if _problem_id(p) not in done] if state.is_main_process else []
+    done = done_hashes(cfg.out)  # id -> the record hash its latest row was written for
+    todo = [r for r in mine if not is_done(done, r["id"], record_hash(r))]
+    my_problems = ([p for p in problems if not is_done(done, _problem_id(p), _problem_hash(p))]
+                   if state.is_main_process else [])
+    n_mine = len(mine) + (len(problems) if state.is_main_process else 0)
     torch.manual_seed(cfg.seed)
     own = qa is None
     load_avg_start = os.getloadavg()
@@ -633,67 +702,73 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
     path = results_file(cfg.out, rank, world)
     repair_truncated(path)
     written = 0
-    with open(path, "a") as f:
-        def write(row):
-            nonlocal written
-            if cfg.stop_after is not None and written >= cfg.stop_after:
-                # test hook: die in the middle of a write, as a kill would
-                f.write(json.dumps(row)[:25])
-                f.flush()
-                os._exit(3)
-            append_result(f, row)
-            written += 1
+    try:
+        with open(path, "a") as f:
+            def write(row):
+                nonlocal written
+                if cfg.stop_after is not None and written >= cfg.stop_after:
+                    # test hook: die in the middle of a write, as a kill would
+                    f.write(json.dumps(row)[:25])
+                    f.flush()
+                    os._exit(3)
+                append_result(f, row)
+                written += 1
 
-        for p in my_problems:
-            write(_error_row(_problem_id(p), f"malformed record (line {p.get('line')}): {p.get('error')}",
-                             line=p.get("line"), record_id=p.get("id")))
-        if todo:
-            if own:
-                qa = load_qa_model(cfg.model, cfg.device, cfg.dtype)
-            ctl = _HandleControl(qa.model, cfg.policy)
-            scorer = build_frame_scorer(cfg, qa)
-            warmup_left = cfg.warmup
-            bar = tqdm(total=len(todo), desc=f"videoqa{'' if world == 1 else f' [{rank}/{world}]'}",
-                       disable=not cfg.progress, position=rank, dynamic_ncols=True)
-            try:
-                for start in range(0, len(todo), cfg.batch):
-                    ready = []
-                    for rec in todo[start:start + cfg.batch]:
-                        base = {"id": rec["id"], "question": rec["question"], "options": rec["options"],
-                                "answer": rec["answer"], "meta": rec.get("meta") or {}}
-                        try:
-                            qa.check_options(rec["options"])
-                            frames, finfo = _load_frames(rec, cfg, qa, scorer, ctl)
-                        except Exception as exc:  # noqa: BLE001 - a bad sample is reported, the run goes on
-                            write({**base, "error": _describe(exc)})
-                            bar.update(1)
+            for p in my_problems:
+                write(_error_row(_problem_id(p), f"malformed record (line {p.get('line')}): {p.get('error')}",
+                                 line=p.get("line"), record_id=p.get("id"), record_hash=_problem_hash(p)))
+            if todo:
+                if own:
+                    qa = load_qa_model(cfg.model, cfg.device, cfg.dtype)
+                ctl = _HandleControl(qa.model, cfg.policy)
+                scorer = build_frame_scorer(cfg, qa)
+                warmup_left = cfg.warmup
+                bar = tqdm(total=len(todo), desc=f"videoqa{'' if world == 1 else f' [{rank}/{world}]'}",
+                           disable=not cfg.progress, position=rank, dynamic_ncols=True)
+                try:
+                    for start in range(0, len(todo), cfg.batch):
+                        ready = []
+                        for rec in todo[start:start + cfg.batch]:
+                            base = {"id": rec["id"], "question": rec["question"], "options": rec["options"],
+                                    "answer": rec["answer"], "meta": rec.get("meta") or {},
+                                    "record_hash": record_hash(rec)}
+                            try:
+                                qa.check_options(rec["options"])
+                                frames, finfo = _load_frames(rec, cfg, qa, scorer, ctl)
+                            except Exception as exc:  # noqa: BLE001 - a bad sample is reported, the run goes on
+                                write({**base, "error": _describe(exc)})
+                                bar.update(1)
+                                continue
+                            ready.append((base, {**rec, "frames": frames}, finfo))
+                        if not ready:
                             continue
-                        ready.append((base, {**rec, "frames": frames}, finfo))
-                    if not ready:
-                        continue
-                    try:
-                        ctl.handle.context["question"] = [it["question"] for _, it, _ in ready]
-                        for _ in range(warmup_left):  # lazy inits and allocator growth out of the timings
-                            score_batch(qa, [it for _, it, _ in ready], cfg, ctl.handle)
-                        warmup_left = 0
-                        scored = score_batch(qa, [it for _, it, _ in ready], cfg, ctl.handle)
-                    except Exception as exc:  # noqa: BLE001
-                        if len(ready) == 1 or isinstance(exc, (torch.cuda.OutOfMemoryError,)):
-                            scored = [{"error": _describe(exc)}] * len(ready)
-                        else:  # find the bad one: score the batch's samples one by one
-                            scored = []
-                            for _, it, _ in ready:
-                                try:
-                                    ctl.handle.context["question"] = [it["question"]]
-                                    scored += score_batch(qa, [it], cfg, ctl.handle)
-                                except Exception as exc1:  # noqa: BLE001
-                                    scored.append({"error": _describe(exc1)})
-                    for (base, _, finfo), r in zip(ready, scored):
-                        write({**base, "frames": finfo, **r, "rank": rank})
-                        bar.update(1)
-            finally:
-                bar.close()
-                ctl.remove()
+                        try:
+                            ctl.handle.context["question"] = [it["question"] for _, it, _ in ready]
+                            for _ in range(warmup_left):  # lazy inits and allocator growth out of the timings
+                                score_batch(qa, [it for _, it, _ in ready], cfg, ctl.handle)
+                            warmup_left = 0
+                            scored = score_batch(qa, [it for _, it, _ in ready], cfg, ctl.handle)
+                        except Exception as exc:  # noqa: BLE001
+                            if len(ready) == 1 or isinstance(exc, (torch.cuda.OutOfMemoryError,)):
+                                scored = [{"error": _describe(exc)}] * len(ready)
+                            else:  # find the bad one: score the batch's samples one by one
+                                scored = []
+                                for _, it, _ in ready:
+                                    try:
+                                        ctl.handle.context["question"] = [it["question"]]
+                                        scored += score_batch(qa, [it], cfg, ctl.handle)
+                                    except Exception as exc1:  # noqa: BLE001
+                                        scored.append({"error": _describe(exc1)})
+                        for (base, _, finfo), r in zip(ready, scored):
+                            write({**base, "frames": finfo, **r, "rank": rank})
+                            bar.update(1)
+                finally:
+                    bar.close()
+                    ctl.remove()
+    except KeyboardInterrupt:
+        print(f"interrupted: {n_mine - len(todo) - len(my_problems) + written} of {n_mine} results written to "
+              f"{cfg.out}; rerun the same command to resume", file=sys.stderr, flush=True)
+        raise
     wall = time.perf_counter() - t_start
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -713,6 +788,12 @@ def _problem_id(p: dict) -> str:
     """A results id for a malformed line; the line number keeps it apart from a valid record with
     the same id (a duplicate id is one of the problems)."""
     return f"{p['id']}@line{p.get('line')}" if p.get("id") not in (None, "") else f"line-{p.get('line')}"
+
+
+def _problem_hash(p: dict) -> str:
+    """The record hash of a malformed line's error row: its line and error (an edited line that is
+    still malformed gets its new error)."""
+    return record_hash({"id": _problem_id(p), "meta": {"line": p.get("line"), "error": p.get("error")}})
 
 
 def _describe(exc: BaseException) -> str:
@@ -744,11 +825,27 @@ def add_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=_threads_arg, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes over the first batch (default 1)")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stop-after", dest="stop_after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _threads_arg(text: str) -> int:
+    """--threads: an integer >= 0 (checked while parsing, before anything sets torch's threads)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0 = torch's default), got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = torch's default), got {n}")
+    return n
+
+
+def check_threads(threads) -> int:
+    """--threads as an int >= 0 (0 = torch's default), else ValueError."""
+    return _check_int("threads", threads, 0)
 
 
 def base_config_from_args(args) -> dict:
@@ -771,9 +868,13 @@ def config_from_args(args) -> EvalConfig:
 
 
 def main_from_args(args) -> int:
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    summary = run_eval(config_from_args(args))
+    threads = check_threads(getattr(args, "threads", 0) or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        summary = run_eval(config_from_args(args))
+    except KeyboardInterrupt:  # run_eval said how far it got; no traceback
+        return 130
     if summary is not None:
         print(format_summary(summary))
         print(f"wrote {Path(args.out) / 'summary.md'}")

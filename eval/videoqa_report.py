@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-type", dest="per_type", type=int, default=50, help="held-out samples per question type")
     p.add_argument("--brief", type=int, default=100, help="32-frame brief-appearance clips for frame selection")
     p.add_argument("--budgets", default="0.3,0.5", help="fractions of the visual tokens kept")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    from .cli import THREADS
+    p.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier results under --out (needed after the model's weights changed: runs "

@@ -1,8 +1,14 @@
 """The per-sample results files of a video-QA run: append-only JSONL written line by line and
 fsync'ed, read back skipping a partial last line, repaired after a kill, sharded per process
-and merged (see videoqa.py, "Output directory")."""
+and merged (see videoqa.py, "Output directory").
+
+Each row carries `record_hash`, a short hash of the input record it answers (record_hash()):
+a record edited since its row was written is redone, and the redone row, appended later, is
+the one that counts (the last row per id wins when rows are read back or merged). Rows
+written before the hash existed have none and count as done."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,23 +70,49 @@ def results_file(out, rank: int, world: int) -> Path:
     return Path(out) / ("results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
 
 
-def done_ids(out) -> set:
+# what identifies an input record's content (the video file itself is not read)
+RECORD_KEYS = ("id", "video", "question", "options", "answer", "meta")
+
+
+def record_hash(rec: dict) -> str:
+    """A short hash of an input record's id, video path, question, options, answer and meta."""
+    blob = json.dumps({k: rec.get(k) for k in RECORD_KEYS}, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _result_files(out) -> list:
     out = Path(out)
-    files = [out / "results.jsonl"] + sorted(out.glob("results.rank*.jsonl"))
-    return {r.get("id") for p in files for r in read_results(p)}
+    return [out / "results.jsonl"] + sorted(out.glob("results.rank*.jsonl"))
+
+
+def done_ids(out) -> set:
+    return {r.get("id") for p in _result_files(out) for r in read_results(p)}
+
+
+def done_hashes(out) -> dict:
+    """id -> record_hash of the latest row for that id (None for a row written without one)."""
+    return {r.get("id"): r.get("record_hash") for p in _result_files(out) for r in read_results(p)}
+
+
+def is_done(done: dict, sample_id, rec_hash: str) -> bool:
+    """Whether a sample has a row for this very record: a row without a hash (an older version
+    wrote it) counts as done; one with another record's hash (the record was edited) does not."""
+    if sample_id not in done:
+        return False
+    return done[sample_id] is None or done[sample_id] == rec_hash
 
 
 def merge_results(out, order: list | None = None) -> list:
-    """Fold results.rank*.jsonl into results.jsonl (first line per id wins, sorted by `order`
-    when given), written atomically; then the shard files are removed. Returns the rows."""
+    """Fold results.rank*.jsonl into results.jsonl (the last row per id wins: a record redone
+    after an edit is appended after its stale row, and shards after results.jsonl; sorted by
+    `order` when given), written atomically; then the shard files are removed. Returns the rows."""
     out = Path(out)
     shards = sorted(out.glob("results.rank*.jsonl"))
-    rows, seen = [], set()
+    latest = {}  # insertion order: an id's first appearance; value: its last row
     for p in [out / "results.jsonl"] + shards:
         for r in read_results(p):
-            if r.get("id") not in seen:
-                seen.add(r.get("id"))
-                rows.append(r)
+            latest[r.get("id")] = r
+    rows = list(latest.values())
     if shards:
         if order is not None:
             rank = {i: n for n, i in enumerate(order)}

@@ -241,9 +241,26 @@ def test_shard_merge_and_truncation(tmp_path):
     assert repair_truncated(tmp_path / "results.rank1.jsonl")
     assert (tmp_path / "results.rank1.jsonl").read_text() == '{"id": "b"}\n'
     rows = merge_results(tmp_path, order=["a", "b", "c", "d"])
-    assert [r["id"] for r in rows] == ["a", "b", "c"] and "dup" not in rows[0]
+    # the last row per id wins (a redone record is appended after its stale row), in first-seen order
+    assert [r["id"] for r in rows] == ["a", "b", "c"] and rows[0]["dup"] == 1
     assert not list(tmp_path.glob("results.rank*"))
     assert [r["id"] for r in read_results(tmp_path / "results.jsonl")] == ["a", "b", "c"]
+
+
+def test_done_hashes_latest_row_wins_and_old_rows_without_a_hash_count_as_done(tmp_path):
+    from tokenreduce.eval.videoqa import done_hashes, is_done, record_hash
+    rec = {"id": "a", "video": "/v.mp4", "question": "q?", "options": ["x", "y"], "answer": 0, "meta": {}}
+    h = record_hash(rec)
+    for changed in ({"answer": 1}, {"question": "q2?"}, {"options": ["x", "z"]}, {"video": "/w.mp4"},
+                    {"meta": {"qtype": "count"}}):
+        assert record_hash({**rec, **changed}) != h, changed
+    (tmp_path / "results.jsonl").write_text(
+        '{"id": "old"}\n'  # written before rows had a hash
+        f'{{"id": "a", "record_hash": "stale"}}\n{{"id": "a", "record_hash": "{h}"}}\n')
+    done = done_hashes(tmp_path)
+    assert done == {"old": None, "a": h}
+    assert is_done(done, "old", "anything") and is_done(done, "a", h)
+    assert not is_done(done, "a", "stale") and not is_done(done, "new", h)
 
 
 def test_frame_selection_with_the_same_model_records_indices(tmp_path, data, model_dir, qa):
@@ -374,6 +391,19 @@ def test_trained_embedded_model_answers_synthetic_questions(tmp_path, qtypes, n,
     (dict(frames=0), "--frames must be >= 1"),
     (dict(frame_select="oracle"), "choose one of: "),
     (dict(frame_select="uniform", candidates=4), r"--candidates \(4\) must be >= --frames \(8\)"),
+    (dict(frames=2.5), r"--frames must be an integer >= 1, got 2.5"),
+    (dict(frames="8"), r"--frames must be an integer >= 1, got '8'"),
+    (dict(frames=True), r"--frames must be an integer >= 1, got True"),
+    (dict(batch=1.7), r"--batch must be an integer >= 1"),
+    (dict(limit=2.5), r"--limit must be an integer >= 0 or None"),
+    (dict(limit="5"), r"--limit must be an integer >= 0 or None"),
+    (dict(candidates="x"), r"--candidates must be an integer >= 1 or None"),
+    (dict(seed="x"), r"--seed must be an integer >= 0"),
+    (dict(warmup=-5), r"--warmup must be >= 0, got -5"),
+    (dict(max_new_tokens=0), r"--max-new-tokens must be >= 1"),
+    (dict(scoring=None), "choose from: loglik, generate|sequence of: loglik, generate"),
+    (dict(out=""), "--out must be a directory path"),
+    (dict(scorer_args="{}"), "--scorer-args must be a JSON object"),
 ])
 def test_bad_run_options_name_the_valid_choices(tmp_path, kw, match):
     """checked when the config is made: before run.json is written or a model is loaded"""
@@ -444,3 +474,131 @@ def test_kv_bytes_are_per_sample_whatever_the_batch(tmp_path, data, model_dir, q
                           max_new_tokens=2), qa=qa)
         kv[batch] = s["kv_bytes"]
     assert kv[2] == pytest.approx(kv[1], rel=0.1)  # padding may add a little; never x batch
+
+
+def _one_record_dataset(tmp_path, data, **changes):
+    """the synthetic set's first record, with changes, in a file of its own (same videos)"""
+    rec = {**json.loads(Path(data).read_text().splitlines()[0]), **changes}
+    if not (tmp_path / "videos").exists():
+        (tmp_path / "videos").symlink_to(Path(data).parent / "videos")
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    return path, rec
+
+
+def test_an_edited_record_is_redone_and_its_new_row_counts(tmp_path, data, model_dir, qa):
+    path, rec = _one_record_dataset(tmp_path, data)
+    out = tmp_path / "run"
+    run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    first = read_results(out / "results.jsonl")
+    assert len(first) == 1
+    # the answer changes so that the same prediction flips from right to wrong (or back): the
+    # stale row is redone, and the new row is the one the summary counts
+    pred = first[0]["loglik_pred"]
+    new_answer = pred if not first[0]["loglik_correct"] else (pred + 1) % len(rec["options"])
+    _one_record_dataset(tmp_path, data, answer=new_answer)
+    summary = run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    rows = read_results(out / "results.jsonl")
+    assert len(rows) == 2 and rows[1]["answer"] == new_answer and rows[1]["loglik_pred"] == pred
+    assert rows[0]["record_hash"] and rows[1]["record_hash"] != rows[0]["record_hash"]
+    assert rows[1]["loglik_correct"] != rows[0]["loglik_correct"]
+    assert summary["n"] == 1 and summary["loglik"] == float(rows[1]["loglik_correct"])
+    # unchanged: nothing is redone; the question edited: redone again
+    run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    assert len(read_results(out / "results.jsonl")) == 2
+    _one_record_dataset(tmp_path, data, answer=new_answer, question=rec["question"] + " now")
+    run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    rows = read_results(out / "results.jsonl")
+    assert len(rows) == 3 and rows[2]["question"].endswith(" now")
+    # rows an older version wrote (no record_hash) still count as done: old runs resume as before
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "run.json").write_text((out / "run.json").read_text())
+    row = {k: v for k, v in rows[0].items() if k != "record_hash"}  # the first record's row
+    (legacy / "results.jsonl").write_text(json.dumps(row) + "\n")
+    s = run_eval(_cfg(path, legacy, model_dir, scoring="loglik"), qa=qa)
+    assert read_results(legacy / "results.jsonl") == [row] and s["n"] == 1
+
+
+def test_out_must_be_a_run_directory_and_overwrite_keeps_other_files(tmp_path, data, model_dir, qa):
+    path, _ = _one_record_dataset(tmp_path, data)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my own notes\n")
+    (out / "notes.txt").write_text("keep me\n")
+    with pytest.raises(ValueError, match="not empty and has no run.json.*--overwrite"):
+        run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "summary.md"]
+    assert (out / "summary.md").read_text() == "my own notes\n"
+    # --overwrite uses it: the run's own files are replaced, nothing else is touched
+    run_eval(_cfg(path, out, model_dir, scoring="loglik", overwrite=True), qa=qa)
+    assert (out / "notes.txt").read_text() == "keep me\n"
+    assert (out / "summary.md").read_text() != "my own notes\n" and (out / "run.json").exists()
+    check_out_dir(_cfg(path, out, model_dir, scoring="loglik"))  # a run directory now: resumable
+
+    # --out naming a file, or under a file
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=f"--out '{re.escape(str(afile))}' is a file, not a directory"):
+            run_eval(_cfg(path, afile, model_dir, overwrite=overwrite), qa=qa)
+    assert afile.read_text() == "x"
+    with pytest.raises(ValueError, match=f"--out '{re.escape(str(afile / 'sub'))}': cannot create the directory"):
+        run_eval(_cfg(path, afile / "sub", model_dir), qa=qa)
+
+    # a damaged run.json
+    for text, what in (("[1, 2]", "got list"), ("{not json", "JSONDecodeError")):
+        bad = tmp_path / f"bad{len(text)}"
+        bad.mkdir()
+        (bad / "run.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(bad / 'run.json'))}: not a tokenreduce run.json "
+                                             rf"\(.*{what}.*\); use another --out or --overwrite"):
+            run_eval(_cfg(path, bad, model_dir, scoring="loglik"), qa=qa)
+        assert (bad / "run.json").read_text() == text
+    check_out_dir(_cfg(path, bad, model_dir, overwrite=True))
+
+
+def test_a_dataset_without_valid_records_is_refused(tmp_path, model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(empty))}: no records \\(the file is empty\\)"):
+        run_eval(_cfg(empty, tmp_path / "o1", model_dir))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=f"{re.escape(str(broken))}: no valid records; 2 malformed line.*"
+                                         "line 1: .*; line 2: not valid JSON"):
+        run_eval(_cfg(broken, tmp_path / "o2", model_dir))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_negative_threads_are_refused_before_torch_sees_them(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "videoqa", "--data", "d.jsonl", "--out", str(tmp_path / "o"), "--threads", "-2"])
+    assert e.value.code == 2
+    assert "--threads: must be >= 0 (0 = torch's default), got -2" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads and not (tmp_path / "o").exists()
+    from tokenreduce.eval.videoqa import check_threads
+    with pytest.raises(ValueError, match="--threads must be >= 0"):
+        check_threads(-1)
+
+
+def test_ctrl_c_says_how_far_the_run_got(tmp_path, data, model_dir, qa, monkeypatch, capsys):
+    from tokenreduce.eval import videoqa
+    real, calls = videoqa.score_batch, []
+
+    def score_then_interrupt(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(videoqa, "score_batch", score_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(_cfg(data, out, model_dir, limit=3, scoring="loglik"), qa=qa)
+    err = capsys.readouterr().err
+    assert f"interrupted: 1 of 3 results written to {out}; rerun the same command to resume" in err
+    assert len(read_results(out / "results.jsonl")) == 1
+    # the command line turns it into exit status 130, without a traceback
+    monkeypatch.setattr(videoqa, "run_eval", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["eval", "videoqa", "--data", str(data), "--out", str(tmp_path / "o")]) == 130
