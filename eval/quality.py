@@ -523,17 +523,8 @@ def machine() -> str:
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = torch's default), got {value}")
-    return value
-
-
 def main(argv=None) -> int:
+    from .cli import THREADS
     ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for quality.md / .json / .png")
     ap.add_argument("--policy", action="append", default=None, metavar="SPEC",
@@ -542,7 +533,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-faces", type=int, default=N_FACES)
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--warmup", type=int, default=2, help="timed batches discarded per policy")
-    ap.add_argument("--threads", type=_threads, default=2, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--threads", type=THREADS, default=2, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--precision", choices=PRECISIONS, default=PRECISION,
                     help="autocast precision of the forwards (the weights stay float32)")
     ap.add_argument("--cache-dir", default=None, help="converted-weights cache (default $TOKENREDUCE_CACHE "

@@ -804,6 +804,7 @@ def _describe(exc: BaseException) -> str:
 # -- command line ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
     """The options of one run (single=False: all but --policy, for `eval sweep`)."""
+    from .cli import THREADS
     p.add_argument("--model", default="embedded", help=f"one of: {MODEL_FORMS} (default: embedded)")
     if single:
         p.add_argument("--policy", default="", help='tokenreduce policy spec; "" or "none" = baseline')
@@ -825,22 +826,11 @@ def add_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_threads_arg, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes over the first batch (default 1)")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stop-after", dest="stop_after", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def _threads_arg(text: str) -> int:
-    """--threads: an integer >= 0 (checked while parsing, before anything sets torch's threads)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0 = torch's default), got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = torch's default), got {n}")
-    return n
 
 
 def check_threads(threads) -> int:

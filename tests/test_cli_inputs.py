@@ -36,12 +36,15 @@ def test_negative_threads_are_refused_before_anything_runs(capsys, argv):
     assert "--threads" in err and ">= 0" in err and "torch's default" in err
 
 
-def test_quality_takes_threads_0_as_torchs_default():
+def test_quality_takes_threads_0_as_torchs_default(capsys, tmp_path):
     from tokenreduce.eval import quality
     before = torch.get_num_threads()
     with pytest.raises(ValueError, match="threads must be an int >= 0"):
         quality.run(["vision.block.*=tome(r=1)"], threads=-1)
-    assert quality._threads("0") == 0 and torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        quality.main(["--out", str(tmp_path / "q"), "--threads", "-1"])
+    assert "must be >= 0 (0 = torch's default)" in capsys.readouterr().err
+    assert torch.get_num_threads() == before and not (tmp_path / "q").exists()
 
 
 # -- 2 / 3: devices and sizes --------------------------------------------------------------------
