@@ -291,9 +291,10 @@ def _label_of_dir(name: str) -> tuple:
     return name, None
 
 
-def earlier_rows(out) -> list:
+def earlier_rows(out, skip=()) -> list:
     """Rows of runs already under `out`: those listed in its sweep.json whose directory is still there,
-    then finished run directories (summary.json) that it does not list."""
+    then finished run directories (summary.json) that it does not list, except the directories in
+    `skip` (this invocation's runs: their rows come in its own order)."""
     out = Path(out)
     rows = []
     listed = out / "sweep.json"
@@ -306,7 +307,7 @@ def earlier_rows(out) -> list:
         for r in old if isinstance(old, list) else []:
             if isinstance(r, dict) and "label" in r and (out / _dirname(str(r["label"]))).is_dir():
                 rows.append(r)
-    dirs = {_dirname(str(r["label"])) for r in rows}
+    dirs = {_dirname(str(r["label"])) for r in rows} | set(skip)
     for summary in sorted(out.glob("*/summary.json")):
         name = summary.parent.name
         if name in dirs:
@@ -343,7 +344,7 @@ def write_outputs(rows: list, out) -> list:
     """sweep.md / sweep.json / plots of every run under `out`: `rows` (this invocation's runs) merged
     into the rows of runs an earlier sweep left there. Returns the merged rows."""
     out = Path(out)
-    rows = merge_rows(earlier_rows(out), rows)
+    rows = merge_rows(earlier_rows(out, skip={_dirname(str(r["label"])) for r in rows}), rows)
     table = format_table(rows)
     (out / "sweep.md").write_text(table + "\n")
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))

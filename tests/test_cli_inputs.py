@@ -221,6 +221,21 @@ def test_sweep_outputs_keep_the_runs_of_earlier_sweeps(tmp_path, capsys):
     assert table.count("| baseline |") == 1
 
 
+def test_sweep_table_keeps_this_invocations_order(tmp_path, capsys):
+    """its own run directories (already holding summary.json when the table is written) are not
+    re-read as earlier runs: the table keeps the planned order, not the folders' alphabetical one"""
+    from tokenreduce.eval.sweep import write_outputs
+    out = tmp_path / "sweep"
+    summary = {"n": 4, "errors": 0, "loglik": 0.75, "generated": 0.5, "visual_tokens": {"llm_input": 9, "final": 9},
+               "flops_fraction": 0.4, "prefill_ms": 1.0, "ttft_ms": 2.0, "decode_ms_per_token": 0.5,
+               "loadavg_end": [0, 0, 0]}
+    for d in ("zeta", "alpha"):
+        (out / d).mkdir(parents=True)
+        (out / d / "summary.json").write_text(json.dumps(summary))
+    rows = write_outputs([_row("zeta", "zeta", None, 9), _row("alpha", "alpha", None, 9)], out)
+    assert [r["label"] for r in rows] == ["zeta", "alpha"]
+
+
 # -- 8: model specs for `sites` -------------------------------------------------------------------
 def test_sites_model_spec_errors_list_the_forms(tmp_path, capsys):
     err = _error(capsys, ["sites", "foo"])
