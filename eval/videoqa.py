@@ -683,6 +683,10 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ValueError(f"{cfg.data}: no valid records; {len(problems)} malformed line(s): {first}{more}")
     check_out_dir(cfg)  # every process, before the barrier: a refusal must not leave the others waiting
+    # a fresh single-process run that fails before its first result (a model or policy that does
+    # not load) takes its run.json away again, so the corrected command is not refused as "another config"
+    fresh = world == 1 and not (Path(cfg.out) / "run.json").exists()
+    made_dir = fresh and not Path(cfg.out).exists()
     if state.is_main_process:
         prepare_out_dir(cfg)
     state.wait_for_everyone()
@@ -765,9 +769,12 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
                 finally:
                     bar.close()
                     ctl.remove()
-    except KeyboardInterrupt:
-        print(f"interrupted: {n_mine - len(todo) - len(my_problems) + written} of {n_mine} results written to "
-              f"{cfg.out}; rerun the same command to resume", file=sys.stderr, flush=True)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"interrupted: {n_mine - len(todo) - len(my_problems) + written} of {n_mine} results written "
+                  f"to {cfg.out}; rerun the same command to resume", file=sys.stderr, flush=True)
+        if fresh and written == 0:
+            _remove_empty_run(Path(cfg.out), made_dir)
         raise
     wall = time.perf_counter() - t_start
     state.wait_for_everyone()
@@ -782,6 +789,18 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
     summary = summarise(rows, cfg, wall_s=wall, loadavg_start=load_avg_start)
     write_summary(cfg.out, summary)
     return summary
+
+
+def _remove_empty_run(out: Path, made_dir: bool) -> None:
+    """Undo prepare_out_dir for a run that wrote nothing: run.json, an empty results.jsonl, and the
+    directory itself when this run made it and nothing else is in it."""
+    results = out / "results.jsonl"
+    if results.is_file() and results.stat().st_size == 0:
+        results.unlink()
+    if not results.exists():
+        (out / "run.json").unlink(missing_ok=True)
+    if made_dir and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _problem_id(p: dict) -> str:

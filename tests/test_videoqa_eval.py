@@ -602,3 +602,19 @@ def test_ctrl_c_says_how_far_the_run_got(tmp_path, data, model_dir, qa, monkeypa
     # the command line turns it into exit status 130, without a traceback
     monkeypatch.setattr(videoqa, "run_eval", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
     assert cli.main(["eval", "videoqa", "--data", str(data), "--out", str(tmp_path / "o")]) == 130
+
+
+def test_a_policy_that_does_not_fit_leaves_no_run_behind(tmp_path, data, model_dir, qa):
+    """a site the model does not have fails before the first result: the fresh run directory is
+    taken away again, so the corrected command runs instead of being refused as another config"""
+    out = tmp_path / "run"
+    from tokenreduce.errors import TokenReduceError
+    with pytest.raises(TokenReduceError, match="llm.layer.99"):
+        run_eval(_cfg(data, out, model_dir, policy="llm.layer.99=fastv(ratio=0.5)", limit=2), qa=qa)
+    assert not out.exists()
+    summary = run_eval(_cfg(data, out, model_dir, policy="llm.layer.2=fastv(ratio=0.5)", limit=2), qa=qa)
+    assert summary["n"] == 2
+    # an existing run keeps its files whatever fails later
+    with pytest.raises(ValueError, match="another config"):
+        run_eval(_cfg(data, out, model_dir, policy="llm.layer.99=fastv(ratio=0.5)", limit=2), qa=qa)
+    assert (out / "run.json").exists() and len(read_results(out / "results.jsonl")) == 2
