@@ -73,12 +73,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def launch(demo, args) -> None:
-    """Serve `demo` on args.host:args.port with the upload cap; blocks."""
+def check_args(args) -> None:
+    """The numbers base_parser takes, checked before a model is loaded."""
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     if args.max_file_mb <= 0:
         raise SystemExit(f"--max-file-mb must be > 0, got {args.max_file_mb}")
+
+
+def launch(demo, args) -> None:
+    """Serve `demo` on args.host:args.port with the upload cap; blocks."""
+    check_args(args)
     demo.queue(default_concurrency_limit=1)  # one model, hooks installed in place: one run at a time
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_file_mb * 1024 * 1024),
                 show_error=True, footer_links=[], quiet=False)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DemoInputError, WithReference, parse_policy_text, base_parser, check_upload_size, error_markdown,  # noqa: E402
+from _common import (DemoInputError, WithReference, parse_policy_text, base_parser, check_args, check_upload_size, error_markdown,  # noqa: E402
                      interleaved_medians, launch, load_average, model_choice, model_lock,
                      palette, upscale, use_agg)
 
@@ -487,6 +487,7 @@ def build_demo(model_choice_: str = "best", repeats: int = 3, max_bytes: int | N
 
 def main(argv=None):
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    check_args(args)
     demo = build_demo(model_choice(args.model), args.repeats, int(args.max_file_mb * 1024 * 1024))
     launch(demo, args)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DemoInputError, WithReference, parse_policy_text, base_parser, check_upload_size, error_markdown,  # noqa: E402
+from _common import (DemoInputError, WithReference, parse_policy_text, base_parser, check_args, check_upload_size, error_markdown,  # noqa: E402
                      figure_to_array, interleaved_medians, launch, load_average, model_choice, model_lock,
                      upscale, use_agg)
 
@@ -545,7 +545,13 @@ def main(argv=None):
     p.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                    help=f"longest video accepted, in seconds (default {DEFAULT_MAX_SECONDS:g})")
     args = p.parse_args(argv)
-    vm = load_video_model(model_choice(args.model), args.weights)
+    check_args(args)
+    if args.max_seconds <= 0:
+        raise SystemExit(f"--max-seconds must be > 0, got {args.max_seconds}")
+    choice = model_choice(args.model)
+    if choice == "tiny" and args.weights:
+        raise SystemExit("--weights applies to --model best; --model tiny builds a random-init model")
+    vm = load_video_model(choice, args.weights)
     sample_dir = tempfile.mkdtemp(prefix="tokenreduce_video_demo_")
     samples = make_samples(sample_dir)
     print(f"model: {vm.label}; samples in {sample_dir}", flush=True)

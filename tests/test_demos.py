@@ -341,3 +341,21 @@ def test_video_demo_in_browser(servers, browser, tmp_path):
     fake.write_text("plain text pretending to be an MP4\n")
     _bad_upload(page, fake, "movie.mp4 is not a video")
     page.close()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--max-file-mb", "0"], "--max-file-mb must be > 0"),
+    (["--max-seconds", "-1"], "--max-seconds must be > 0"),
+    (["--model", "tiny", "--weights", "somewhere"], "--weights applies to --model best"),
+])
+def test_demo_flags_are_checked_before_the_model_loads(monkeypatch, argv, msg):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(vq, "load_video_model", no_model)
+    monkeypatch.setattr(it, "build_demo", no_model)
+    with pytest.raises(SystemExit, match=msg):
+        vq.main(argv)
+    if "--max-seconds" not in argv and "--weights" not in argv:
+        with pytest.raises(SystemExit, match=msg):
+            it.main(argv)
