@@ -26,8 +26,10 @@ def check_device(device) -> str:
         dev = torch.device(text)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown --device {text!r}; valid forms: cpu, cuda, cuda:N") from None
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return text
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {text}: not supported here; valid forms: cpu, cuda, cuda:N")
+        raise ValueError(f"--device {text}: not supported here; valid forms: cpu, cuda, cuda:N (mps where available)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
@@ -87,7 +89,7 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
         name = type(model).__name__
     size = image_size(model) if image is None else image
     patch = patch_size(model)
-    if patch and size % patch:
+    if image is not None and patch and size % patch:  # a model's own size may not be (timm rounds down)
         raise ValueError(f"--image {size}: {name} cuts images into {patch}x{patch} patches, so the size must be a "
                          f"multiple of {patch} (e.g. {max(1, size // patch) * patch} or {(max(1, size // patch) + 1) * patch})")
     dt = getattr(torch, dtype)

@@ -587,6 +587,12 @@ def prepare_out_dir(cfg: EvalConfig) -> None:
                                    "argv": sys.argv}, indent=2))
         os.replace(tmp, run_json)
     repair_truncated(out / "results.jsonl")
+    # shard files an interrupted sharded run left behind hold rows OLDER than anything this run
+    # appends: fold them into results.jsonl now, so "the last row per id wins" stays true when the
+    # number of processes changes between runs
+    for p in out.glob("results.rank*.jsonl"):
+        repair_truncated(p)
+    merge_results(out)
 
 
 class _LocalState:

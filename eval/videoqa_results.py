@@ -80,9 +80,16 @@ def record_hash(rec: dict) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def _shard_files(out) -> list:
+    """results.rank*.jsonl in rank order (rank10 after rank2)"""
+    def rank(p):
+        digits = p.name[len("results.rank"):-len(".jsonl")]
+        return (int(digits), p.name) if digits.isdigit() else (float("inf"), p.name)
+    return sorted(Path(out).glob("results.rank*.jsonl"), key=rank)
+
+
 def _result_files(out) -> list:
-    out = Path(out)
-    return [out / "results.jsonl"] + sorted(out.glob("results.rank*.jsonl"))
+    return [Path(out) / "results.jsonl"] + _shard_files(out)
 
 
 def done_ids(out) -> set:
@@ -107,7 +114,7 @@ def merge_results(out, order: list | None = None) -> list:
     after an edit is appended after its stale row, and shards after results.jsonl; sorted by
     `order` when given), written atomically; then the shard files are removed. Returns the rows."""
     out = Path(out)
-    shards = sorted(out.glob("results.rank*.jsonl"))
+    shards = _shard_files(out)
     latest = {}  # insertion order: an id's first appearance; value: its last row
     for p in [out / "results.jsonl"] + shards:
         for r in read_results(p):

@@ -92,6 +92,17 @@ def test_bench_vit_image_must_fit_the_patches(capsys):
     assert "--image 32" in err and "built for 64x64" in err
 
 
+def test_bench_vit_takes_a_models_own_size_even_off_the_patch_grid():
+    """timm's SigLIP-384 towers (patch 14) are built at 384, which timm floors to 27 x 27 patches:
+    the default size is the model's, so it is not checked against the patch"""
+    import timm
+
+    from tokenreduce.eval.bench import bench_vit
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=40, patch_size=14, depth=1)
+    res = bench_vit(model, "vision.block.*=tome(r=1)", batch=1, runs=1, warmup=0)
+    assert res["tokens"][0] == 2 * 2 + 1
+
+
 def test_bench_vit_image_rebuilds_a_timm_model_for_that_size(tmp_path):
     path = tmp_path / "b.json"
     assert main(["bench", "vit", "--model", "timm:vit_tiny_patch16_224", "--image", "32", "--batch", "1",

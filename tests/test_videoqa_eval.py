@@ -20,7 +20,8 @@ from tokenreduce.eval import cli  # noqa: E402
 from tokenreduce.eval.embedded import ASSET_DIR, build_config, build_model, build_tokenizer  # noqa: E402
 from tokenreduce.eval.synthetic import write_dataset  # noqa: E402
 from tokenreduce.eval.videoqa import (EvalConfig, check_out_dir, done_ids, load_qa_model, merge_results,  # noqa: E402
-                                      parse_choice, read_results, repair_truncated, run_eval, shard)
+                                      parse_choice, prepare_out_dir, read_results, repair_truncated, run_eval,
+                                      shard)
 
 FRAMES = 4         # frames the model sees
 VIDEO_FRAMES = 6   # frames in each clip (synthetic's first_color needs >= 5)
@@ -618,3 +619,38 @@ def test_a_policy_that_does_not_fit_leaves_no_run_behind(tmp_path, data, model_d
     with pytest.raises(ValueError, match="another config"):
         run_eval(_cfg(data, out, model_dir, policy="llm.layer.99=fastv(ratio=0.5)", limit=2), qa=qa)
     assert (out / "run.json").exists() and len(read_results(out / "results.jsonl")) == 2
+
+
+class _Rank:
+    """accelerate's state for one rank of a sharded run, run in this process"""
+
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+        self.local_process_index = rank
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_a_redone_record_wins_over_a_stale_shard_when_the_process_count_changes(tmp_path, data, model_dir, qa):
+    """rank 1 of a 2-process run finished, rank 0 was killed (results.rank1.jsonl left unmerged);
+    a record is edited and the run resumed on one process: the redone row counts, and a further
+    unchanged rerun redoes nothing"""
+    lines = Path(data).read_text().splitlines()[:4]
+    (tmp_path / "videos").symlink_to(Path(data).parent / "videos")
+    path = tmp_path / "four.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    prepare_out_dir(_cfg(path, out, model_dir, scoring="loglik"))
+    run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa, state=_Rank(1, 2))
+    assert (out / "results.rank1.jsonl").exists()
+    rec = json.loads(lines[1])
+    assert rec["id"] in {r["id"] for r in read_results(out / "results.rank1.jsonl")}
+    rec["meta"]["qtype"] = "edited"
+    lines[1] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    summary = run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    assert summary["n"] == 4 and "edited" in summary["by_category"]["qtype"]
+    n = len(read_results(out / "results.jsonl"))
+    run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    assert len(read_results(out / "results.jsonl")) == n
