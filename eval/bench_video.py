@@ -189,6 +189,8 @@ def main_from_args(args) -> dict:
     """Entry for `tokenreduce bench video` (eval/cli.py): --model videomae|swin (default both),
     --policy, --layers (VideoMAE depth), --frames, --image, --batch, --runs, --warmup, --device, --dtype."""
     which = (getattr(args, "model", None) or "all").lower()
+    if which == "torchvision:swin3d_t":  # the form `tokenreduce sites` takes
+        which = "swin3d_t"
     if which not in ("all", "videomae", "sta", "swin", "swin3d_t", "videoswin"):
         raise SystemExit(f"bench video: --model must be videomae or swin (or omitted for both), got {which!r}")
     if args.policy and which == "all":
