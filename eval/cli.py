@@ -180,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = esub.add_parser("videoqa", help="one policy on a video-QA JSONL (resumable)",
                         description=videoqa.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     videoqa.add_arguments(v)
-    v.set_defaults(fn=cmd_eval, parser=v)
+    v.set_defaults(fn=cmd_eval)
     w = esub.add_parser("sweep", help="baseline + methods x budgets, table and plots",
                         description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_arguments(w)
-    w.set_defaults(fn=cmd_eval, parser=w)
+    w.set_defaults(fn=cmd_eval)
     esub.add_parser("report", add_help=False,
                     help="the main command: every method on the embedded model + the target checks "
                          "(tokenreduce eval report --help)")
@@ -206,9 +206,6 @@ def main(argv=None) -> int:
             from .videoqa_report import main as report_main
             return report_main(argv[2:])
         args = build_parser().parse_args(argv)
-        sub = getattr(args, "parser", None)
-        if sub is not None and (getattr(args, "threads", 0) or 0) < 0:  # eval videoqa / sweep: their own parsers
-            sub.error(f"argument --threads: must be >= 0 (0 = torch's default), got {args.threads}")
         return args.fn(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
