@@ -224,8 +224,12 @@ class LLMSites:
         if capture:
             cfg = self.lm.config
             old = cfg._attn_implementation
-            cfg._attn_implementation = wrapped_attention_name(old)
-            H.on_remove(lambda: setattr(cfg, "_attn_implementation", old))
+            wrapped = cfg._attn_implementation = wrapped_attention_name(old)
+
+            def restore():  # unless the user set another implementation since
+                if cfg._attn_implementation == wrapped:
+                    cfg._attn_implementation = old
+            H.on_remove(restore)
             for j, sigs in capture.items():
                 attn = self.layers[j].self_attn
                 H.setattr(attn, CAPTURE_ATTR, partial(self._on_attention, j, sigs))
@@ -234,6 +238,11 @@ class LLMSites:
     def _lm_pre(self, module, args, kwargs):
         """A prefill starts a session before any layer runs (signal layers may precede sites)."""
         refuse_fixed_size_cache(kwargs.get("past_key_values"))
+        impl = self.lm.config._attn_implementation or ""
+        if "flex" in impl or (self.capture and not impl.startswith(PREFIX)):
+            raise SiteError(f"the LLM's attention implementation changed after reduce() (it is now {impl!r}); "
+                            "llm.layer sites need 'sdpa' or 'eager' set before reduce(): remove the reduction, "
+                            "set the implementation, and reduce again")
         hs = kwargs.get("inputs_embeds")
         if hs is None:
             ids = kwargs.get("input_ids", args[0] if args else None)

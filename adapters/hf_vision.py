@@ -83,16 +83,19 @@ class HFVisionAdapter(ViTAdapter):
         self.hooks.post(a.k_proj, on_k)
 
     def add_attention_bias(self, i, bias_fn):
-        impl = getattr(getattr(self._attn(i), "config", None), "_attn_implementation", None) or "eager"
-        if impl not in ("eager", "sdpa"):
-            # flex's score_mod indexes the mask per query and flash takes no float mask at all
-            raise SiteError(f"proportional attention (a merged token's log(size) added to the attention logits) "
-                            f"needs attn_implementation 'sdpa' or 'eager'; this tower uses {impl!r}")
+        def check(attn):
+            impl = getattr(getattr(attn, "config", None), "_attn_implementation", None) or "eager"
+            if impl not in ("eager", "sdpa"):
+                # flex's score_mod indexes the mask per query and flash takes no float mask at all
+                raise SiteError(f"proportional attention (a merged token's log(size) added to the attention "
+                                f"logits) needs attn_implementation 'sdpa' or 'eager'; this tower uses {impl!r}")
+        check(self._attn(i))
 
         def hook(module, args, kwargs):
             bias = bias_fn()
             if bias is None:
                 return None
+            check(module)  # set_attn_implementation() after reduce() changes it under the hook
             hs = args[0] if args else kwargs["hidden_states"]
             kwargs = dict(kwargs)
             mask = kwargs.get("attention_mask")

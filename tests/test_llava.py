@@ -280,6 +280,13 @@ def test_fixed_size_caches_and_flex_attention_are_refused_with_what_to_do():
         with pytest.raises(tr.SiteError, match="fixed-size cache.*cannot follow the tokens a reduction removes; use the default dynamic cache"):
             case.model.generate(**case.batch, max_new_tokens=2, do_sample=False, cache_implementation="static")
         case.model.generate(**case.batch, max_new_tokens=2, do_sample=False)  # the dynamic cache works
+    # changed after reduce(): said at the next forward, and remove() keeps the user's choice
+    h = tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)")
+    case.model.set_attn_implementation("eager")
+    with pytest.raises(tr.SiteError, match="attention implementation changed after reduce\\(\\) \\(it is now 'eager'\\)"):
+        case.model(**case.batch)
+    h.remove()
+    assert case.model.model.language_model.config._attn_implementation == "eager"
     case.model.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(tr.SiteError, match="need attn_implementation 'sdpa' or 'eager' in the LLM; it uses 'flex_attention'"):
         tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)")

@@ -196,3 +196,8 @@ def test_modes_the_hooks_cannot_follow_are_refused():
     with pytest.raises(tr.SiteError, match="needs attn_implementation 'sdpa' or 'eager'; this tower uses 'flex_attention'"):
         tr.reduce(flex, "vision.block.*=tome(r=1)")
     tr.reduce(flex, "vision.block.*=tome(r=1, prop_attn=False)").remove()  # no bias: allowed
+    later = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg))
+    with tr.reduce(later, "vision.block.*=tome(r=1)"):
+        later.set_attn_implementation("flex_attention")  # after reduce(): refused at the forward, not deep in torch
+        with pytest.raises(tr.SiteError, match="this tower uses 'flex_attention'"), torch.no_grad():
+            later(pixel_values=torch.randn(2, 3, 32, 32))
