@@ -48,6 +48,14 @@ def check_counts(**counts) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value!r}")
 
 
+def check_fits_patches(size: int, patch: int, name: str) -> None:
+    """--image must be a multiple of the model's patch side; the error names the two nearest sizes."""
+    if size % patch:
+        lower = max(1, size // patch) * patch
+        raise ValueError(f"--image {size}: {name} cuts images into {patch}x{patch} patches, so the size must be a "
+                         f"multiple of {patch} (e.g. {lower} or {lower + patch})")
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -89,9 +97,8 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
         name = type(model).__name__
     size = image_size(model) if image is None else image
     patch = patch_size(model)
-    if image is not None and patch and size % patch:  # a model's own size may not be (timm rounds down)
-        raise ValueError(f"--image {size}: {name} cuts images into {patch}x{patch} patches, so the size must be a "
-                         f"multiple of {patch} (e.g. {max(1, size // patch) * patch} or {(max(1, size // patch) + 1) * patch})")
+    if image is not None and patch:  # a model's own size may be off the grid (timm rounds down)
+        check_fits_patches(size, patch, name)
     dt = getattr(torch, dtype)
     model = model.to(device=device, dtype=dt).eval()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dt)

@@ -28,7 +28,7 @@ import torch
 
 import tokenreduce as tr
 
-from .bench import check_counts, check_device, machine, time_interleaved
+from .bench import check_counts, check_device, check_fits_patches, machine, time_interleaved
 
 VIDEOMAE_B = dict(image_size=224, patch_size=16, num_frames=16, tubelet_size=2, hidden_size=768,
                   num_attention_heads=12, intermediate_size=3072, num_labels=400)
@@ -71,9 +71,7 @@ def bench_sta_videomae(r: int = 32, depth: int = 12, batch: int = 1, runs: int =
     check_counts(depth=depth, batch=batch, runs=runs, warmup=warmup, frames=frames, image=image)
     check_device(device)
     patch, tubelet = VIDEOMAE_B["patch_size"], VIDEOMAE_B["tubelet_size"]
-    if image % patch:
-        raise ValueError(f"--image {image}: VideoMAE cuts frames into {patch}x{patch} patches, so the size must be a "
-                         f"multiple of {patch} (e.g. {max(1, image // patch) * patch} or {(max(1, image // patch) + 1) * patch})")
+    check_fits_patches(image, patch, "VideoMAE")
     if frames % tubelet:
         raise ValueError(f"--frames {frames}: VideoMAE groups frames in tubelets of {tubelet}, so the number of "
                          f"frames must be a multiple of {tubelet}")
