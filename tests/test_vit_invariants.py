@@ -157,6 +157,19 @@ def test_timm_intermediates_refuse_a_grid_reshape_of_reduced_tokens():
     assert "forward_intermediates" not in vars(m)
 
 
+def test_a_meta_device_forward_says_which_reducer_needs_values():
+    """shape-only ToMe runs on meta tensors; reducers that need values say so, not torch's
+    'Tensor.item() cannot be called on meta tensors'"""
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 64, 64, device="meta")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    with tr.reduce(m, "vision.block.*=tome(r=3)"), torch.no_grad():
+        assert m.to("meta")(x).shape == (2, 1000)
+    with tr.reduce(m, "vision.block.1=random(keep=0.5)"), torch.no_grad():
+        with pytest.raises(tr.SiteError, match="vision.block.1: random needs concrete values .* meta device"):
+            m(x)
+
+
 def test_timm_diff_attention_is_refused_at_reduce_time():
     timm = pytest.importorskip("timm")
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=2,

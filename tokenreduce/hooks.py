@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import TokenReduceError
+from .errors import SiteError, TokenReduceError
 from .stream import Plan, TokenStream, apply_plan
 
 COPY_REFUSED = ("a model with a tokenreduce reduction installed cannot be copied or pickled: its hooks point at this "
@@ -136,13 +136,20 @@ def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) 
     t0 = time.perf_counter()
     n_in = tokens_per_sample(stream)
     for red in reducers:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and red.differentiable):
-            plan = red.plan(stream)
-        if plan is not None:
-            if not isinstance(plan, Plan):
-                raise TypeError(f"{red.name}.plan() must return a Plan or None, got {type(plan).__name__}")
-            stream, plan = apply_plan(stream, plan)
-            plans.append(plan)
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and red.differentiable):
+                plan = red.plan(stream)
+            if plan is not None:
+                if not isinstance(plan, Plan):
+                    raise TypeError(f"{red.name}.plan() must return a Plan or None, got {type(plan).__name__}")
+                stream, plan = apply_plan(stream, plan)
+                plans.append(plan)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not stream.x.is_meta:
+                raise
+            # torch's own words ("Tensor.item() cannot be called on meta tensors") name no cause
+            raise SiteError(f"{stream.site}: {red.name} needs concrete values (token counts, scores), which a "
+                            f"forward on the meta device does not have; run it on real tensors ({exc})") from None
     if recorder is not None:
         recorder.site(stream.site, n_in, tokens_per_sample(stream), (time.perf_counter() - t0) * 1e3)
         if recorder.trace_enabled:
