@@ -333,8 +333,12 @@ class LlavaFamilyAdapter(Adapter):
         prefill = cache is None or cache.get_seq_length() == 0
         if not prefill:
             return (args, self._decode_inputs(kwargs)) if self.prompt is not None else None
-        if not self._features_begun:
+        pre = kwargs.get("mm_encoder_outputs") or {}
+        if not (self._features_begun and any(v is not None and id(v) in self._items for v in pre.values())):
+            # not generate()'s features computed for this prefill: a new record (a standalone
+            # get_*_features call before it opened one too, and its entries are not this forward's)
             self.recorder.begin()
+            self._items.clear()
         self._features_begun = False
         self.prompt = None
         if ids is None:

@@ -291,3 +291,17 @@ def test_fixed_size_caches_and_flex_attention_are_refused_with_what_to_do():
     with pytest.raises(tr.SiteError, match="need attn_implementation 'sdpa' or 'eager' in the LLM; it uses 'flex_attention'"):
         tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)")
     tr.reduce(case.model, "projector.out=random(keep=0.5)").remove()  # no LLM site: allowed
+
+
+def test_a_standalone_feature_call_does_not_join_the_next_forwards_stats():
+    case = V.llava("sdpa")
+    m = case.model
+    with tr.reduce(m, "vision.out=vtc_cls(keep=6); llm.layer.2=fastv(ratio=0.5)") as h, torch.no_grad():
+        m(**case.batch)
+        want = h.stats["sites"]["vision.out"]
+        m.model.get_image_features(pixel_values=case.batch["pixel_values"][:1])  # e.g. embeddings for retrieval
+        m(**case.batch)
+        got = h.stats["sites"]["vision.out"]
+        assert got["calls"] == 1 and got["tokens_in"] == want["tokens_in"] and got["tokens_out"] == want["tokens_out"]
+        _generate(m, case.batch)  # generate() computes the features before its prefill: still one record
+        assert h.stats["sites"]["vision.out"]["calls"] == 1 and h.stats["sites"]["llm.layer.2"]["calls"] == 1
