@@ -129,6 +129,22 @@ def _checked_spec(label: str, spec) -> str:
         raise ValueError(f"run {label!r}: policy {spec!r}: {exc}") from None
 
 
+def check_policies_fit(model, runs: list) -> None:
+    """Install and remove every run's policy on the model before the first run starts, so a spec
+    naming a site the model lacks (or a method its sites cannot host) is refused up front, not
+    found as a failed row after the runs before it took their time."""
+    import tokenreduce as tr
+    from tokenreduce.errors import TokenReduceError
+    bad = []
+    for label, _method, _budget, spec in runs:
+        try:
+            tr.reduce(model, spec).remove()
+        except TokenReduceError as exc:
+            bad.append(f"run {label!r}: policy {spec!r}: {exc}")
+    if bad:
+        raise ValueError("policies that do not fit the model (nothing was run):\n  " + "\n  ".join(bad))
+
+
 def _dirname(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
 
@@ -139,10 +155,13 @@ def run_sweep(base_cfg, runs: list, out, qa=None) -> list:
     state = process_state(base_cfg.get("device", "cpu"))
     out = Path(out)
     rows = []
+    if runs and qa is None:
+        first = EvalConfig(**{**base_cfg, "out": str(out / _dirname(runs[0][0]))})
+        qa = load_qa_model(first.model, first.device, first.dtype)
+    if runs:
+        check_policies_fit(qa.model, runs)
     for label, method, budget, spec in runs:
         cfg = EvalConfig(**{**base_cfg, "out": str(out / _dirname(label)), "policy": spec})
-        if qa is None:
-            qa = load_qa_model(cfg.model, cfg.device, cfg.dtype)
         row = {"label": label, "method": method, "budget": budget, "policy": cfg.policy}
         try:
             s = run_eval(cfg, qa=qa, state=state)

@@ -41,6 +41,8 @@ Output directory
                    dropped and redone. Ctrl-C stops a run; rerunning the same command resumes it.
                    Bad inputs (missing / corrupt video, malformed record) are lines with "error"
                    and count as errors, never as correct. A dataset with no valid record is refused.
+  run.lock         locked while a run writes (fcntl, released when the process ends, even when
+                   killed): a second run into the same --out is refused, not mixed in
   summary.json / summary.md   accuracy overall and per category (meta.qtype / task / type /
                    task_type / duration / domain when present), errors, mean visual tokens
                    per site, FLOPs fraction, timings, peak memory, load average.
@@ -522,6 +524,9 @@ def _text_ids(tok, text: str) -> list:
 # -- run directory ------------------------------------------------------------------------------
 # the files a run writes in its directory: the only ones --overwrite deletes
 RUN_FILES = ("run.json", "results.jsonl", "summary.json", "summary.md", "results.jsonl.tmp", "run.json.tmp")
+# lock_run_dir's files: never deleted (--overwrite included), ignored when telling a run directory apart
+LOCK_FILES = ("run.lock",)
+LOCK_RE = re.compile(r"run\.rank\d+\.lock")
 
 
 def read_run_json(path) -> dict:
@@ -550,7 +555,7 @@ def check_out_dir(cfg: EvalConfig) -> None:
     run_json = out / "run.json"
     if not run_json.exists():
         # run.json.tmp: another process of this run is writing run.json right now
-        if any(p.name != "run.json.tmp" for p in out.iterdir()):
+        if any(p.name not in ("run.json.tmp", *LOCK_FILES) and not LOCK_RE.fullmatch(p.name) for p in out.iterdir()):
             raise ValueError(f"{str(out)!r} is not empty and has no run.json, so it is not a tokenreduce run "
                              f"directory and its files ({', '.join(RUN_FILES[1:4])}) could be overwritten; "
                              "use a new or empty --out, or --overwrite to use it anyway (only those files "
@@ -567,14 +572,19 @@ def check_out_dir(cfg: EvalConfig) -> None:
                          "or --overwrite to discard its results")
 
 
-def prepare_out_dir(cfg: EvalConfig) -> None:
-    """Create the directory and its run.json (after check_out_dir); --overwrite clears the run's
-    own files (RUN_FILES and results.rank*.jsonl), never anything else."""
-    out = Path(cfg.out)
+def make_out_dir(out) -> Path:
+    out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way (the path or one of its parents), no permission, ...
         raise ValueError(f"--out {str(out)!r}: cannot create the directory ({_describe(exc)})") from None
+    return out
+
+
+def prepare_out_dir(cfg: EvalConfig) -> None:
+    """Create the directory and its run.json (after check_out_dir); --overwrite clears the run's
+    own files (RUN_FILES and results.rank*.jsonl), never anything else."""
+    out = make_out_dir(cfg.out)
     run_json = out / "run.json"
     if cfg.overwrite:
         for p in [*(out / name for name in RUN_FILES), *out.glob("results.rank*.jsonl")]:
@@ -674,8 +684,6 @@ def build_frame_scorer(cfg: EvalConfig, qa: QAModel):
 
 def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | None:
     """Run (or resume) one evaluation; returns the summary on the main process (None elsewhere)."""
-    from tqdm.auto import tqdm
-
     from tokenreduce.eval.videoqa_data import load_records
     state = state or process_state(cfg.device)
     rank, world = state.process_index, state.num_processes
@@ -693,6 +701,45 @@ def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | N
     # not load) takes its run.json away again, so the corrected command is not refused as "another config"
     fresh = world == 1 and not (Path(cfg.out) / "run.json").exists()
     made_dir = fresh and not Path(cfg.out).exists()
+    lock = lock_run_dir(cfg.out, rank)  # every process, before the barrier, as check_out_dir
+    try:
+        return _run_locked(cfg, qa, state, records, problems, fresh, made_dir)
+    finally:
+        lock.close()  # releases the lock; the file stays (deleting it would let a waiting run lock another inode)
+
+
+def lock_run_dir(out, rank: int = 0):
+    """An exclusive lock on OUT/run.lock (process `rank` of a sharded run: run.rank{rank}.lock),
+    held while the run writes: a second run into the same --out would append to the same files
+    and rewrite results.jsonl under the first one. Returns the open lock file (close it to
+    release; the OS releases it when the process dies, so a killed run leaves no stale lock).
+    Where fcntl does not exist (Windows) nothing is locked."""
+    out = make_out_dir(out)
+    path = out / ("run.lock" if rank == 0 else f"run.rank{rank}.lock")
+    f = open(path, "a+")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise ValueError(f"{str(out)!r} is in use by another run{f' (pid {holder})' if holder.isdigit() else ''}; "
+                         "wait for it to finish, or use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _run_locked(cfg: EvalConfig, qa, state, records: list, problems: list, fresh: bool, made_dir: bool):
+    """run_eval's work once check_out_dir passed and the run directory is locked"""
+    from tqdm.auto import tqdm
+    rank, world = state.process_index, state.num_processes
     if state.is_main_process:
         prepare_out_dir(cfg)
     state.wait_for_everyone()
@@ -805,7 +852,9 @@ def _remove_empty_run(out: Path, made_dir: bool) -> None:
         results.unlink()
     if not results.exists():
         (out / "run.json").unlink(missing_ok=True)
-    if made_dir and out.is_dir() and not any(out.iterdir()):
+    if made_dir and out.is_dir() and all(p.name in LOCK_FILES for p in out.iterdir()):
+        for p in out.iterdir():
+            p.unlink()  # this run's own lock (still held: unlinking an open file is fine on POSIX)
         out.rmdir()
 
 

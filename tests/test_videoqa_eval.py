@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tokenreduce.eval import cli  # noqa: E402
 from tokenreduce.eval.embedded import ASSET_DIR, build_config, build_model, build_tokenizer  # noqa: E402
 from tokenreduce.eval.synthetic import write_dataset  # noqa: E402
-from tokenreduce.eval.videoqa import (EvalConfig, check_out_dir, done_ids, load_qa_model, merge_results,  # noqa: E402
-                                      parse_choice, prepare_out_dir, read_results, repair_truncated, run_eval,
+from tokenreduce.eval.videoqa import (EvalConfig, check_out_dir, done_ids, load_qa_model, lock_run_dir,  # noqa: E402
+                                      merge_results, parse_choice, prepare_out_dir, read_results, repair_truncated, run_eval,
                                       shard)
 
 FRAMES = 4         # frames the model sees
@@ -104,6 +104,23 @@ def test_resume_with_other_config_is_refused(tmp_path, data, model_dir, baseline
         check_out_dir(EvalConfig(data=str(data), out=str(full_dir), model=f"embedded:{model_dir}", frames=2))
     check_out_dir(_cfg(data, full_dir, model_dir, limit=3, batch=2))  # limit / batch may change
     check_out_dir(_cfg(data, full_dir, model_dir, policy="projector.out=random(keep=0.5)", overwrite=True))
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_writes_nothing(tmp_path, data, model_dir, qa):
+    """two runs appending to one results.jsonl (and one rewriting it while the other appends)
+    would mix their rows: the run directory is locked while a run writes"""
+    out = tmp_path / "run"
+    holder = lock_run_dir(out)  # what a running eval holds (a separate open file: flock conflicts in-process too)
+    try:
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {os.getpid()}\).*another --out"):
+            run_eval(_cfg(data, out, model_dir, limit=2, scoring="loglik"), qa=qa)
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    finally:
+        holder.close()
+    # released: the same command now runs, and a lock file left behind does not make the
+    # directory look like a stranger's
+    assert run_eval(_cfg(data, out, model_dir, limit=2, scoring="loglik"), qa=qa)["n"] == 2
+    assert run_eval(_cfg(data, out, model_dir, limit=2, scoring="loglik"), qa=qa)["n"] == 2
 
 
 def test_summary_counts_this_runs_records_only(tmp_path, data, model_dir, qa):
@@ -295,6 +312,20 @@ def test_sweep_writes_table_and_plots(tmp_path, data, model_dir):
     for png in ("accuracy_vs_tokens.png", "speed_vs_tokens.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["baseline", "fastv_b0.5", "random_b0.5"]
+
+
+def test_sweep_refuses_a_policy_the_model_cannot_host_before_any_run(tmp_path, data, model_dir, capsys):
+    """a site the model lacks is found when the model is loaded, not as a failed row after the
+    baseline and the runs before it took their time"""
+    out = tmp_path / "sweep"
+    rc = cli.main(["eval", "sweep", "--model", f"embedded:{model_dir}", "--data", str(data), "--frames",
+                   str(FRAMES), "--out", str(out), "--methods", "fastv", "--budgets", "0.5", "--limit", "2",
+                   "--no-progress", "--warmup", "0", "--scoring", "loglik",
+                   "--policies", '{"deep": "llm.layer.40=fastv(ratio=0.5)"}'])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "run 'deep'" in err and "llm.layer.40" in err and "nothing was run" in err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_sweep_method_table_errors_name_valid_choices():
