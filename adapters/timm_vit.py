@@ -100,7 +100,11 @@ class TimmViTAdapter(ViTAdapter):
         signature = inspect.signature(original)
 
         def forward_intermediates(*args, **kwargs):
-            out = original(*args, **kwargs)
+            self._in_intermediates = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._in_intermediates, self._out_seen = False, None
             fmt = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW")
             p = self._pass
             if fmt == "NCHW" and p is not None and p.state is not None and p.state.pos.shape[1] != p.n0:
@@ -126,6 +130,18 @@ class TimmViTAdapter(ViTAdapter):
         return ((tokens[:, P:] * w).sum(1) / w.sum(1),)
 
     def _on_out(self, module, args, output):
+        p = self._pass
+        if getattr(self, "_in_intermediates", False) and p is not None:
+            # forward_intermediates(norm=True) runs the final norm on every intermediate too: only
+            # a norm after the last block is the encoder's output, and the last block's
+            # intermediate and the final output are the same tokens, reduced once
+            if len(self.blocks()) - 1 not in p.after:
+                return None
+            seen = getattr(self, "_out_seen", None)
+            if seen is not None and seen[0] is p and torch.equal(seen[1], output):
+                return seen[2]
         res = super()._on_out(module, args, output)
         self._final_x = output if res is None else res
+        if getattr(self, "_in_intermediates", False):
+            self._out_seen = (p, output, res)
         return res

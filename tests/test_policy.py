@@ -219,6 +219,11 @@ def test_a_reduced_model_refuses_to_be_copied(vit_case):
         for save in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):  # not "Can't pickle local object"
             with pytest.raises(tr.TokenReduceError, match="cannot be copied or pickled"):
                 save(model)
+        # a submodule's deep copy (an EMA / teacher copy of the blocks) would keep hooks that point
+        # at this model and that remove() never takes off the copy
+        first = next(m for m in model.modules() if m is not model and m._forward_pre_hooks)
+        with pytest.raises(tr.TokenReduceError, match="cannot be copied or pickled"):
+            copy.deepcopy(first)
     pickle.loads(pickle.dumps(model))
     twin = copy.deepcopy(model)  # removed: an ordinary module again
     x = vit_case.inputs()

@@ -157,6 +157,30 @@ def test_timm_intermediates_refuse_a_grid_reshape_of_reduced_tokens():
     assert "forward_intermediates" not in vars(m)
 
 
+def test_timm_normed_intermediates_are_not_reduced_at_vision_out():
+    """forward_intermediates(norm=True) runs the final norm (where vision.out sits) on every
+    intermediate: those are not the encoder's output and pass through; the last block's
+    intermediate and the final output are one reduction, equal to forward_features'"""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=4,
+                          num_heads=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, plain = m.forward_intermediates(x, indices=[1, 3], norm=True, output_fmt="NLC")
+        last_two = m.get_intermediate_layers(x, n=2, norm=True)
+        for spec in ("vision.out=vtc_cls(keep=2)", "vision.out=random(keep=0.5)"):
+            with tr.reduce(m, spec) as h:
+                want = m.forward_features(x)
+                final, inter = m.forward_intermediates(x, indices=[1, 3], norm=True, output_fmt="NLC")
+                assert torch.equal(inter[0], plain[0])  # block 1: untouched
+                assert torch.equal(final, want)
+                assert torch.equal(inter[1], want[:, 1:])  # the last block's, without the class token
+                assert h.stats["sites"]["vision.out"]["calls"] == 1
+                only = m.get_intermediate_layers(x, n=2, norm=True)
+                assert torch.equal(only[0], last_two[0]) and torch.equal(only[1], want[:, 1:])
+
+
 def test_a_meta_device_forward_says_which_reducer_needs_values():
     """shape-only ToMe runs on meta tensors; reducers that need values say so, not torch's
     'Tensor.item() cannot be called on meta tensors'"""

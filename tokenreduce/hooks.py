@@ -19,8 +19,10 @@ COPY_REFUSED = ("a model with a tokenreduce reduction installed cannot be copied
 class InstalledHook:
     """A function tokenreduce installs on a model (hook or instance attribute), called as itself.
     Pickling it (torch.save(model), pickle.dumps) raises COPY_REFUSED: a closure's own error
-    ("Can't pickle local object") names neither the cause nor the fix. copy / deepcopy give the
-    same object back, as they do for a plain function."""
+    ("Can't pickle local object") names neither the cause nor the fix. So does deepcopy: a deep
+    copy of a reduced model's submodule (an EMA or teacher copy of its blocks) would carry hooks
+    that still point at the original model and that remove() never takes off the copy. A shallow
+    copy shares the hook dictionaries with the original, so it gives the same object back."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -36,7 +38,7 @@ class InstalledHook:
         return self
 
     def __deepcopy__(self, memo):
-        return self
+        raise TokenReduceError(COPY_REFUSED)
 
 
 class HookSet:
