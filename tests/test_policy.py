@@ -20,6 +20,26 @@ def test_spec_round_trip():
     assert p.stages[2].site == "vision.out"
 
 
+def test_spec_round_trip_of_awkward_values():
+    """strings holding both quote kinds (a video question), escaped quotes written by hand, and
+    infinite floats come back from to_spec() as they went in"""
+    question = 'is it "red" or isn\'t it?'
+    p = Policy([Stage("frames", make_reducer("frame_select", {"k": 4, "query": question})),
+                Stage("vision.out", make_reducer("prumerge_plus", {"whisker": float("inf")})),
+                Stage("frames", make_reducer("frame_select", {"scorer": "clip", "scorer_args": {"t": float("-inf")}}))])
+    back = Policy.from_spec(p.to_spec())
+    assert back == p and back.stages[0].reducer.query == question
+    assert Policy.from_spec(r"frames=frame_select(query='isn\'t it; or=is it')").stages[0].reducer.query == \
+        "isn't it; or=is it"
+
+
+def test_policy_class_reads_a_spec_or_a_dict_as_coerce_does():
+    spec = "vision.out=random(keep=64)"
+    assert Policy(spec) == Policy.from_spec(spec)
+    d = {"stages": [{"site": "vision.out", "method": "random", "keep": 64}]}
+    assert Policy(d) == Policy.from_dict(d) == Policy(stages=spec)
+
+
 def test_python_dict_yaml_json_round_trip(tmp_path):
     p = Policy([Stage("vision.block.*", make_reducer("tome", {"r": (8, -1)})),
                 Stage("vision.out", tr.reducer_class("vtc_cls")(keep=64, layers=[3, 4]))])
@@ -268,6 +288,32 @@ def test_a_users_reducer_wins_a_name_clash_with_a_built_in_whenever_it_registers
     with pytest.warns(UserWarning, match="using myplugin"):  # the built-in module loading later
         registry.register_reducer(ToMe)
     assert registry.reducer_class("tome") is MyToMe
+
+
+def test_a_reducer_name_must_be_writable_in_a_spec(monkeypatch):
+    import dataclasses
+
+    from tokenreduce import registry
+    from tokenreduce.reducers.base import Reducer
+    registry.reducer_names()
+    monkeypatch.setattr(registry, "_reducers", dict(registry._reducers))
+
+    @dataclasses.dataclass
+    class Dashed(Reducer):
+        name = "my-reducer"
+    with pytest.raises(ValueError, match="'my-reducer' must be an identifier.*'my_reducer'"):
+        registry.register_reducer(Dashed)
+    assert "my-reducer" not in registry._reducers
+
+
+def test_a_plan_keeping_a_token_twice_is_refused():
+    """sizes must keep summing to the original count: a duplicated keep index would break it"""
+    from tokenreduce import Plan, TokenStream, apply_plan
+    s = TokenStream.start(torch.randn(1, 5, 4), num_prefix=1)
+    with pytest.raises(ValueError, match="must not name a token twice"):
+        apply_plan(s, Plan(keep=torch.tensor([[0, 1, 1, 2]])))
+    out, _ = apply_plan(s, Plan(keep=torch.tensor([[0, 1, 2]])))
+    assert out.size.sum() == 3
 
 
 def test_random_draws_differ_between_sites_with_names_of_equal_length():

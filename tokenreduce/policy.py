@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,16 @@ def make_reducer(method: str, params: dict | None = None) -> Reducer:
 
 
 def format_value(v) -> str:
+    """A Python literal that parse_call reads back as `v` (ast.literal_eval has no `inf`: 1e999)"""
     if isinstance(v, float):
-        return repr(v)
+        if math.isnan(v):
+            raise PolicyError("nan cannot be written in a policy spec (use to_dict / to_yaml)")
+        return repr(v) if math.isfinite(v) else ("1e999" if v > 0 else "-1e999")
     if isinstance(v, (list, tuple)):
         inner = ", ".join(format_value(x) for x in v)
         return f"({inner},)" if isinstance(v, tuple) and len(v) == 1 else (f"({inner})" if isinstance(v, tuple) else f"[{inner}]")
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{format_value(k)}: {format_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
@@ -122,6 +128,11 @@ class Policy:
     stages: list = field(default_factory=list)
 
     def __post_init__(self):
+        if isinstance(self.stages, (str, dict, Path, Stage, Policy)) or self.stages is None:
+            # Policy("vision.out=random(keep=64)") / Policy({"stages": [...]}) read as coerce does,
+            # not character by character (or key by key) as stages
+            self.stages = Policy.coerce(self.stages).stages
+            return
         self.stages = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in self.stages]
 
     # -- constructors -------------------------------------------------------------------------
@@ -223,11 +234,15 @@ class Policy:
 
 # -- spec parsing ---------------------------------------------------------------------------------
 def _split_top(s: str, sep: str) -> list:
-    parts, depth, quote, cur = [], 0, None, []
+    parts, depth, quote, cur, escaped = [], 0, None, [], False
     for ch in s:
         if quote:
             cur.append(ch)
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":  # a backslash escapes the next character inside a string literal
+                escaped = True
+            elif ch == quote:
                 quote = None
             continue
         if ch in "'\"":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import warnings
 from importlib.metadata import entry_points
 
@@ -28,6 +29,10 @@ def _register(table: dict, kind: str, cls):
     every clash is reported."""
     if not getattr(cls, "name", ""):
         raise ValueError(f"{cls.__name__} has no `name`")
+    if kind == "reducer" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(cls.name)):
+        # a policy spec names the method as an identifier: another name could not be written back
+        raise ValueError(f"{cls.__name__}: reducer name {cls.name!r} must be an identifier (letters, digits and "
+                         f"'_', not starting with a digit), e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(cls.name))!r}")
     prev = table.get(cls.name)
     if prev is not None and prev is not cls and f"{prev.__module__}.{prev.__qualname__}" != \
             f"{cls.__module__}.{cls.__qualname__}":

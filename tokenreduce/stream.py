@@ -307,6 +307,18 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         elif not on_cpu:
             torch._assert_async(in_range, "tokenreduce: plan.keep indices out of range")
     keep = keep.to(torch.long)
+    if keep.shape[1] > 1:
+        # a token kept twice would be duplicated and its size counted twice (sizes must sum to
+        # the original count); padding slots of a ragged plan are left out of the check
+        probe = keep if plan.valid is None else torch.where(
+            plan.valid, keep, N + torch.arange(keep.shape[1], device=keep.device))
+        srt = probe.sort(dim=1).values
+        unique = (srt[:, 1:] != srt[:, :-1]).all()
+        if on_cpu and not bool(unique):
+            raise ValueError("plan.keep must not name a token twice (each kept token is one slot; merging "
+                             "goes through plan.assign)")
+        elif not on_cpu:
+            torch._assert_async(unique, "tokenreduce: plan.keep names a token twice")
     assign = plan.assign
     if assign is not None:
         if assign.shape != (B, N):
