@@ -23,6 +23,7 @@ the input ids; dropped positions read zeros.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor
@@ -94,6 +95,9 @@ class LlavaFamilyAdapter(Adapter):
         self.llm = LLMSites(self.lm, self.hooks, None)
         self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
         self._items: dict = {}
+        # every reduced features object still alive -> its record: generate(use_cache=False) feeds
+        # the same (already reduced) features to every step's prefill
+        self._reduced: dict = {}
         self._vout: list = []
         self._video_frames = self._frames_total = None
         self._frames_kept = None
@@ -293,6 +297,8 @@ class LlavaFamilyAdapter(Adapter):
         else:
             out.pooler_output = items if isinstance(feats, list) else type(feats)(items)
         self._items[id(out)] = (modality, states)
+        self._reduced = {k: v for k, v in self._reduced.items() if v[0]() is not None}
+        self._reduced[id(out)] = (weakref.ref(out), (modality, states))
 
     def _placeholder_count(self, P) -> int:
         """LLaVA-1.5: the processor puts one placeholder per token of the unreduced tower."""
@@ -361,6 +367,8 @@ class LlavaFamilyAdapter(Adapter):
             if out is None:
                 continue
             rec = self._items.pop(id(out), None)
+            if rec is None and id(out) in self._reduced and self._reduced[id(out)][0]() is out:
+                rec = self._reduced[id(out)][1]  # features reduced at an earlier step, fed again
             if rec is None:  # features computed elsewhere: take them as they are
                 feats = out.pooler_output
                 feats = list(feats) if not torch.is_tensor(feats) else [f for f in feats]
