@@ -206,6 +206,7 @@ class LLMSites:
                             f"{impl!r} (load the model with attn_implementation='sdpa')")
         self.first = min(int(n.rsplit(".", 1)[1]) for n in self.by_site)
         capture = {}
+        self._stages = stages
         self.prop_attn = False
         for name, red in stages:
             info = infos[name]
@@ -243,6 +244,9 @@ class LLMSites:
             raise SiteError(f"the LLM's attention implementation changed after reduce() (it is now {impl!r}); "
                             "llm.layer sites need 'sdpa' or 'eager' set before reduce(): remove the reduction, "
                             "set the implementation, and reduce again")
+        # read per forward: a reducer may ask for proportional attention in one mode only (ATP's
+        # soft masks while it trains)
+        self.prop_attn = any(red.needs(self.infos[name]).prop_attn for name, red in self._stages)
         hs = kwargs.get("inputs_embeds")
         if hs is None:
             ids = kwargs.get("input_ids", args[0] if args else None)

@@ -257,3 +257,19 @@ def test_short_cpu_training_lowers_the_budget_loss(tmp_path, llava):
     # the command line entry point
     assert main(["--steps", "2", "--out", str(tmp_path / "cli"), "--batch", "1"]) == 0
     assert (tmp_path / "cli" / "atp_thresholds.safetensors").exists()
+
+
+def test_inference_atp_does_not_turn_other_merges_into_attention_biases():
+    """ATP asks for log(size) key biases only while training (its soft masks); at inference a
+    stage that keeps everything leaves FrameFusion's merges (whose sizes never reach the
+    attention logits) exactly as they are without it"""
+    case = V.llava_onevision("sdpa")
+    ff = "llm.layer.0:3=framefusion(similarity_lower_bound=0.3, cost=0.5)"
+    with torch.no_grad():
+        with tr.reduce(case.model, ff):
+            alone = case.model(**case.batch).logits
+        with tr.reduce(case.model, ff + "; llm.layer.3=atp(alpha=-50.0, spatial_threshold=0.01)") as h:
+            both = case.model(**case.batch).logits
+            site = h.stats["sites"]["llm.layer.3"]
+    assert site["tokens_in"] == site["tokens_out"]  # the ATP stage keeps every token
+    assert torch.equal(alone, both)

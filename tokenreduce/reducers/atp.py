@@ -126,8 +126,8 @@ class ATP(Reducer):
 
     Training (`training=True`, or `reducer.train()`): every token is kept and the plan carries
     `size_scale` = soft mask = max(σ(τ·(z - alpha_r)), σ(τ·(S_spatial - θ_s))) with τ = `tau`
-    ([3rd-impl] τ = 10; here z is in standard deviations). Needs(prop_attn=True) makes later
-    layers add log(size) to their key logits, so the soft mask is a differentiable key mask
+    ([3rd-impl] τ = 10; here z is in standard deviations). Needs(prop_attn=True) (declared in
+    training only) makes later layers add log(size) to their key logits, so the soft mask is a differentiable key mask
     and gradients reach the threshold module from the next-token loss. At inference the same
     thresholds are hard and the plan prunes (per-sample counts differ: a ragged plan).
     `last` (and `stream.memo["atp"]`) holds the per-stage soft kept counts of the last forward;
@@ -143,8 +143,9 @@ class ATP(Reducer):
     threshold heads are trainable (the paper's frozen-LLM variant, reported 2-3 points lower
     [2nd]). The scores need the visual rows of layer k-1's attention, computed from its q/k in
     chunks of `chunk` queries (O(rows·N) per head, the model keeps its fused attention).
-    Needs(prop_attn=True) is declared in both modes; after pure pruning every size is 1, so it
-    changes nothing at inference unless another reducer in the same policy merges tokens.
+    Needs(prop_attn=True) is declared in training only: at inference ATP prunes (every size
+    stays 1), and another reducer's merges in the same policy (FrameFusion's, whose sizes never
+    reach the attention logits) must not be turned into log(size) biases by ATP's presence.
     Survivors keep their original positions (adapter). Batched; no per-forward state on the
     reducer except `last`, a reference to the last forward's memo entry (per stage: layer,
     kept (B,), n (B,), theta_r (B,), theta_s (B,), alpha_r (B,)).
@@ -249,7 +250,7 @@ class ATP(Reducer):
     def needs(self, site: SiteInfo) -> Needs:
         if self.thresholds == "learned" and site.index:
             self.threshold_module([site.index])
-        return Needs(signals={"qk": (None,)}, prop_attn=True)
+        return Needs(signals={"qk": (None,)}, prop_attn=self.training)
 
     def check_site(self, site: SiteInfo) -> None:
         if self.thresholds == "learned" and self.weights is not None and site.index and self.module is None:
