@@ -347,7 +347,14 @@ class LlavaFamilyAdapter(Adapter):
             self._items.clear()
         self._features_begun = False
         self.prompt = None
+        self.llm.labels = None
         if ids is None:
+            if kwargs.get("inputs_embeds") is not None and (
+                    any(kwargs.get(k) is not None for k in PIXEL_KEYS) or any(v is not None for v in pre.values())):
+                # the visual tokens are found (and the prompt shortened) by their placeholder ids
+                raise SiteError("a reduced VLM needs input_ids to find the visual tokens in the prompt; it was "
+                                "called with inputs_embeds and images / videos: pass input_ids instead (or "
+                                "remove the reduction)")
             return None
         if self.kind == "qwen2_vl" and kwargs.get("position_ids") is None and (
                 kwargs.get("image_grid_thw") is not None or kwargs.get("video_grid_thw") is not None):
@@ -375,7 +382,12 @@ class LlavaFamilyAdapter(Adapter):
                 rec = (modality, [_Item(*self._fresh_item_state(f, modality, i, None)) for i, f in enumerate(feats)])
             plan.append((token, rec[1]))
         self._items = {}
-        return args, self._shorten(kwargs, plan)
+        kwargs = self._shorten(kwargs, plan)
+        labels = kwargs.get("labels")
+        if self.llm.by_site and torch.is_tensor(labels):
+            # dropped positions inside the LLM are masked out of the loss on a copy, never the caller's tensor
+            kwargs["labels"] = self.llm.labels = labels.clone()
+        return args, kwargs
 
     def _shorten(self, kwargs, plan):
         ids = kwargs["input_ids"]

@@ -178,6 +178,9 @@ class LLMSites:
         self.session: _Session | None = None
         self.pending_template: TokenStream | None = None
         self.by_site: dict = {}
+        # the forward's labels (a copy the adapter owns, aligned with the LLM input): a position
+        # dropped inside the LLM predicts nothing, so the label it would predict is ignored (-100)
+        self.labels: Tensor | None = None
 
     @property
     def depth(self) -> int:
@@ -410,6 +413,12 @@ class LLMSites:
         idx = s.cur_cols.masked_fill(~s.cur_slot, L0)
         full.scatter_(1, idx[..., None].expand_as(hs), hs)
         full = full[:, :L0]
+        if self.labels is not None and self.labels.shape[:2] == (B, L0):
+            kept = torch.zeros(B, L0 + 1, dtype=torch.bool, device=hs.device)
+            kept.scatter_(1, idx, True)
+            # position t's logits predict label t + 1 (the causal-LM loss shift)
+            self.labels[:, 1:].masked_fill_(~kept[:, :L0 - 1].to(self.labels.device), -100)
+            self.labels = None
         if hasattr(output, "last_hidden_state"):
             output.last_hidden_state = full
             return output

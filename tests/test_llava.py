@@ -148,6 +148,33 @@ def test_generate_without_cache_after_a_reduction_before_the_llm(name):
     assert_same_generation(fresh, 0, cached)
 
 
+def test_labels_loss_leaves_out_positions_dropped_inside_the_llm():
+    """a position FastV drops has no logits (zeros in the realigned output): the label it would
+    predict is left out of the model's own loss, not scored as a uniform guess; the caller's
+    labels are untouched"""
+    case = V.llava("sdpa")
+    single = case.singles[0]
+    labels = single["input_ids"].clone()
+    before = labels.clone()
+    with torch.no_grad(), tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)"):
+        out = case.model(**single, labels=labels)
+    dropped = (out.logits[0] == 0).all(-1)
+    assert 0 < int(dropped.sum()) < dropped.numel()
+    target = labels[0, 1:].masked_fill(dropped[:-1], -100)
+    want = torch.nn.functional.cross_entropy(out.logits[0, :-1], target, ignore_index=-100)
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    assert torch.equal(labels, before)
+
+
+def test_inputs_embeds_with_images_is_refused_by_a_reduced_vlm():
+    case = V.llava("sdpa")
+    single = case.singles[0]
+    emb = case.model.get_input_embeddings()(single["input_ids"])
+    with torch.no_grad(), tr.reduce(case.model, "llm.layer.2=fastv(ratio=0.5)"):
+        with pytest.raises(tr.SiteError, match="needs input_ids.*inputs_embeds"):
+            case.model(inputs_embeds=emb, attention_mask=single["attention_mask"], pixel_values=single["pixel_values"])
+
+
 def test_same_input_same_output(case):
     """Invariant 6."""
     with tr.reduce(case.model, "projector.out=random(keep=0.6, seed=3); llm.layer.2=fastv(ratio=0.3)"):
