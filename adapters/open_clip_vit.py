@@ -47,6 +47,16 @@ class OpenClipViTAdapter(ViTAdapter):
         self.num_prefix = 1 if getattr(self.visual, "class_embedding", None) is not None else 0
         self.cls_index = 0 if self.num_prefix else None
 
+    def install_extra(self):
+        self.check_intermediates(self.visual)
+
+    def intermediates_refusal(self):
+        if "vision.out" in self._by_site:
+            return ("open_clip's forward_intermediates runs the blocks without the transformer's forward, where "
+                    "vision.out sits, so that stage would not run; call the model itself, or place the stage at "
+                    "vision.layer.* / vision.block.*")
+        return None
+
     def blocks(self):
         return list(self.visual.transformer.resblocks)
 

@@ -1,8 +1,6 @@
 """timm VisionTransformer (ViT, DeiT incl. distilled, DeiT-III LayerScale, QK-norm, registers)."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from tokenreduce.errors import SiteError, UnsupportedModelError
@@ -90,30 +88,7 @@ class TimmViTAdapter(ViTAdapter):
         if getattr(m, "attn_pool", None) is None and getattr(m, "global_pool", "") == "avg" and \
                 not getattr(m, "pool_include_prefix", False):
             self.hooks.pre(m.fc_norm, self._weighted_avg_pool)
-        if hasattr(m, "forward_intermediates"):  # get_intermediate_layers calls it too
-            self.hooks.setattr(m, "forward_intermediates", self._checked_intermediates(m.forward_intermediates))
-
-    def _checked_intermediates(self, original):
-        """timm's forward_intermediates reshapes every intermediate to the patch grid (NCHW, the
-        default; get_intermediate_layers(reshape=True)): after a reduction that would silently
-        fold tokens into channels, so it raises instead. NLC gives the reduced tokens."""
-        signature = inspect.signature(original)
-
-        def forward_intermediates(*args, **kwargs):
-            self._in_intermediates = True
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self._in_intermediates, self._out_seen = False, None
-            fmt = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW")
-            p = self._pass
-            if fmt == "NCHW" and p is not None and p.state is not None and p.state.pos.shape[1] != p.n0:
-                raise SiteError(
-                    f"forward_intermediates(output_fmt='NCHW') / get_intermediate_layers(reshape=True) reshape the "
-                    f"tokens to the patch grid, but the reduction left {p.state.pos.shape[1]} of {p.n0}; use "
-                    "output_fmt='NLC' (reshape=False) for the reduced tokens, or remove the reduction first")
-            return out
-        return forward_intermediates
+        self.check_intermediates(m)  # get_intermediate_layers calls forward_intermediates too
 
     def _weighted_avg_pool(self, module, args):
         final = self._pass.final

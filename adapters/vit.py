@@ -20,6 +20,7 @@ mask argument.
 """
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -117,6 +118,38 @@ class ViTAdapter(Adapter):
 
     def install_extra(self) -> None:
         """Family-specific extras (e.g. size-weighted average pooling)."""
+
+    #: why the model's forward_intermediates cannot run this policy (None: it can)
+    def intermediates_refusal(self) -> str | None:
+        return None
+
+    def check_intermediates(self, module) -> None:
+        """Wrap `module.forward_intermediates` (timm, open_clip) on this instance: it reshapes
+        every intermediate to the patch grid (NCHW, the default) and after a reduction that would
+        silently fold tokens into channels, so it raises instead; NLC gives the reduced tokens."""
+        original = getattr(module, "forward_intermediates", None)
+        if original is None:
+            return
+        signature = inspect.signature(original)
+
+        def forward_intermediates(*args, **kwargs):
+            why = self.intermediates_refusal()
+            if why:
+                raise SiteError(why)
+            self._in_intermediates = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._in_intermediates, self._out_seen = False, None
+            fmt = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW")
+            p = self._pass
+            if fmt == "NCHW" and p is not None and p.state is not None and p.state.pos.shape[1] != p.n0:
+                raise SiteError(
+                    f"forward_intermediates(output_fmt='NCHW') / get_intermediate_layers(reshape=True) reshape the "
+                    f"tokens to the patch grid, but the reduction left {p.state.pos.shape[1]} of {p.n0}; use "
+                    "output_fmt='NLC' (reshape=False) for the reduced tokens, or remove the reduction first")
+            return out
+        self.hooks.setattr(module, "forward_intermediates", forward_intermediates)
 
     # -- sites -------------------------------------------------------------------------------
     def sites(self) -> dict:

@@ -181,6 +181,28 @@ def test_timm_normed_intermediates_are_not_reduced_at_vision_out():
                 assert torch.equal(only[0], last_two[0]) and torch.equal(only[1], want[:, 1:])
 
 
+def test_open_clip_intermediates_refuse_a_grid_reshape_and_a_bypassed_vision_out():
+    """open_clip's forward_intermediates reshapes to NCHW as timm's does (refused once tokens are
+    gone; NLC gives them), and runs the blocks without the transformer's forward, where
+    vision.out sits: a vision.out stage is refused, not silently skipped"""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=64, patch_size=16, width=64, layers=3, heads=4, mlp_ratio=4.0,
+                          output_dim=32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with tr.reduce(m, "vision.block.1=uniform(keep=0.5)"):
+            with pytest.raises(tr.SiteError, match="left 9 of 17; use output_fmt='NLC'"):
+                m.forward_intermediates(x)
+            nlc = m.forward_intermediates(x, output_fmt="NLC")["image_intermediates"]
+            assert [t.shape[1] for t in nlc] == [16, 8, 8]
+        with tr.reduce(m, "vision.out=uniform(keep=0.25)"):
+            with pytest.raises(tr.SiteError, match="vision.out sits"):
+                m.forward_intermediates(x, output_fmt="NLC")
+    assert "forward_intermediates" not in vars(m)
+
+
 def test_a_meta_device_forward_says_which_reducer_needs_values():
     """shape-only ToMe runs on meta tensors; reducers that need values say so, not torch's
     'Tensor.item() cannot be called on meta tensors'"""
