@@ -261,6 +261,9 @@ class ViTAdapter(Adapter):
 
     def _run(self, name, x):
         stream, plans = run_stages(self._stream(name, x), self._by_site[name], self.recorder)
+        if stream.x.shape[1] == 0:  # no class token to fall back on: the blocks / pool would give NaN or crash
+            raise SiteError(f"{name}: the plan keeps no token at all; keep at least one (a fraction that rounds "
+                            "to 0 keeps none)")
         if stream.valid is not None and not bool(stream.valid.all()):
             raise SiteError(f"{name}: the plan keeps different numbers of tokens per sample; inside a ViT "
                             "every sample must keep the same count")

@@ -203,6 +203,16 @@ def test_open_clip_intermediates_refuse_a_grid_reshape_and_a_bypassed_vision_out
     assert "forward_intermediates" not in vars(m)
 
 
+def test_a_plan_that_keeps_no_token_is_refused_without_a_class_token():
+    """with no protected token to fall back on, keep=0 used to give NaN logits silently"""
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
+                          num_heads=2, class_token=False, global_pool="avg").eval()
+    with torch.no_grad(), tr.reduce(m, "vision.block.0=uniform(keep=0)"):
+        with pytest.raises(tr.SiteError, match="vision.block.0: the plan keeps no token"):
+            m(torch.randn(2, 3, 32, 32))
+
+
 def test_a_meta_device_forward_says_which_reducer_needs_values():
     """shape-only ToMe runs on meta tensors; reducers that need values say so, not torch's
     'Tensor.item() cannot be called on meta tensors'"""
