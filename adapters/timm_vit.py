@@ -89,6 +89,17 @@ class TimmViTAdapter(ViTAdapter):
                 not getattr(m, "pool_include_prefix", False):
             self.hooks.pre(m.fc_norm, self._weighted_avg_pool)
         self.check_intermediates(m)  # get_intermediate_layers calls forward_intermediates too
+        if any(n.startswith(("vision.block.", "vision.layer.")) for n in self._by_site):
+            self.hooks.pre(m.blocks[0], self._refuse_attn_mask, with_kwargs=True)
+
+    @staticmethod
+    def _refuse_attn_mask(module, args, kwargs):
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            # built for the full token count: the blocks after a reduction see fewer tokens
+            raise SiteError("forward_features(attn_mask=... / is_causal=True) with a reduction inside the blocks: "
+                            "the mask is built for the full token count and is not reduced with the tokens; "
+                            "run without it, reduce at vision.out only, or remove the reduction")
+        return None
 
     def _weighted_avg_pool(self, module, args):
         final = self._pass.final

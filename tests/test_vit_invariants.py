@@ -213,6 +213,20 @@ def test_a_plan_that_keeps_no_token_is_refused_without_a_class_token():
             m(torch.randn(2, 3, 32, 32))
 
 
+def test_timm_attention_mask_with_a_reduction_inside_the_blocks_is_refused():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
+                          num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 1, 5, 5)
+    with torch.no_grad():
+        with tr.reduce(m, "vision.block.1=uniform(keep=0.5)"):
+            with pytest.raises(tr.SiteError, match="attn_mask.*not reduced with the tokens"):
+                m.forward_features(x, attn_mask=mask)
+        with tr.reduce(m, "vision.out=uniform(keep=0.5)"):  # after every block: the mask fits
+            assert m.forward_features(x, attn_mask=mask).shape[1] == 3
+
+
 def test_a_meta_device_forward_says_which_reducer_needs_values():
     """shape-only ToMe runs on meta tensors; reducers that need values say so, not torch's
     'Tensor.item() cannot be called on meta tensors'"""
