@@ -159,7 +159,10 @@ class ViTAdapter(Adapter):
         out = {}
         for i in range(depth):
             n = f"vision.layer.{i}"
-            out[n] = site(n, "vision.layer", i, depth, sig if i > 0 else {"x"}, note=note, own_layer=i - 1 if i else None)
+            # before block 0 no attention has run yet: only the tokens themselves are known there
+            first = "vision.layer.0 comes before any block, so no attention has run; use vision.layer.1 or later"
+            out[n] = site(n, "vision.layer", i, depth, sig if i > 0 else {"x"}, note=note if i else first,
+                          own_layer=i - 1 if i else None)
         for i in range(depth):
             n = f"vision.block.{i}"
             out[n] = site(n, "vision.block", i, depth, sig, note=note, own_layer=i)

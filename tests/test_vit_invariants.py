@@ -227,6 +227,14 @@ def test_timm_attention_mask_with_a_reduction_inside_the_blocks_is_refused():
             assert m.forward_features(x, attn_mask=mask).shape[1] == 3
 
 
+def test_a_signal_before_the_first_block_names_the_first_site_that_has_it():
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
+                          num_heads=2).eval()
+    with pytest.raises(tr.SiteError, match="vision.layer.0 comes before any block.*use vision.layer.1"):
+        tr.reduce(m, "vision.layer.*=tome(r=2)")
+
+
 def test_a_meta_device_forward_says_which_reducer_needs_values():
     """shape-only ToMe runs on meta tensors; reducers that need values say so, not torch's
     'Tensor.item() cannot be called on meta tensors'"""

@@ -83,8 +83,8 @@ class Reducer:
         for sig, layers in self.needs(site).signals.items():
             if sig.split(":")[0] not in site.signals:  # "name:arg" carries a parameter
                 why = f" ({site.note})" if site.note else ""
-                raise SiteError(f"{self.name} at {site.name!r} needs the signal {sig!r}, which this model "
-                                f"cannot provide{why}; signals available here: {choices(sorted(site.signals))}")
+                raise SiteError(f"{self.name} at {site.name!r} needs the signal {sig!r}, which is not available "
+                                f"there{why}; signals available here: {choices(sorted(site.signals))}")
             for layer in layers:
                 if layer is None or site.depth is None:
                     continue
