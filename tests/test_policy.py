@@ -269,14 +269,21 @@ def test_a_broken_plugin_does_not_hide_the_other_methods(monkeypatch):
         registry.reducer_class("renamed")
 
 
-def test_a_users_reducer_wins_a_name_clash_with_a_built_in_whenever_it_registers(monkeypatch):
-    import dataclasses
-
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """the reducer registry, loaded, on a copy this test may change"""
     from tokenreduce import registry
-    from tokenreduce.reducers.base import Reducer
-    from tokenreduce.reducers.tome import ToMe
     registry.reducer_names()
     monkeypatch.setattr(registry, "_reducers", dict(registry._reducers))
+    return registry
+
+
+def test_a_users_reducer_wins_a_name_clash_with_a_built_in_whenever_it_registers(scratch_registry):
+    import dataclasses
+
+    from tokenreduce.reducers.base import Reducer
+    from tokenreduce.reducers.tome import ToMe
+    registry = scratch_registry
 
     @dataclasses.dataclass
     class MyToMe(Reducer):
@@ -290,13 +297,11 @@ def test_a_users_reducer_wins_a_name_clash_with_a_built_in_whenever_it_registers
     assert registry.reducer_class("tome") is MyToMe
 
 
-def test_a_reducer_name_must_be_writable_in_a_spec(monkeypatch):
+def test_a_reducer_name_must_be_writable_in_a_spec(scratch_registry):
     import dataclasses
 
-    from tokenreduce import registry
     from tokenreduce.reducers.base import Reducer
-    registry.reducer_names()
-    monkeypatch.setattr(registry, "_reducers", dict(registry._reducers))
+    registry = scratch_registry
 
     @dataclasses.dataclass
     class Dashed(Reducer):

@@ -133,14 +133,18 @@ def test_timm_forward_head_pools_what_it_is_given():
             assert torch.allclose(m.forward_head(other), want, atol=1e-6)
 
 
+def _tiny_timm(**kw):
+    """a small timm VisionTransformer (the class vit_base_patch16_224 uses), seeded"""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+
+
 def test_timm_intermediates_refuse_a_grid_reshape_of_reduced_tokens():
     """forward_intermediates / get_intermediate_layers(reshape=True) fold the token sequence into
     the patch grid: after ToMe that scrambled tokens into channels silently; now it raises, NLC
     returns the reduced tokens, and an unreduced pass is untouched"""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=3,
-                          num_heads=4).eval()
+    m = _tiny_timm(img_size=64, embed_dim=64, depth=3, num_heads=4)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         _, want = m.forward_intermediates(x)
@@ -161,10 +165,7 @@ def test_timm_normed_intermediates_are_not_reduced_at_vision_out():
     """forward_intermediates(norm=True) runs the final norm (where vision.out sits) on every
     intermediate: those are not the encoder's output and pass through; the last block's
     intermediate and the final output are one reduction, equal to forward_features'"""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=4,
-                          num_heads=4).eval()
+    m = _tiny_timm(img_size=64, embed_dim=64, depth=4, num_heads=4)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         _, plain = m.forward_intermediates(x, indices=[1, 3], norm=True, output_fmt="NLC")
@@ -205,18 +206,14 @@ def test_open_clip_intermediates_refuse_a_grid_reshape_and_a_bypassed_vision_out
 
 def test_a_plan_that_keeps_no_token_is_refused_without_a_class_token():
     """with no protected token to fall back on, keep=0 used to give NaN logits silently"""
-    timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
-                          num_heads=2, class_token=False, global_pool="avg").eval()
+    m = _tiny_timm(img_size=32, embed_dim=32, depth=2, num_heads=2, class_token=False, global_pool="avg")
     with torch.no_grad(), tr.reduce(m, "vision.block.0=uniform(keep=0)"):
         with pytest.raises(tr.SiteError, match="vision.block.0: the plan keeps no token"):
             m(torch.randn(2, 3, 32, 32))
 
 
 def test_timm_attention_mask_with_a_reduction_inside_the_blocks_is_refused():
-    timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
-                          num_heads=2).eval()
+    m = _tiny_timm(img_size=32, embed_dim=32, depth=2, num_heads=2)
     x = torch.randn(2, 3, 32, 32)
     mask = torch.zeros(2, 1, 5, 5)
     with torch.no_grad():
@@ -228,9 +225,7 @@ def test_timm_attention_mask_with_a_reduction_inside_the_blocks_is_refused():
 
 
 def test_a_signal_before_the_first_block_names_the_first_site_that_has_it():
-    timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=2,
-                          num_heads=2).eval()
+    m = _tiny_timm(img_size=32, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(tr.SiteError, match="vision.layer.0 comes before any block.*use vision.layer.1"):
         tr.reduce(m, "vision.layer.*=tome(r=2)")
 
@@ -249,9 +244,7 @@ def test_a_meta_device_forward_says_which_reducer_needs_values():
 
 
 def test_timm_diff_attention_is_refused_at_reduce_time():
-    timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, embed_dim=64, depth=2,
-                          num_heads=4, attn_layer="diff").eval()
+    m = _tiny_timm(img_size=64, embed_dim=64, depth=2, num_heads=4, attn_layer="diff")
     with pytest.raises(tr.UnsupportedModelError, match="with attention DiffAttention; tokenreduce supports"):
         tr.reduce(m, "vision.out=random(keep=0.5)")
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
