@@ -524,9 +524,9 @@ def _text_ids(tok, text: str) -> list:
 # -- run directory ------------------------------------------------------------------------------
 # the files a run writes in its directory: the only ones --overwrite deletes
 RUN_FILES = ("run.json", "results.jsonl", "summary.json", "summary.md", "results.jsonl.tmp", "run.json.tmp")
-# lock_run_dir's files: never deleted (--overwrite included), ignored when telling a run directory apart
-LOCK_FILES = ("run.lock",)
-LOCK_RE = re.compile(r"run\.rank\d+\.lock")
+# lock_run_dir's files (run.lock, run.rank{i}.lock): never deleted (--overwrite included), ignored
+# when telling a run directory apart
+LOCK_RE = re.compile(r"run(\.rank\d+)?\.lock")
 
 
 def read_run_json(path) -> dict:
@@ -555,7 +555,7 @@ def check_out_dir(cfg: EvalConfig) -> None:
     run_json = out / "run.json"
     if not run_json.exists():
         # run.json.tmp: another process of this run is writing run.json right now
-        if any(p.name not in ("run.json.tmp", *LOCK_FILES) and not LOCK_RE.fullmatch(p.name) for p in out.iterdir()):
+        if any(p.name != "run.json.tmp" and not LOCK_RE.fullmatch(p.name) for p in out.iterdir()):
             raise ValueError(f"{str(out)!r} is not empty and has no run.json, so it is not a tokenreduce run "
                              f"directory and its files ({', '.join(RUN_FILES[1:4])}) could be overwritten; "
                              "use a new or empty --out, or --overwrite to use it anyway (only those files "
@@ -852,7 +852,7 @@ def _remove_empty_run(out: Path, made_dir: bool) -> None:
         results.unlink()
     if not results.exists():
         (out / "run.json").unlink(missing_ok=True)
-    if made_dir and out.is_dir() and all(p.name in LOCK_FILES for p in out.iterdir()):
+    if made_dir and out.is_dir() and all(LOCK_RE.fullmatch(p.name) for p in out.iterdir()):
         for p in out.iterdir():
             p.unlink()  # this run's own lock (still held: unlinking an open file is fine on POSIX)
         out.rmdir()
