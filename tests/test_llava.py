@@ -175,6 +175,24 @@ def test_inputs_embeds_with_images_is_refused_by_a_reduced_vlm():
             case.model(inputs_embeds=emb, attention_mask=single["attention_mask"], pixel_values=single["pixel_values"])
 
 
+def test_projector_out_stats_average_items_of_different_sizes():
+    """Qwen2-VL items of 4, 4, 4 and 8 tokens run as two size groups at projector.out: the site's
+    stats are the mean per item (5 -> 2.5), not the mean of the two groups' means (6 -> 3)"""
+    case = V.qwen2_vl("sdpa")
+    img = V.IMG
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 4, 4], [1, 4, 8]])
+    pix = torch.randn(16 * 3 + 32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    r0 = [5, 20] + [img] * 4 + [21, 20] + [img] * 4 + [21, 8]
+    r1 = [5, 20] + [img] * 4 + [21, 20] + [img] * 8 + [21, 9]
+    ids = torch.tensor([[0] * (len(r1) - len(r0)) + r0, r1])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=pix, image_grid_thw=grids,
+                 mm_token_type_ids=(ids == img).long())
+    with torch.no_grad(), tr.reduce(case.model, "projector.out=random(keep=0.5)") as h:
+        case.model(**batch)
+    st = h.stats["sites"]["projector.out"]
+    assert (st["tokens_in"], st["tokens_out"], st["calls"]) == (5.0, 2.5, 2)
+
+
 def test_same_input_same_output(case):
     """Invariant 6."""
     with tr.reduce(case.model, "projector.out=random(keep=0.6, seed=3); llm.layer.2=fastv(ratio=0.3)"):

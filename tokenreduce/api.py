@@ -43,7 +43,7 @@ class Handle:
     @property
     def stats(self) -> dict:
         rec = self.recorder.last
-        sites = {k: {"tokens_in": v.tokens_in / v.calls, "tokens_out": v.tokens_out / v.calls,
+        sites = {k: {"tokens_in": v.tokens_in / max(v.rows, 1), "tokens_out": v.tokens_out / max(v.rows, 1),
                      "reducer_ms": v.ms, "calls": v.calls}
                  for k, v in rec.sites.items()}
         out = {"forwards": self.recorder.forwards, "sites": sites,

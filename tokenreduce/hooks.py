@@ -88,6 +88,7 @@ class SiteRecord:
     tokens_out: float = 0.0
     ms: float = 0.0
     calls: int = 0
+    rows: int = 0  # samples (or items) the calls covered: tokens_in / rows is the mean per row
 
 
 @dataclass
@@ -113,12 +114,16 @@ class Recorder:
         self.forwards += 1
         return self.last
 
-    def site(self, name, n_in, n_out, ms):
+    def site(self, name, n_in, n_out, ms, rows: int = 1):
+        """One call of a site: n_in / n_out tokens per row (mean) over `rows` rows. A site called
+        more than once in a pass (items of different sizes run as separate groups) averages
+        over all the rows, not over the calls."""
         r = self.last.sites.setdefault(name, SiteRecord())
-        r.tokens_in += n_in
-        r.tokens_out += n_out
+        r.tokens_in += n_in * rows
+        r.tokens_out += n_out * rows
         r.ms += ms
         r.calls += 1
+        r.rows += rows
 
     def layer(self, key, n_in, n_out=None):
         """Tokens into (and out of) one layer; a layer that runs again in the pass keeps the last."""
@@ -153,7 +158,8 @@ def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) 
             raise SiteError(f"{stream.site}: {red.name} needs concrete values (token counts, scores), which a "
                             f"forward on the meta device does not have; run it on real tensors ({exc})") from None
     if recorder is not None:
-        recorder.site(stream.site, n_in, tokens_per_sample(stream), (time.perf_counter() - t0) * 1e3)
+        recorder.site(stream.site, n_in, tokens_per_sample(stream), (time.perf_counter() - t0) * 1e3,
+                      rows=int(stream.pos.shape[0]))
         if recorder.trace_enabled:
             recorder.last.trace[stream.site] = {"pos": stream.pos, "size": stream.size, "source": stream.source,
                                                 "frame": stream.frame, "valid": stream.valid}
