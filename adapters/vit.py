@@ -73,6 +73,19 @@ def merge_bias(mask, bias, dtype):
     return mask + bias
 
 
+def _intermediates_of(out) -> list:
+    """The intermediate tensors in forward_intermediates' output: timm's (final, [..]) or [..],
+    open_clip's {"image_intermediates": [..], ...}"""
+    if isinstance(out, dict):
+        out = out.get("image_intermediates") or []
+    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple)):
+        out = out[1]
+    if not isinstance(out, (list, tuple)):
+        return []
+    # return_prefix_tokens=True: each intermediate is (spatial, prefix)
+    return [t[0] if isinstance(t, tuple) else t for t in out if torch.is_tensor(t) or isinstance(t, tuple)]
+
+
 class _Pass:
     """State of one forward through the blocks."""
 
@@ -82,6 +95,7 @@ class _Pass:
         self.after: dict = {}     # block -> stream state after the block (for feature-layer selection)
         self.merged = False       # a merge happened: sizes may differ from 1 (host flag, no sync)
         self.n0 = 0
+        self.width = 0            # channels of the tokens entering block 0
         self.final: TokenStream | None = None
 
 
@@ -132,22 +146,32 @@ class ViTAdapter(Adapter):
             return
         signature = inspect.signature(original)
 
+        def refusal():
+            p = self._pass
+            return SiteError(
+                f"forward_intermediates(output_fmt='NCHW') / get_intermediate_layers(reshape=True) reshape the "
+                f"tokens to the patch grid, but the reduction left {p.state.pos.shape[1]} of {p.n0}; use "
+                "output_fmt='NLC' (reshape=False) for the reduced tokens, or remove the reduction first")
+
         def forward_intermediates(*args, **kwargs):
             why = self.intermediates_refusal()
             if why:
                 raise SiteError(why)
+            nchw = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW") == "NCHW"
             self._in_intermediates = True
             try:
                 out = original(*args, **kwargs)
+            except RuntimeError as exc:  # a reshape of a token count that no longer fills the grid
+                p = self._pass
+                if nchw and p is not None and p.state is not None and p.state.pos.shape[1] != p.n0:
+                    raise refusal() from exc
+                raise
             finally:
                 self._in_intermediates, self._out_seen = False, None
-            fmt = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW")
-            p = self._pass
-            if fmt == "NCHW" and p is not None and p.state is not None and p.state.pos.shape[1] != p.n0:
-                raise SiteError(
-                    f"forward_intermediates(output_fmt='NCHW') / get_intermediate_layers(reshape=True) reshape the "
-                    f"tokens to the patch grid, but the reduction left {p.state.pos.shape[1]} of {p.n0}; use "
-                    "output_fmt='NLC' (reshape=False) for the reduced tokens, or remove the reduction first")
+            # a reduced intermediate reshaped to the grid comes back with other channels than the
+            # tokens have: only those are refused (intermediates before the reduction are whole grids)
+            if nchw and any(t.dim() == 4 and t.shape[1] != self._pass.width for t in _intermediates_of(out)):
+                raise refusal()
             return out
         self.hooks.setattr(module, "forward_intermediates", forward_intermediates)
 
@@ -248,7 +272,7 @@ class ViTAdapter(Adapter):
             side = int(round(n_vis ** 0.5))
             grid = (1, side, side) if side * side == n_vis else None
         p.state = TokenStream.start(x, num_prefix=self.num_prefix, grid=grid, track_source=self._source).state()
-        p.n0 = x.shape[1]
+        p.n0, p.width = x.shape[1], x.shape[-1]
         self.recorder.last.extra["tokens_start" if self.owns_record else "vision_tokens_start"] = p.n0
 
     def _stream(self, name, x):

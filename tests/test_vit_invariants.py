@@ -158,6 +158,12 @@ def test_timm_intermediates_refuse_a_grid_reshape_of_reduced_tokens():
         with tr.reduce(m, "vision.out=random(keep=1.0)"):
             _, same = m.forward_intermediates(x)
         assert all(torch.equal(a, b) for a, b in zip(same, want))
+        # intermediates before the reduction are whole grids: given, not refused
+        with tr.reduce(m, "vision.block.2=uniform(keep=0.5)"):
+            early = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+            with pytest.raises(tr.SiteError, match="use output_fmt='NLC'"):
+                m.forward_intermediates(x, indices=[1, 2], return_prefix_tokens=True)
+        assert all(torch.equal(a, b) for a, b in zip(early, want[:2]))
     assert "forward_intermediates" not in vars(m)
 
 
