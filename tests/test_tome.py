@@ -37,6 +37,8 @@ def test_vit_b16_r13_ends_at_41_sizes_sum_cls_first(vit_b16):
 
 
 def test_decreasing_schedule(vit_b16):
+    assert parse_r(12, (16, -1)) == parse_r(12, 16, -1.0)  # the reference's (r, inflection) tuple
+    assert parse_r(12, (16, -1))[:2] == [32, 29]
     sched = parse_r(12, 8, -1.0)
     assert sched[0] == 16 and sched[-1] <= 1
     assert sched == sorted(sched, reverse=True)

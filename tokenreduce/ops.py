@@ -66,9 +66,14 @@ def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:
     """ToMe's per-layer merge schedule (tome.utils.parse_r).
 
     r: an int (constant, or a linear ramp with `inflection`: 0 = constant, -1 = decreasing from
-    2r to ~0, +1 = increasing), or an explicit list per layer (padded with zeros).
+    2r to ~0, +1 = increasing), a tuple (r, inflection) as the reference reads it, or an
+    explicit list per layer (padded with zeros).
     """
-    if isinstance(r, (list, tuple)):
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"r as a tuple is (r, inflection), got {r!r}")
+        r, inflection = r
+    if isinstance(r, list):
         r = list(r)
         return r + [0] * (num_layers - len(r)) if len(r) < num_layers else r[:num_layers]
     min_val = int(r * (1.0 - inflection))

@@ -106,7 +106,9 @@ class FrameFusion(Reducer):
     - When earlier merges already overspent the budget (the reference raises "The cost is too
       small"), u = 1: merging takes every token above threshold and the pruning stage removes the
       remaining visual tokens.
-    - Batched: samples that end with different counts get a ragged plan (padding slots).
+    - The frame-to-frame cosine is computed in float32 (eps 1e-12); the reference computes it in
+      the hidden states' dtype (bf16 in practice). Merge decisions matched in bf16 runs; values
+      differ at bf16 rounding.
     - The last-query attention is captured at every layer after the first site (a few rows, next
       to SDPA) since the pruning layer is only known at run time; the reference computes it in
       the one layer that needs it.

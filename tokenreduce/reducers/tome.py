@@ -26,6 +26,10 @@ class ToMe(Reducer):
     linear ramp (0 = constant, -1 = decreasing from 2r, as `parse_r((r, -1))`). r is clamped
     to (N - protected) // 2. trace_source: track which original patches each token holds.
     Survivor order is the reference's [unmerged A, B] (protected tokens first).
+
+    Deviation: besides `vision.block.k` (the paper's place), the stage may sit at
+    `vision.layer.k`, between blocks (after block k-1's MLP), matching on block k-1's keys; the
+    paper only merges inside a block.
     """
 
     name = "tome"
