@@ -399,6 +399,7 @@ class LlavaFamilyAdapter(Adapter):
         patch = torch.full((B, L), -1, dtype=torch.long, device=dev)
         size = torch.ones(B, L, device=dev)
         changed = False
+        row_grids = [set() for _ in range(B)]
         for token, items in plan:
             cols = (ids == token).nonzero()  # row-major: (b, col)
             start = 0
@@ -408,6 +409,7 @@ class LlavaFamilyAdapter(Adapter):
                 if len(run) != it.n:
                     raise SiteError(f"the prompt has fewer placeholder tokens ({token}) than the features need")
                 b = int(run[0, 0])
+                row_grids[b].add(it.state.grid)
                 item_pos = (it.state.pos[0] - it.offset).clamp(min=0, max=it.n - 1)
                 keep[b, run[:, 1]] = False
                 # the features fill the kept placeholders in column order (masked_scatter), so the
@@ -459,12 +461,16 @@ class LlavaFamilyAdapter(Adapter):
         if changed or bool(pad.any()):
             self.prompt = _Prompt(col_map, L, dropped, valid0.sum(1))
         g = lambda t: t.gather(1, col_map.clamp(min=0))
-        # the items' common (T, H, W) grid, so spatial reducers (uniform) see the layout in the LLM too
-        grids = {it.state.grid for _, items in plan for it in items}
+        # the items' common (T, H, W) grid, so spatial reducers (uniform, ATP) see the layout in the
+        # LLM too; where the samples' grids differ, each sample's own (rows with one grid)
+        grids = set().union(*row_grids)
+        per_row = None
+        if len(grids) > 1:
+            per_row = tuple(next(iter(g)) if len(g) == 1 else None for g in row_grids)
         tpl = TokenStream(x=None, pos=torch.arange(Lp, device=dev).expand(B, Lp).clone(), size=g(size),
                           kind=g(kind).masked_fill(pad, int(Kind.TEXT)), frame=g(frame).masked_fill(pad, -1),
                           valid=valid, order="sequence", patch=g(patch).masked_fill(pad, -1),
-                          grid=grids.pop() if len(grids) == 1 else None)
+                          grid=grids.pop() if len(grids) == 1 else None, row_grids=per_row)
         self.llm.pending_template = tpl
         self.recorder.last.extra["prompt_tokens"] = float(valid0.sum(1).float().mean())
         self.recorder.last.extra["llm_input_tokens"] = float(valid.sum(1).float().mean())

@@ -193,6 +193,30 @@ def test_projector_out_stats_average_items_of_different_sizes():
     assert (st["tokens_in"], st["tokens_out"], st["calls"]) == (5.0, 2.5, 2)
 
 
+@pytest.mark.parametrize("spec", ["llm.layer.2=uniform(keep=2)", "llm.layer.2=atp(spatial_threshold=0.5)"])
+def test_spatial_reducers_in_the_llm_use_each_rows_own_grid(spec):
+    """Qwen2-VL images of 4x4 and 4x8 patches (2x2 and 2x4 tokens) in one batch: the rows' grids
+    differ, so each row's lattice comes from its own grid, as when it runs alone"""
+    case = V.qwen2_vl("sdpa")
+    img = V.IMG
+    grids = [torch.tensor([[1, 4, 4]]), torch.tensor([[1, 4, 8]])]
+    pix = [torch.randn(n, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(i + 1))
+           for i, n in enumerate((16, 32))]
+    rows = [[5, 6, 20] + [img] * 4 + [21, 8, 9, 10], [5, 20] + [img] * 8 + [21, 8, 9]]
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.cat(pix),
+                 image_grid_thw=torch.cat(grids), mm_token_type_ids=(ids == img).long())
+    singles = [dict(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                    pixel_values=p, image_grid_thw=g, mm_token_type_ids=(torch.tensor([r]) == img).long())
+               for r, p, g in zip(rows, pix, grids)]
+    with torch.no_grad(), tr.reduce(case.model, spec):
+        together = case.model(**batch).logits[:, -1]
+        alone = [case.model(**s).logits[0, -1] for s in singles]
+    for b in range(2):
+        assert torch.allclose(together[b], alone[b], atol=1e-5), f"row {b}"
+
+
 def test_same_input_same_output(case):
     """Invariant 6."""
     with tr.reduce(case.model, "projector.out=random(keep=0.6, seed=3); llm.layer.2=fastv(ratio=0.3)"):

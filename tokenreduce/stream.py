@@ -122,6 +122,15 @@ class TokenStream:
     info: Any = None  # the SiteInfo of the site (adapters set it)
     num_protected: int | None = None  # protected tokens per sample when known on the host (saves syncs)
     patch: Tensor | None = None  # (B, N) index of each visual token inside its frame's grid, -1 otherwise
+    # per sample (T, H, W) where the samples' grids differ (a batch mixing image sizes, or an
+    # image row and a video row): None for a sample whose own items differ too
+    row_grids: tuple | None = None
+
+    def grid_of(self, b: int):
+        """The (T, H, W) grid of sample b's visual tokens, or None when unknown."""
+        if self.row_grids is not None:
+            return self.row_grids[b]
+        return self.grid
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

@@ -504,8 +504,9 @@ def _logit(p: float) -> float:
 def _grid_of(stream: TokenStream, b: int) -> tuple:
     """(H, W) of one frame's token grid for sample b: stream.grid, else a square grid of the
     patches per frame, else one row."""
-    if stream.grid is not None:
-        return int(stream.grid[1]), int(stream.grid[2])
+    grid = stream.grid_of(b)
+    if grid is not None:
+        return int(grid[1]), int(grid[2])
     vis = stream.visual[b]
     if stream.patch is None or not bool(vis.any()) or bool((stream.patch[b][vis] < 0).any()):
         n = int(vis.sum())

@@ -47,10 +47,11 @@ class UniformPrune(Reducer):
         dev = vis.device
         if k <= 0 or len(vis) == 0:  # e.g. a text-only sample in a batch with images
             return vis[:0]
-        if stream.grid is None or stream.patch is None:
+        grid = stream.grid_of(b)
+        if grid is None or stream.patch is None:
             sel = torch.linspace(0, len(vis) - 1, k).round().long().to(dev)
             return vis[sel].sort().values
-        _, H, W = stream.grid
+        _, H, W = grid
         frames = stream.frame[b, vis]
         uniq = frames.unique(sorted=True)
         share = [k // len(uniq) + (1 if i < k % len(uniq) else 0) for i in range(len(uniq))]
