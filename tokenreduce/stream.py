@@ -97,7 +97,8 @@ class TokenStream:
 
     x: (B, N, C) token features. pos: (B, N) original position of each token. size: (B, N)
     how many original tokens each one stands for. kind: (B, N) `Kind` values. frame: (B, N)
-    frame index or -1. grid: (T, H, W) of the visual tokens where known. valid: (B, N) for
+    frame index or -1. grid: (T, H, W) of the visual tokens where known (row_grids: per sample,
+    where the samples' grids differ; `grid_of(b)` reads either). valid: (B, N) for
     ragged batches (None = all valid). patch: (B, N) index of each visual token inside its
     frame's H x W grid (-1 for others). signals: what the adapter captured because a reducer
     asked. source: optional (B, N, N0) 0/1 matrix of which original tokens each token holds.
