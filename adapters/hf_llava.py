@@ -35,7 +35,7 @@ from tokenreduce.stream import Kind, TokenStream
 
 from .base import Adapter, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
-from .hf_llm import LLMSites, gather_positions, refuse_fixed_size_cache
+from .hf_llm import LLMSites, gather_positions, refuse_fixed_size_cache, scatter_to_input
 from .hf_vision import HFVisionAdapter
 
 _T = "transformers.models."
@@ -523,12 +523,15 @@ class LlavaFamilyAdapter(Adapter):
             logits = getattr(output, "logits", None)
         if p is None or logits is None or logits.shape[1] != p.col_map.shape[1] or logits.shape[1] <= 1:
             return None
-        full = logits.new_zeros(logits.shape[0], p.L_full + 1, logits.shape[-1])
-        idx = p.col_map.masked_fill(p.col_map < 0, p.L_full)
-        full.scatter_(1, idx[..., None].expand_as(logits), logits)
+        full = scatter_to_input(logits, p.col_map.clamp(min=0), p.col_map >= 0, p.L_full)
         if isinstance(output, tuple):
-            return output[:at] + (full[:, :p.L_full],) + output[at + 1:]
-        output.logits = full[:, :p.L_full]
+            return output[:at] + (full,) + output[at + 1:]
+        output.logits = full
+        every = getattr(output, "hidden_states", None)
+        if isinstance(every, tuple):  # the LLM's per-layer states, realigned to the shortened prompt
+            output.hidden_states = tuple(
+                scatter_to_input(h, p.col_map.clamp(min=0), p.col_map >= 0, p.L_full)
+                if torch.is_tensor(h) and h.dim() == 3 and h.shape[1] == p.col_map.shape[1] else h for h in every)
         return output
 
     # -- stats --------------------------------------------------------------------------------

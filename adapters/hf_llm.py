@@ -147,6 +147,14 @@ def reindex_mask(mask, idx: Tensor, valid: Tensor | None):
     return m
 
 
+def scatter_to_input(h: Tensor, cols: Tensor, slot: Tensor, length: int) -> Tensor:
+    """(B, L_j, C) -> (B, length, C): each row at its input column `cols`, zeros where nothing is
+    (dropped positions); padding slots (slot False) go to a spare column that is cut off"""
+    full = h.new_zeros(h.shape[0], length + 1, h.shape[-1])
+    full.scatter_(1, cols.masked_fill(~slot, length)[..., None].expand_as(h), h)
+    return full[:, :length]
+
+
 class _Session:
     """What one prefill decided, kept for the decode steps that follow it."""
 
@@ -155,6 +163,7 @@ class _Session:
         self.cols: dict = {}      # layer -> (B, L_j) indices into the LLM input sequence
         self.sizes: dict = {}     # layer -> (B, L_j) token sizes (proportional attention)
         self.valid: dict = {}     # layer -> (B, L_j) bool: real (not padding) key columns
+        self.slots: dict = {}     # layer -> (B, L_j) bool: False for padding slots of ragged plans
         self.cur_cols = None
         self.cur_valid = None     # (B, L_j) real tokens: neither prompt padding nor plan padding
         self.cur_slot = None      # (B, L_j) False for padding slots a ragged plan introduced
@@ -320,6 +329,7 @@ class LLMSites:
             s.state = stream.state()
         s.cols[j] = s.cur_cols
         s.valid[j] = s.cur_valid
+        s.slots[j] = s.cur_slot
         s.sizes[j] = s.state.size
         self.recorder.layer(("llm", j), float(s.cur_valid.sum(1).float().mean()))
         if not s.changed:
@@ -409,10 +419,17 @@ class LLMSites:
         # scatter back to the input length so outputs stay aligned with the input ids; dropped
         # positions read zeros (their logits carry no information); padding slots go to a spare column
         B, L0 = hs.shape[0], s.L0
-        full = hs.new_zeros(B, L0 + 1, hs.shape[-1])
+        full = scatter_to_input(hs, s.cur_cols, s.cur_slot, L0)
         idx = s.cur_cols.masked_fill(~s.cur_slot, L0)
-        full.scatter_(1, idx[..., None].expand_as(hs), hs)
-        full = full[:, :L0]
+        every = getattr(output, "hidden_states", None)
+        if isinstance(every, tuple) and every:
+            # entry 0 is the embeddings, entry j + 1 layer j's output (the last one normed): each
+            # at the length that layer ran, realigned the same way
+            last = len(self.layers) - 1
+            output.hidden_states = tuple(
+                h if h.shape[1] == L0 or e == 0 else
+                scatter_to_input(h, s.cols[min(e - 1, last)], s.slots[min(e - 1, last)], L0)
+                for e, h in enumerate(every))
         if self.labels is not None and self.labels.shape[:2] == (B, L0):
             kept = torch.zeros(B, L0 + 1, dtype=torch.bool, device=hs.device)
             kept.scatter_(1, idx, True)

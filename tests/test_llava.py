@@ -217,6 +217,27 @@ def test_spatial_reducers_in_the_llm_use_each_rows_own_grid(spec):
         assert torch.allclose(together[b], alone[b], atol=1e-5), f"row {b}"
 
 
+@pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)", "projector.out=random(keep=0.5, shared=True)"])
+def test_hidden_states_are_realigned_to_the_input_like_the_logits(spec):
+    """output_hidden_states=True: every layer's states come back at the input's length (dropped
+    positions read zeros), so they stack, index by input position and give the logits"""
+    case = V.llava("sdpa")
+    with torch.no_grad():
+        plain = case.model(**case.batch, output_hidden_states=True)
+        with tr.reduce(case.model, spec):
+            out = case.model(**case.batch, output_hidden_states=True)
+    L = case.batch["input_ids"].shape[1]
+    states = torch.stack(out.hidden_states)
+    assert states.shape[2] == L
+    text = case.batch["input_ids"][0] != V.IMG
+    text[: int((case.batch["attention_mask"][0] == 0).sum())] = False  # left padding
+    # the embeddings of text tokens are those of the unreduced model, at the same positions
+    assert torch.equal(out.hidden_states[0][0, text], plain.hidden_states[0][0, text])
+    if spec.startswith("llm"):  # layers before the reduction see every token
+        assert torch.equal(out.hidden_states[2], plain.hidden_states[2])
+    assert torch.allclose(case.model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-5)
+
+
 def test_same_input_same_output(case):
     """Invariant 6."""
     with tr.reduce(case.model, "projector.out=random(keep=0.6, seed=3); llm.layer.2=fastv(ratio=0.3)"):
