@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -110,6 +111,9 @@ def plan_runs(methods, budgets, frames: int, policies: dict | None = None, basel
     dirs = {}
     for label in labels:
         d = _dirname(label)
+        if d in OUTPUT_NAMES:
+            raise ValueError(f"run label {label!r} would use the name {d!r}, which the sweep writes itself "
+                             f"({', '.join(repr(n) for n in sorted(OUTPUT_NAMES) if n)}); give another label")
         if d in (".", "..") or d in dirs:
             other = f" and {dirs[d]!r}" if d in dirs else ""
             raise ValueError(f"run label {label!r}{other} would use the directory {d!r}; give labels that differ "
@@ -145,21 +149,38 @@ def check_policies_fit(model, runs: list) -> None:
         raise ValueError("policies that do not fit the model (nothing was run):\n  " + "\n  ".join(bad))
 
 
+# what the sweep writes at the top of --out ("" is --out itself): no run directory may take these names
+OUTPUT_NAMES = {"", "sweep.md", "sweep.json", "accuracy_vs_tokens.png", "speed_vs_tokens.png", "run.lock"}
+
+
 def _dirname(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
 
 
 def run_sweep(base_cfg, runs: list, out, qa=None) -> list:
     """Run every (label, method, budget, spec) as an eval videoqa run under out/<label>; returns rows."""
-    from .videoqa import EvalConfig, load_qa_model, process_state, run_eval
+    from .videoqa import EvalConfig, load_dataset, load_qa_model, lock_run_dir, process_state
     state = process_state(base_cfg.get("device", "cpu"))
     out = Path(out)
-    rows = []
-    if runs and qa is None:
-        first = EvalConfig(**{**base_cfg, "out": str(out / _dirname(runs[0][0]))})
+    if not runs:
+        return []
+    first = EvalConfig(**{**base_cfg, "out": str(out / _dirname(runs[0][0]))})
+    load_dataset(first.data, first.video_root)  # a missing or empty dataset stops the sweep before the model loads
+    if qa is None:
         qa = load_qa_model(first.model, first.device, first.dtype)
-    if runs:
-        check_policies_fit(qa.model, runs)
+    check_policies_fit(qa.model, runs)
+    # the whole sweep holds OUT/run.lock: a second sweep into the same --out is refused up front,
+    # rather than its runs being refused one by one as failed rows
+    lock = lock_run_dir(out, state.process_index)
+    try:
+        return _run_all(base_cfg, runs, out, qa, state)
+    finally:
+        lock.close()
+
+
+def _run_all(base_cfg, runs, out, qa, state) -> list:
+    from .videoqa import EvalConfig, run_eval
+    rows = []
     for label, method, budget, spec in runs:
         cfg = EvalConfig(**{**base_cfg, "out": str(out / _dirname(label)), "policy": spec})
         row = {"label": label, "method": method, "budget": budget, "policy": cfg.policy}
@@ -294,6 +315,10 @@ def main_from_args(args) -> int:
     if not process_state(args.device).is_main_process:
         return 0
     write_outputs(rows, args.out)
+    failed = [r["label"] for r in rows if "failed" in r]
+    if failed:
+        print(f"sweep: {len(failed)} of {len(rows)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -347,11 +372,15 @@ def earlier_rows(out, skip=()) -> list:
 
 
 def merge_rows(old: list, new: list) -> list:
-    """`old` with each row of `new` in place of the old row with its label; new labels appended."""
+    """`old` with each row of `new` in place of the old row with its label; new labels appended.
+    A new failed row does not replace an earlier finished one: a refused rerun (another config,
+    say) leaves that run's directory, and so its row, as it was."""
     merged = list(old)
     index = {r["label"]: i for i, r in enumerate(merged)}
     for r in new:
         if r["label"] in index:
+            if "failed" in r and "failed" not in merged[index[r["label"]]]:
+                continue
             merged[index[r["label"]]] = r
         else:
             index[r["label"]] = len(merged)
@@ -363,6 +392,7 @@ def write_outputs(rows: list, out) -> list:
     """sweep.md / sweep.json / plots of every run under `out`: `rows` (this invocation's runs) merged
     into the rows of runs an earlier sweep left there. Returns the merged rows."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = merge_rows(earlier_rows(out, skip={_dirname(str(r["label"])) for r in rows}), rows)
     table = format_table(rows)
     (out / "sweep.md").write_text(table + "\n")

@@ -682,20 +682,27 @@ def build_frame_scorer(cfg: EvalConfig, qa: QAModel):
     return scorer_factory(cfg.frame_select)(**cfg.scorer_args)
 
 
+def load_dataset(data, video_root=None) -> tuple:
+    """(records, problems) of an evaluation JSONL; ValueError when nothing in it can be evaluated
+    (say why rather than finish with n 0)"""
+    from tokenreduce.eval.videoqa_data import load_records
+    records, problems = load_records(data, video_root=video_root)
+    if not records:
+        if not problems:
+            raise ValueError(f"{data}: no records (the file is empty)")
+        first = "; ".join(f"line {p.get('line')}: {p.get('error')}" for p in problems[:3])
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{data}: no valid records; {len(problems)} malformed line(s): {first}{more}")
+    return records, problems
+
+
 def run_eval(cfg: EvalConfig, qa: QAModel | None = None, state=None) -> dict | None:
     """Run (or resume) one evaluation; returns the summary on the main process (None elsewhere)."""
-    from tokenreduce.eval.videoqa_data import load_records
     state = state or process_state(cfg.device)
     rank, world = state.process_index, state.num_processes
     if world > 1 and torch.device(cfg.device).type == "cuda":
         cfg.device = f"cuda:{getattr(state, 'local_process_index', rank)}"  # one GPU per process
-    records, problems = load_records(cfg.data, video_root=cfg.video_root)
-    if not records:  # nothing to evaluate: say why rather than finish with n 0
-        if not problems:
-            raise ValueError(f"{cfg.data}: no records (the file is empty)")
-        first = "; ".join(f"line {p.get('line')}: {p.get('error')}" for p in problems[:3])
-        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ValueError(f"{cfg.data}: no valid records; {len(problems)} malformed line(s): {first}{more}")
+    records, problems = load_dataset(cfg.data, cfg.video_root)
     check_out_dir(cfg)  # every process, before the barrier: a refusal must not leave the others waiting
     # a fresh single-process run that fails before its first result (a model or policy that does
     # not load) takes its run.json away again, so the corrected command is not refused as "another config"

@@ -112,14 +112,16 @@ def format_report(targets, rows, frame_rows, baseline_summary, info) -> str:
 
 
 def main(argv=None) -> int:
+    from .cli import THREADS, int_at_least
     p = argparse.ArgumentParser(prog="tokenreduce eval report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/videoqa")
     p.add_argument("--model", default="embedded")
-    p.add_argument("--per-type", dest="per_type", type=int, default=50, help="held-out samples per question type")
-    p.add_argument("--brief", type=int, default=100, help="32-frame brief-appearance clips for frame selection")
+    p.add_argument("--per-type", dest="per_type", type=int_at_least(1), default=50,
+                   help="held-out samples per question type")
+    p.add_argument("--brief", type=int_at_least(1), default=100,
+                   help="32-frame brief-appearance clips for frame selection")
     p.add_argument("--budgets", default="0.3,0.5", help="fractions of the visual tokens kept")
-    from .cli import THREADS
     p.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--overwrite", action="store_true",

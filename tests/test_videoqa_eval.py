@@ -328,6 +328,40 @@ def test_sweep_refuses_a_policy_the_model_cannot_host_before_any_run(tmp_path, d
     assert not out.exists() or not any(out.iterdir())
 
 
+def _sweep(model_dir, data, out, *extra):
+    return cli.main(["eval", "sweep", "--model", f"embedded:{model_dir}", "--data", str(data), "--frames", str(FRAMES),
+                     "--out", str(out), "--limit", "2", "--no-progress", "--warmup", "0", "--scoring", "loglik",
+                     "--no-baseline", *extra])
+
+
+def test_sweep_is_locked_and_a_refused_rerun_keeps_the_finished_rows(tmp_path, data, model_dir, capsys):
+    out = tmp_path / "sweep"
+    holder = lock_run_dir(out)  # another sweep writing there
+    try:
+        assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5") != 0
+        assert "in use by another run" in capsys.readouterr().err
+        assert not (out / "random_b0.5").exists()
+    finally:
+        holder.close()
+    assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5") == 0
+    capsys.readouterr()
+    # the same run with another config is refused: exit 1, and its finished row stays in the table
+    assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5", "--max-new-tokens", "2") == 1
+    assert "1 of 1 runs failed: random_b0.5" in capsys.readouterr().err
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["label"] for r in rows] == ["random_b0.5"] and "failed" not in rows[0] and rows[0]["n"] == 2
+
+
+def test_sweep_refuses_a_missing_dataset_and_labels_that_are_its_own_outputs(tmp_path, model_dir, capsys):
+    out = tmp_path / "sweep"
+    assert _sweep(model_dir, tmp_path / "typo.jsonl", out, "--methods", "random", "--budgets", "0.5") != 0
+    assert "typo.jsonl" in capsys.readouterr().err and not out.exists()
+    from tokenreduce.eval.sweep import plan_runs
+    for label in ("sweep.json", ""):
+        with pytest.raises(ValueError, match="which the sweep writes itself"):
+            plan_runs([], [], 8, {label: "llm.layer.2=fastv"})
+
+
 def test_sweep_method_table_errors_name_valid_choices():
     from tokenreduce.eval.sweep import SWEEP_METHODS, plan_runs
     runs = plan_runs(["fastv", "atp"], [0.25], frames=8)
