@@ -288,10 +288,21 @@ def _find_video(folder, stem: str, exts) -> str:
     return os.path.join(folder, stem + exts[0])
 
 
-def _keep(rec, records: list, skipped) -> None:
+class _Records(list):
+    """A converter's output: a list that also knows its ids (a repeated source entry is skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+
+def _keep(rec, records: "_Records", skipped) -> None:
     err = validate_record(rec)
+    if err is None and rec["id"] in records.ids:
+        err = f"duplicate id {rec['id']!r} (an earlier entry of the source has the same id; the first is kept)"
     if err is None:
         records.append(rec)
+        records.ids.add(rec["id"])
     elif skipped is not None:
         skipped.append({"id": rec.get("id"), "reason": err})
 
@@ -356,7 +367,7 @@ def convert_nextqa(csv_path, video_dir, video_map=None, skipped: list | None = N
     Rows that cannot be converted are left out and described in `skipped`.
     """
     vmap = _load_video_map(video_map)
-    records = []
+    records = _Records()
     text = _read_text(csv_path, "NExT-QA CSV")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
@@ -412,7 +423,7 @@ def convert_mvbench(src, video_root, video_dirs=None, skipped: list | None = Non
         files = [src]
     else:
         raise FileNotFoundError(f"no MVBench JSON file or folder at {str(src)!r}")
-    records = []
+    records = _Records()
     for file in files:
         task = file.stem
         items = _read_json(file, "MVBench task file")
@@ -475,7 +486,7 @@ def convert_videomme(parquet_path, video_dir, skipped: list | None = None) -> li
     if missing:
         raise ValueError(f"{str(parquet_path)!r} is not a Video-MME parquet: missing column(s) {', '.join(missing)}; "
                          f"expected {', '.join(VIDEOMME_COLUMNS)} (and duration, domain, sub_category, task_type)")
-    records = []
+    records = _Records()
     for row in table.to_pylist():
         rid = f"videomme-{row['question_id']}"
         opts = row["options"]
@@ -510,7 +521,7 @@ def convert_egoschema(questions_path, answers_path, video_dir, skipped: list | N
     if not isinstance(answers, dict):
         raise ValueError(f"EgoSchema answers file {str(answers_path)!r} must hold a JSON object {{q_uid: int}}, "
                          f"got {type(answers).__name__}")
-    records = []
+    records = _Records()
     for i, q in enumerate(questions):
         if not isinstance(q, dict):
             _skip(skipped, None, f"question {i} is not a JSON object {{q_uid, question, option 0..option 4}}")

@@ -194,13 +194,16 @@ def test_convert_nextqa_bad_rows_and_files(tmp_path):
     src = tmp_path / "val.csv"
     _nextqa_csv(src, [["1001", 300, 640, 480, "q", "a", "b", "c", "d", "e", 2, 6, "CW"],
                       ["101", 10, 1, 1, "what", "a", "b", "c"],                         # short row
-                      ["102", 10, 1, 1, "what, then", "a", "b", "c", "d", "e", 1, 2, "CW", "extra"]])
+                      ["102", 10, 1, 1, "what, then", "a", "b", "c", "d", "e", 1, 2, "CW", "extra"],
+                      ["1001", 300, 640, 480, "q again", "a", "b", "c", "d", "e", 1, 6, "CW"]])  # same id
     src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())   # as Excel saves it: the header still parses
     skipped = []
     recs = vd.convert_nextqa(src, str(tmp_path), skipped=skipped)
-    assert [r["id"] for r in recs] == ["nextqa-1001-6"]
+    assert [r["id"] for r in recs] == ["nextqa-1001-6"] and recs[0]["question"] == "q"
     assert skipped == [{"id": "CSV line 3", "reason": "row has 8 of the header's 13 columns"},
-                       {"id": "nextqa-102-2", "reason": "row has 14 of the header's 13 columns"}]
+                       {"id": "nextqa-102-2", "reason": "row has 14 of the header's 13 columns"},
+                       {"id": "nextqa-1001-6", "reason": "duplicate id 'nextqa-1001-6' (an earlier entry of the "
+                                                         "source has the same id; the first is kept)"}]
     latin = tmp_path / "latin.csv"
     _nextqa_csv(latin, [["1001", 300, 640, 480, "caf\u00e9", "a", "b", "c", "d", "e", 2, 6, "CW"]])
     latin.write_bytes(latin.read_text().encode("latin-1"))
