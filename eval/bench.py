@@ -16,28 +16,8 @@ import torch
 
 import tokenreduce as tr
 
+from .cli import check_device  # noqa: F401  (bench_vlm / bench_video import it from here)
 from .models import call_vision, image_size, load_model, patch_size
-
-
-def check_device(device) -> str:
-    """`device` if it names a usable device (cpu, cuda, cuda:N); a ValueError naming the valid forms if not."""
-    text = str(device)
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown --device {text!r}; valid forms: cpu, cuda, cuda:N") from None
-    if dev.type == "mps" and torch.backends.mps.is_available():
-        return text
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {text}: not supported here; valid forms: cpu, cuda, cuda:N (mps where available)")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"--device {text}: this machine has {n} CUDA device(s); valid: "
-                             f"{', '.join(f'cuda:{i}' for i in range(n))}")
-    return text
 
 
 def check_counts(**counts) -> None:

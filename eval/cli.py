@@ -36,6 +36,31 @@ def int_at_least(low: int, meaning: str = ""):
 THREADS = int_at_least(0, " (0 = torch's default)")
 
 
+def check_device(device) -> str:
+    """`device` if it names a usable device (cpu, cuda, cuda:N, mps); a ValueError naming the valid
+    forms if not (one check for eval and bench alike)."""
+    import torch
+    text = str(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown --device {text!r}; valid forms: cpu, cuda, cuda:N") from None
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+        return text
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: not supported here; valid forms: cpu, cuda, cuda:N (mps where available)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {text}: this machine has {n} CUDA device(s); valid: "
+                             f"{', '.join(f'cuda:{i}' for i in range(n))}")
+    return text
+
+
 def cmd_methods(args) -> int:
     import tokenreduce as tr
     rows = []
@@ -87,7 +112,6 @@ BENCH_ONLY = {"--frames": ("frames", ("vlm", "video")), "--layers": ("layers", (
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import check_device
     unused = [flag for flag, (attr, takers) in BENCH_ONLY.items()
               if args.what not in takers and getattr(args, attr, None) is not None]
     if unused:

@@ -69,6 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import check_device
 from .videoqa_results import (append_result, done_hashes, done_ids, is_done, merge_results,  # noqa: F401
                               read_results, record_hash, repair_truncated, results_file, shard)
 from .videoqa_summary import CATEGORY_KEYS, format_summary, summarise, write_summary  # noqa: F401
@@ -132,12 +133,10 @@ class EvalConfig:
             raise ValueError(f"unknown frame scorer {self.frame_select!r}; choose one of: {', '.join(FRAME_SCORERS)}")
         if self.continuation is not None and self.continuation not in CONTINUATIONS:
             raise ValueError(f"unknown continuation {self.continuation!r}; choose one of: {', '.join(CONTINUATIONS)}")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"unknown --device {self.device!r}; valid forms: cpu, cuda, cuda:N, mps") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+        check_device(self.device)
+        self.out, self.data = os.path.expanduser(self.out), os.path.expanduser(self.data)
+        if self.video_root is not None:
+            self.video_root = os.path.expanduser(self.video_root)
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: float32, float16, bfloat16")
         for name, low, optional in INT_FIELDS:
