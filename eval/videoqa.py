@@ -35,7 +35,8 @@ Output directory
                    refused unless --overwrite; --overwrite only ever deletes the run's own files
                    (run.json, results*.jsonl, summary.json, summary.md).
   results.jsonl    one line per sample, appended (flushed and fsync'ed) as each finishes; a rerun
-                   skips the samples already there, unless their record was edited since (each
+                   skips the samples already there (error lines too, unless --retry-errors),
+                   unless their record was edited since (each
                    line stores a hash of its record, `record_hash`; the redone line, appended
                    later, is the one counted); a truncated last line (a run killed mid-write) is
                    dropped and redone. Ctrl-C stops a run; rerunning the same command resumes it.
@@ -108,6 +109,7 @@ class EvalConfig:
     seed: int = 0
     video_root: str | None = None
     overwrite: bool = False
+    retry_errors: bool = False            # redo the samples whose latest row is an error (a video since fixed)
     progress: bool = True
     warmup: int = 1                       # untimed passes over the first batch (first-call overheads)
     stop_after: int | None = None         # test hook: simulate a kill after N results (see --stop-after)
@@ -753,7 +755,7 @@ def _run_locked(cfg: EvalConfig, qa, state, records: list, problems: list, fresh
         records = records[:cfg.limit]
     order = [r["id"] for r in records] + [_problem_id(p) for p in problems]
     mine = shard(records, rank, world)
-    done = done_hashes(cfg.out)  # id -> the record hash its latest row was written for
+    done = done_hashes(cfg.out, redo_errors=cfg.retry_errors)  # id -> the record hash its latest row was written for
     todo = [r for r in mine if not is_done(done, r["id"], record_hash(r))]
     my_problems = ([p for p in problems if not is_done(done, _problem_id(p), _problem_hash(p))]
                    if state.is_main_process else [])
@@ -909,6 +911,9 @@ def add_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes over the first batch (default 1)")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --out")
+    p.add_argument("--retry-errors", dest="retry_errors", action="store_true",
+                   help="on resume, redo the samples whose result is an error (a missing video since copied "
+                        "in, an out-of-memory); the others stay done")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--stop-after", dest="stop_after", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -930,7 +935,8 @@ def base_config_from_args(args) -> dict:
                 scoring=args.scoring, frame_select=args.frame_select, candidates=args.candidates,
                 scorer_args=scorer_args, continuation=args.continuation, max_new_tokens=args.max_new_tokens,
                 batch=args.batch, device=args.device, dtype=args.dtype, seed=args.seed, video_root=args.video_root,
-                overwrite=args.overwrite, progress=args.progress, stop_after=args.stop_after, warmup=args.warmup)
+                overwrite=args.overwrite, retry_errors=args.retry_errors, progress=args.progress,
+                stop_after=args.stop_after, warmup=args.warmup)
 
 
 def config_from_args(args) -> EvalConfig:

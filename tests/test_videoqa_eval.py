@@ -188,6 +188,25 @@ def test_bad_records_are_reported_and_the_run_goes_on(tmp_path, data, model_dir,
     assert "| 5 | 3 |" in md
 
 
+def test_retry_errors_redoes_only_the_failed_samples(tmp_path, data, model_dir, qa):
+    """a video copied in after the run: a plain resume keeps its error row, --retry-errors redoes
+    it (and nothing else)"""
+    good = [json.loads(x) for x in Path(data).read_text().splitlines()][:2]
+    src = Path(data).parent / good[0]["video"]
+    late = tmp_path / "late.mp4"
+    ds = tmp_path / "late.jsonl"
+    other = dict(good[1], video=str(Path(data).parent / good[1]["video"]))
+    ds.write_text("".join(json.dumps(r) + "\n" for r in [dict(good[0], id="late", video=str(late)), other]))
+    out = tmp_path / "out"
+    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik"), qa=qa)["errors"] == 1
+    late.write_bytes(src.read_bytes())
+    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik"), qa=qa)["errors"] == 1
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik", retry_errors=True), qa=qa)["errors"] == 0
+    added = (out / "results.jsonl").read_text().splitlines()[len(lines):]
+    assert [json.loads(x)["id"] for x in added] == ["late"]
+
+
 def test_scores_match_a_direct_computation(data, qa, baseline_run):
     from tokenreduce.eval.video import read_frames
     full_dir, summary = baseline_run
