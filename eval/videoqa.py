@@ -628,23 +628,54 @@ def _error_row(sample_id, error: str, **extra) -> dict:
     return {"id": sample_id, "error": error, **extra}
 
 
+def _clip_window(rec: dict):
+    """(first, last) frame index of the record's meta.start / meta.end (seconds; MVBench's clip
+    bounds), or None when it has none"""
+    from .video import video_info
+    meta = rec.get("meta") or {}
+    if meta.get("start") is None and meta.get("end") is None:
+        return None
+    info = video_info(rec["video"])
+    total, fps = info["total"], info["fps"]
+    first = max(0, round(float(meta.get("start") or 0.0) * fps))
+    last = total - 1 if meta.get("end") is None else min(total - 1, round(float(meta["end"]) * fps))
+    if first > last:
+        raise ValueError(f"meta start {meta.get('start')} s / end {meta.get('end')} s select no frame of a "
+                         f"{total}-frame video at {fps:g} fps")
+    return first, last
+
+
+def _read_uniform(rec: dict, k: int, window) -> tuple:
+    """k frames spread evenly over the clip (endpoints included), or over its window"""
+    from .video import read_frames, uniform_indices
+    if window is None:
+        return read_frames(rec["video"], num_frames=k)
+    first, last = window
+    return read_frames(rec["video"], indices=(first + uniform_indices(last - first + 1, k)).tolist())
+
+
 def _load_frames(rec: dict, cfg: EvalConfig, qa: QAModel, scorer, handle_ctl) -> tuple:
-    """(frames, frame info) for one record, uniform or selected for its question."""
-    from .video import read_frames, video_info
+    """(frames, frame info) for one record, uniform or selected for its question, within its
+    meta.start / meta.end bounds when it has them."""
+    from .video import video_info
+    window = _clip_window(rec)
+    bounds = {} if window is None else {"window": list(window)}
     if not cfg.frame_select:
-        frames, meta = read_frames(rec["video"], num_frames=cfg.frames)
-        return frames, {"indices": meta["indices"], "total": meta["total"]}
+        frames, meta = _read_uniform(rec, cfg.frames, window)
+        return frames, {"indices": meta["indices"], "total": meta["total"], **bounds}
     total = video_info(rec["video"])["total"]
-    n_cand = min(cfg.candidates or 4 * cfg.frames, total)
+    span = total if window is None else window[1] - window[0] + 1
+    n_cand = min(cfg.candidates or 4 * cfg.frames, span)
     if n_cand <= cfg.frames:  # nothing to choose from: uniform (repeating frames if the video is short)
-        frames, meta = read_frames(rec["video"], num_frames=cfg.frames)
-        return frames, {"indices": meta["indices"], "total": total, "selected_by": "uniform (too few frames)"}
-    cand, meta = read_frames(rec["video"], num_frames=n_cand)
+        frames, meta = _read_uniform(rec, cfg.frames, window)
+        return frames, {"indices": meta["indices"], "total": total, "selected_by": "uniform (too few frames)",
+                        **bounds}
+    cand, meta = _read_uniform(rec, n_cand, window)
     from .frame_select import select_frames
     with handle_ctl.suspended(cfg.frame_select == "vlm"):  # the scorer asks the plain model
         picked, idx = select_frames(cand, rec["question"], k=cfg.frames, scorer=scorer)
     return picked, {"indices": [meta["indices"][i] for i in idx.tolist()], "total": total,
-                    "candidates": meta["indices"], "selected_by": cfg.frame_select}
+                    "candidates": meta["indices"], "selected_by": cfg.frame_select, **bounds}
 
 
 class _HandleControl:

@@ -207,6 +207,21 @@ def test_retry_errors_redoes_only_the_failed_samples(tmp_path, data, model_dir, 
     assert [json.loads(x)["id"] for x in added] == ["late"]
 
 
+def test_clip_bounds_in_meta_restrict_the_sampled_frames(tmp_path, data, model_dir, qa):
+    """meta.start / meta.end (seconds, MVBench's bounds) select the frames sampled from; the
+    synthetic clips run at 4 fps, so 0.25-0.75 s is frames 1..3"""
+    rec = json.loads(Path(data).read_text().splitlines()[0])
+    rec = dict(rec, video=str(Path(data).parent / rec["video"]), meta={**rec["meta"], "start": 0.25, "end": 0.75})
+    ds = tmp_path / "bounded.jsonl"
+    ds.write_text(json.dumps(rec) + "\n")
+    for extra in ({}, dict(frame_select="uniform", candidates=FRAMES + 1)):
+        out = tmp_path / f"out{len(extra)}"
+        run_eval(_cfg(ds, out, model_dir, scoring="loglik", **extra), qa=qa)
+        row = read_results(out / "results.jsonl")[0]
+        assert "error" not in row and row["frames"]["window"] == [1, 3]
+        assert len(row["frames"]["indices"]) == FRAMES and set(row["frames"]["indices"]) <= {1, 2, 3}
+
+
 def test_scores_match_a_direct_computation(data, qa, baseline_run):
     from tokenreduce.eval.video import read_frames
     full_dir, summary = baseline_run
