@@ -134,7 +134,8 @@ def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, 
               device="cpu", dtype="float32") -> dict:
     """policies: {name: spec}; the unreduced "baseline" is always measured (first). Policies the
     caller gave must all run (an error names the bad one); of the built-in DEFAULT_POLICIES, one
-    whose method cannot run here is skipped with a message."""
+    whose method cannot run here (when installed, or on this input, e.g. --frames 1 for a method
+    that prunes frames) is skipped with a message."""
     check_counts(frames=frames, vision_layers=vision_layers, layers=llm_layers, runs=runs, warmup=warmup,
                  decode_tokens=decode_tokens)
     check_device(device)
@@ -170,12 +171,20 @@ def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, 
     samples = {n: [] for n in available}
     stats = {}
     for r in range(warmup + runs):
-        for name, spec in available.items():
+        for name, spec in list(available.items()):
             h = tr.reduce(model, spec) if spec else None
             try:
                 m = measure_once(model, inputs, decode_tokens, device)
                 if h is not None:
                     stats[name] = h.stats
+            except tr.TokenReduceError as exc:  # a method that cannot take this input (e.g. a single frame)
+                if given:
+                    raise ValueError(f"policy {name!r} ({policies[name]!r}) failed on the LLaVA-OneVision-shaped "
+                                     f"model: {exc}") from None
+                print(f"skipping {name}: {exc}")
+                del available[name], samples[name]
+                stats.pop(name, None)
+                continue
             finally:
                 if h is not None:
                     h.remove()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -34,6 +35,26 @@ def int_at_least(low: int, meaning: str = ""):
 
 
 THREADS = int_at_least(0, " (0 = torch's default)")
+
+
+def float_in(low: float, high: float | None = None, *, low_open: bool = False):
+    """An argparse type: a finite float >= low (> low with low_open), and <= high when given; the
+    message names the range, e.g. "must be in (0, 1], got 1.5"."""
+    if high is None:
+        what = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        what = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = f"number {what}"
+    return parse
 
 
 def check_device(device) -> str:

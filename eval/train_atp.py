@@ -115,25 +115,26 @@ def train(steps: int = 30, out: str | Path | None = None, *, batch: int = 4, lr:
 
 
 def main(argv=None) -> int:
+    from .cli import THREADS, float_in, int_at_least
     ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train_atp", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int_at_least(1), default=30)
     ap.add_argument("--out", required=True, help="folder for atp_thresholds.safetensors and train_log.json")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--depth", type=int, default=4, help="LLM layers of the tiny model")
-    ap.add_argument("--lambda-atp", type=float, default=None)
-    ap.add_argument("--lambda-target", type=float, default=None)
-    ap.add_argument("--target", type=float, default=None, help="target kept fraction (default 144/576)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for torch (default 1: the tiny model is fastest on one, also on a busy machine)")
+    ap.add_argument("--batch", type=int_at_least(1), default=4)
+    ap.add_argument("--lr", type=float_in(0, low_open=True), default=0.05)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--depth", type=int_at_least(2, " (ATP scores from a layer after the first)"), default=4,
+                    help="LLM layers of the tiny model")
+    ap.add_argument("--lambda-atp", type=float_in(0), default=None)
+    ap.add_argument("--lambda-target", type=float_in(0), default=None)
+    ap.add_argument("--target", type=float_in(0, 1, low_open=True), default=None,
+                    help="target kept fraction, in (0, 1] (default 144/576)")
+    ap.add_argument("--threads", type=THREADS, default=1,
+                    help="CPU threads for torch (default 1: the tiny model is fastest on one, also on a busy machine; "
+                         "0 = torch's default)")
     a = ap.parse_args(argv)
-    if a.steps < 1:
-        ap.error("--steps must be >= 1")
-    if a.threads < 1:
-        ap.error("--threads must be >= 1")
     threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         log = train(a.steps, a.out, batch=a.batch, lr=a.lr, seed=a.seed, depth=a.depth, lambda_atp=a.lambda_atp,
                     lambda_target=a.lambda_target, target_fraction=a.target)

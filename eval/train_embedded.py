@@ -266,34 +266,57 @@ def training_totals(init, info: dict) -> dict:
                 total_samples_seen=sum(int(st["samples_seen"] or 0) for st in stages))
 
 
+def check_flags(parser, args):
+    """the checks that span flags, before any model is built (parser.error: exit 2)"""
+    for whole, part in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads"),
+                        ("text_heads", "text_kv_heads")):
+        if getattr(args, whole) % getattr(args, part):
+            parser.error(f"--{whole.replace('_', '-')} {getattr(args, whole)} must be a multiple of "
+                         f"--{part.replace('_', '-')} {getattr(args, part)}")
+    if args.patch_size > args.image_size:
+        parser.error(f"--patch-size {args.patch_size} is larger than --image-size {args.image_size}")
+    if args.init:  # the layer count is the checkpoint's (its sizes must match the size flags anyway)
+        return
+    layers = args.text_layers
+    if args.frame_aux and args.frame_aux_layer > layers:
+        parser.error(f"--frame-aux-layer {args.frame_aux_layer}: the LLM has --text-layers {layers}; give 0..{layers}")
+    if args.attention_aux and not -layers <= args.attention_aux_layer < layers:
+        parser.error(f"--attention-aux-layer {args.attention_aux_layer}: the LLM has --text-layers {layers}; give "
+                     f"{-layers}..{layers - 1} (-1 = the last)")
+
+
 def main(argv=None):
+    from .cli import THREADS, float_in, int_at_least
+    pos, nonneg, positive, weight = int_at_least(1), int_at_least(0), float_in(0, low_open=True), float_in(0)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, default=80.0, help="training time budget (evaluation excluded)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (rendering, and the model on the CPU)")
+    p.add_argument("--minutes", type=positive, default=80.0, help="training time budget (evaluation excluded)")
+    p.add_argument("--batch", type=pos, default=32)
+    p.add_argument("--lr", type=positive, default=1.5e-3)
+    p.add_argument("--frames", type=int_at_least(2, " (the questions ask about time)"), default=8)
+    p.add_argument("--threads", type=THREADS, default=2,
+                   help="CPU threads (rendering, and the model on the CPU; 0 = torch's default)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N; clips are rendered on the CPU")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--eval-every", type=float, default=300.0, help="seconds")
-    p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--aux-weight", type=float, default=0.5)
-    p.add_argument("--relevance-every", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
+    p.add_argument("--seed", type=nonneg, default=1)
+    p.add_argument("--eval-every", type=positive, default=300.0, help="seconds")
+    p.add_argument("--eval-samples", type=pos, default=500)
+    p.add_argument("--aux-weight", type=weight, default=0.5)
+    p.add_argument("--relevance-every", type=nonneg, default=4, help="steps between relevance batches (0 = none)")
+    p.add_argument("--max-steps", type=nonneg, default=0, help="stop after this many steps (0 = time budget only)")
     p.add_argument("--init", default=None, help="continue from the weights in this directory (a previous --out)")
-    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--warmup", type=pos, default=100, help="warm-up steps")
     p.add_argument("--qtype-weights", dest="qtype_weights", default="",
                    help="oversample question types, e.g. start_end=3,region_color=2 (others 1)")
-    p.add_argument("--position-aux", dest="position_aux", type=float, default=0.0,
+    p.add_argument("--position-aux", dest="position_aux", type=weight, default=0.0,
                    help="weight of an auxiliary head predicting each patch's grid position from its projector "
                         "output (keeps 'where' linearly readable for the LLM)")
-    p.add_argument("--frame-aux", dest="frame_aux", type=float, default=0.0,
+    p.add_argument("--frame-aux", dest="frame_aux", type=weight, default=0.0,
                    help="weight of an auxiliary head predicting each visual token's frame index from the LLM "
                         "hidden state after --frame-aux-layer layers (1-D RoPE gives 'when' only implicitly)")
-    p.add_argument("--frame-aux-layer", dest="frame_aux_layer", type=int, default=2)
-    p.add_argument("--attention-aux", dest="attention_aux", type=float, default=0.0,
+    p.add_argument("--frame-aux-layer", dest="frame_aux_layer", type=nonneg, default=2,
+                   help="LLM layers before the hidden state --frame-aux reads (0..--text-layers)")
+    p.add_argument("--attention-aux", dest="attention_aux", type=weight, default=0.0,
                    help="weight of a loss on the last position's attention (mean over heads) in LLM layer "
                         "--attention-aux-layer: -log of its mass on the tokens that show what the question asks "
                         "about (grounding supervision; without it the model never learned 'where is the red "
@@ -302,14 +325,16 @@ def main(argv=None):
                    help="question types whose attention is supervised (comma-separated; default all)")
     p.add_argument("--attention-aux-layer", dest="attention_aux_layer", type=int, default=-1,
                    help="LLM layer whose attention --attention-aux supervises (-1 = the last)")
-    p.add_argument("--background-dropout", dest="background_dropout", type=float, default=0.0,
+    p.add_argument("--background-dropout", dest="background_dropout", type=float_in(0, 1), default=0.0,
                    help="hide a random share (up to this fraction, drawn per sample; half the samples hide "
                         "nothing) of the frame tokens that show no object, so the answers do not depend on how "
                         "much clutter the model sees")
     for k, v in DEFAULT_SIZES.items():
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+        p.add_argument(f"--{k.replace('_', '-')}", type=pos, default=v)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    check_flags(p, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -444,7 +469,7 @@ def main(argv=None):
     model.to("cpu").save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     info = dict(params=n_params, steps=step, samples_seen=seen, train_seconds=round(train_seconds),
-                threads=args.threads, device=str(device), load_average=os.getloadavg(), args=vars(args), held_out=acc,
+                threads=torch.get_num_threads(), device=str(device), load_average=os.getloadavg(), args=vars(args), held_out=acc,
                 held_out_samples=args.eval_samples, held_out_seed=12345, log=log)
     info.update(training_totals(args.init, info))
     (out / "training.json").write_text(json.dumps(info, indent=1))

@@ -122,16 +122,21 @@ def train(steps: int = 400, batch: int = 32, frames: int = 32, lr: float = 2e-3,
 
 
 def main(argv=None):
+    from .cli import float_in, int_at_least
+    pos = int_at_least(1)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="frame_selector.safetensors",
                     help="the safetensors FILE to save the head to (its folder is created)")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=32, help="candidate frames per synthetic clip")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--k", type=int, default=4, help="frames selected in the evaluation")
+    ap.add_argument("--steps", type=pos, default=400)
+    ap.add_argument("--batch", type=pos, default=32)
+    ap.add_argument("--frames", type=pos, default=32, help="candidate frames per synthetic clip")
+    ap.add_argument("--lr", type=float_in(0, low_open=True), default=2e-3)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--k", type=pos, default=4, help="frames selected in the evaluation (at most --frames)")
     args = ap.parse_args(argv)
+    if args.k > args.frames:  # before training, not after it
+        ap.error(f"--k {args.k} is more than --frames {args.frames}: the evaluation selects k of the clip's frames; "
+                 f"give --k 1..{args.frames}")
     if Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out} is a folder; give the file to write, e.g. {Path(args.out) / 'selector.safetensors'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before training, not after it

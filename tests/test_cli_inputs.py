@@ -161,6 +161,25 @@ def test_bench_vlm_policy_the_user_gave_must_run(capsys, tiny_onevision):
     assert "'typo'" in err and "unknown method 'fastvv'" in err and "fastv" in err
 
 
+def test_bench_vlm_skips_a_default_policy_that_cannot_take_the_input(capsys, tiny_onevision):
+    """--frames 1: dycoke_ttm (it prunes frames) fails when the model runs; a default policy is
+    skipped with its reason and the others are measured (a --policy the user gave still fails:
+    test_cli_inputs.py::test_bench_vlm_policy_the_user_gave_must_run)"""
+    from tokenreduce.eval.cli import main
+    assert main(SMALL_VLM) == 0
+    out = capsys.readouterr().out
+    assert "skipping dycoke_ttm: " in out and "single frame" in out
+    assert "| baseline |" in out and "| random |" in out and "| dycoke_ttm |" not in out
+
+
+def test_bench_vlm_a_user_policy_that_fails_on_the_input_still_fails(capsys, tiny_onevision):
+    from tokenreduce.eval.cli import main
+    assert main(SMALL_VLM + ["--policy", "projector.out=dycoke_ttm(ratio=0.7)"]) == 2
+    captured = capsys.readouterr()
+    assert "policy 'policy'" in captured.err and "single frame" in captured.err
+    assert "skipping" not in captured.out
+
+
 def test_bench_vlm_policies_json_errors_name_the_flag(capsys):
     err = _error(capsys, ["bench", "vlm", "--policies", "{bad"])
     assert "--policies must be a JSON object {name: spec}" in err
