@@ -371,15 +371,16 @@ def earlier_rows(out, skip=()) -> list:
     return rows
 
 
-def merge_rows(old: list, new: list) -> list:
+def merge_rows(old: list, new: list, finished=lambda label: False) -> list:
     """`old` with each row of `new` in place of the old row with its label; new labels appended.
-    A new failed row does not replace an earlier finished one: a refused rerun (another config,
-    say) leaves that run's directory, and so its row, as it was."""
+    A new failed row does not replace an earlier one whose run is still `finished` (its
+    directory still holds its summary): a refused rerun (another config, a lock) left it as it
+    was. A rerun that cleared the directory (--overwrite) and then failed does replace it."""
     merged = list(old)
     index = {r["label"]: i for i, r in enumerate(merged)}
     for r in new:
         if r["label"] in index:
-            if "failed" in r and "failed" not in merged[index[r["label"]]]:
+            if "failed" in r and "failed" not in merged[index[r["label"]]] and finished(r["label"]):
                 continue
             merged[index[r["label"]]] = r
         else:
@@ -393,7 +394,8 @@ def write_outputs(rows: list, out) -> list:
     into the rows of runs an earlier sweep left there. Returns the merged rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = merge_rows(earlier_rows(out, skip={_dirname(str(r["label"])) for r in rows}), rows)
+    rows = merge_rows(earlier_rows(out, skip={_dirname(str(r["label"])) for r in rows}), rows,
+                      finished=lambda label: (out / _dirname(str(label)) / "summary.json").is_file())
     table = format_table(rows)
     (out / "sweep.md").write_text(table + "\n")
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))

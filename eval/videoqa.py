@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from .cli import check_device
-from .videoqa_results import (append_result, done_hashes, done_ids, is_done, merge_results,  # noqa: F401
+from .videoqa_results import (append_result, done_hashes, done_ids, error_ids, is_done, merge_results,  # noqa: F401
                               read_results, record_hash, repair_truncated, results_file, shard)
 from .videoqa_summary import CATEGORY_KEYS, format_summary, summarise, write_summary  # noqa: F401
 
@@ -786,8 +786,9 @@ def _run_locked(cfg: EvalConfig, qa, state, records: list, problems: list, fresh
         records = records[:cfg.limit]
     order = [r["id"] for r in records] + [_problem_id(p) for p in problems]
     mine = shard(records, rank, world)
-    done = done_hashes(cfg.out, redo_errors=cfg.retry_errors)  # id -> the record hash its latest row was written for
-    todo = [r for r in mine if not is_done(done, r["id"], record_hash(r))]
+    done = done_hashes(cfg.out)  # id -> the record hash its latest row was written for
+    retry = error_ids(cfg.out) if cfg.retry_errors else set()  # records only: a malformed line stays malformed
+    todo = [r for r in mine if not is_done(done, r["id"], record_hash(r)) or r["id"] in retry]
     my_problems = ([p for p in problems if not is_done(done, _problem_id(p), _problem_hash(p))]
                    if state.is_main_process else [])
     n_mine = len(mine) + (len(problems) if state.is_main_process else 0)

@@ -96,14 +96,15 @@ def done_ids(out) -> set:
     return {r.get("id") for p in _result_files(out) for r in read_results(p)}
 
 
-def done_hashes(out, redo_errors: bool = False) -> dict:
-    """id -> record_hash of the latest row for that id (None for a row written without one);
-    redo_errors: an id whose latest row is an error maps to a hash no record has (not done)."""
-    done = {}
-    for p in _result_files(out):
-        for r in read_results(p):
-            done[r.get("id")] = "<error: redo>" if redo_errors and r.get("error") else r.get("record_hash")
-    return done
+def done_hashes(out) -> dict:
+    """id -> record_hash of the latest row for that id (None for a row written without one)."""
+    return {r.get("id"): r.get("record_hash") for p in _result_files(out) for r in read_results(p)}
+
+
+def error_ids(out) -> set:
+    """ids whose latest row is an error"""
+    latest = {r.get("id"): bool(r.get("error")) for p in _result_files(out) for r in read_results(p)}
+    return {i for i, failed in latest.items() if failed}
 
 
 def is_done(done: dict, sample_id, rec_hash: str) -> bool:

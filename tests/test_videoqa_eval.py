@@ -196,15 +196,18 @@ def test_retry_errors_redoes_only_the_failed_samples(tmp_path, data, model_dir, 
     late = tmp_path / "late.mp4"
     ds = tmp_path / "late.jsonl"
     other = dict(good[1], video=str(Path(data).parent / good[1]["video"]))
-    ds.write_text("".join(json.dumps(r) + "\n" for r in [dict(good[0], id="late", video=str(late)), other]))
+    ds.write_text("".join(json.dumps(r) + "\n" for r in [dict(good[0], id="late", video=str(late)), other])
+                  + '{"id": "broken"}\n')  # a malformed line: its error row is never redone
     out = tmp_path / "out"
-    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik"), qa=qa)["errors"] == 1
+    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik"), qa=qa)["errors"] == 2
     late.write_bytes(src.read_bytes())
-    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik"), qa=qa)["errors"] == 1
+    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik"), qa=qa)["errors"] == 2
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik", retry_errors=True), qa=qa)["errors"] == 0
+    assert run_eval(_cfg(ds, out, model_dir, scoring="loglik", retry_errors=True), qa=qa)["errors"] == 1
     added = (out / "results.jsonl").read_text().splitlines()[len(lines):]
     assert [json.loads(x)["id"] for x in added] == ["late"]
+    run_eval(_cfg(ds, out, model_dir, scoring="loglik", retry_errors=True), qa=qa)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines) + 1  # nothing left to retry
 
 
 def test_clip_bounds_in_meta_restrict_the_sampled_frames(tmp_path, data, model_dir, qa):
@@ -384,6 +387,11 @@ def test_sweep_is_locked_and_a_refused_rerun_keeps_the_finished_rows(tmp_path, d
     assert "1 of 1 runs failed: random_b0.5" in capsys.readouterr().err
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["label"] for r in rows] == ["random_b0.5"] and "failed" not in rows[0] and rows[0]["n"] == 2
+    # --overwrite clears the run's directory first: when that rerun fails, its failed row replaces the old one
+    assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5", "--overwrite",
+                  "--frame-select", "head", "--scorer-args", '{"bogus": 1}') == 1
+    rows = json.loads((out / "sweep.json").read_text())
+    assert "failed" in rows[0] and not (out / "random_b0.5" / "summary.json").exists()
 
 
 def test_sweep_refuses_a_missing_dataset_and_labels_that_are_its_own_outputs(tmp_path, model_dir, capsys):
