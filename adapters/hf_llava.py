@@ -22,6 +22,7 @@ the input ids; dropped positions read zeros.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 
@@ -298,7 +299,9 @@ class LlavaFamilyAdapter(Adapter):
             out.pooler_output = items if isinstance(feats, list) else type(feats)(items)
         self._items[id(out)] = (modality, states)
         self._reduced = {k: v for k, v in self._reduced.items() if v[0]() is not None}
-        self._reduced[id(out)] = (weakref.ref(out), (modality, states))
+        # with the site records of the reduction, so a forward that reuses the features reports them
+        sites = {k: dataclasses.replace(v) for k, v in self.recorder.last.sites.items()}
+        self._reduced[id(out)] = (weakref.ref(out), (modality, states), sites)
 
     def _placeholder_count(self, P) -> int:
         """LLaVA-1.5: the processor puts one placeholder per token of the unreduced tower."""
@@ -375,7 +378,9 @@ class LlavaFamilyAdapter(Adapter):
                 continue
             rec = self._items.pop(id(out), None)
             if rec is None and id(out) in self._reduced and self._reduced[id(out)][0]() is out:
-                rec = self._reduced[id(out)][1]  # features reduced at an earlier step, fed again
+                _, rec, sites = self._reduced[id(out)]  # features reduced at an earlier step, fed again
+                for k, v in sites.items():
+                    self.recorder.last.sites.setdefault(k, dataclasses.replace(v))
             if rec is None:  # features computed elsewhere: take them as they are
                 feats = out.pooler_output
                 feats = list(feats) if not torch.is_tensor(feats) else [f for f in feats]
@@ -523,15 +528,19 @@ class LlavaFamilyAdapter(Adapter):
             logits = getattr(output, "logits", None)
         if p is None or logits is None or logits.shape[1] != p.col_map.shape[1] or logits.shape[1] <= 1:
             return None
-        full = scatter_to_input(logits, p.col_map.clamp(min=0), p.col_map >= 0, p.L_full)
-        if isinstance(output, tuple):
-            return output[:at] + (full,) + output[at + 1:]
-        output.logits = full
-        every = getattr(output, "hidden_states", None)
-        if isinstance(every, tuple):  # the LLM's per-layer states, realigned to the shortened prompt
-            output.hidden_states = tuple(
-                scatter_to_input(h, p.col_map.clamp(min=0), p.col_map >= 0, p.L_full)
-                if torch.is_tensor(h) and h.dim() == 3 and h.shape[1] == p.col_map.shape[1] else h for h in every)
+        realign = lambda t: scatter_to_input(t, p.col_map.clamp(min=0), p.col_map >= 0, p.L_full)  # noqa: E731
+
+        def states(every):  # the LLM's per-layer hidden states, at the shortened prompt's length
+            return tuple(realign(h) if torch.is_tensor(h) and h.dim() == 3 and h.shape[1] == p.col_map.shape[1]
+                         else h for h in every)
+        if isinstance(output, tuple):  # (loss,) logits, past, hidden states, ...: the tuple of 3-D states
+            return tuple(realign(v) if i == at else
+                         states(v) if isinstance(v, tuple) and v and all(torch.is_tensor(h) and h.dim() == 3
+                                                                       for h in v) else v
+                         for i, v in enumerate(output))
+        output.logits = realign(logits)
+        if isinstance(getattr(output, "hidden_states", None), tuple):
+            output.hidden_states = states(output.hidden_states)
         return output
 
     # -- stats --------------------------------------------------------------------------------

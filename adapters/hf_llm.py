@@ -423,12 +423,12 @@ class LLMSites:
         idx = s.cur_cols.masked_fill(~s.cur_slot, L0)
         every = getattr(output, "hidden_states", None)
         if isinstance(every, tuple) and every:
-            # entry 0 is the embeddings, entry j + 1 layer j's output (the last one normed): each
-            # at the length that layer ran, realigned the same way
+            # entry 0 is layer 0's input (after a reduction at llm.layer.0), entry j + 1 layer j's
+            # output (the last one normed): each at the length that layer ran, realigned the same way
             last = len(self.layers) - 1
             output.hidden_states = tuple(
-                h if h.shape[1] == L0 or e == 0 else
-                scatter_to_input(h, s.cols[min(e - 1, last)], s.slots[min(e - 1, last)], L0)
+                h if h.shape[1] == L0 else
+                scatter_to_input(h, s.cols[min(max(e - 1, 0), last)], s.slots[min(max(e - 1, 0), last)], L0)
                 for e, h in enumerate(every))
         if self.labels is not None and self.labels.shape[:2] == (B, L0):
             kept = torch.zeros(B, L0 + 1, dtype=torch.bool, device=hs.device)

@@ -50,8 +50,9 @@ class OpenClipViTAdapter(ViTAdapter):
     def install_extra(self):
         self.check_intermediates(self.visual)
 
-    def intermediates_refusal(self):
-        if "vision.out" in self._by_site:
+    def intermediates_refusal(self, arguments):
+        # with intermediates_only there is no final output, so no vision.out result to miss
+        if "vision.out" in self._by_site and not arguments.get("intermediates_only", False):
             return ("open_clip's forward_intermediates runs the blocks without the transformer's forward, where "
                     "vision.out sits, so that stage would not run; call the model itself, or place the stage at "
                     "vision.layer.* / vision.block.*")

@@ -133,8 +133,9 @@ class ViTAdapter(Adapter):
     def install_extra(self) -> None:
         """Family-specific extras (e.g. size-weighted average pooling)."""
 
-    #: why the model's forward_intermediates cannot run this policy (None: it can)
-    def intermediates_refusal(self) -> str | None:
+    #: why the model's forward_intermediates, called with these arguments, cannot run this policy
+    #: (None: it can)
+    def intermediates_refusal(self, arguments: dict) -> str | None:
         return None
 
     def check_intermediates(self, module) -> None:
@@ -154,10 +155,11 @@ class ViTAdapter(Adapter):
                 "output_fmt='NLC' (reshape=False) for the reduced tokens, or remove the reduction first")
 
         def forward_intermediates(*args, **kwargs):
-            why = self.intermediates_refusal()
+            arguments = signature.bind(*args, **kwargs).arguments
+            why = self.intermediates_refusal(arguments)
             if why:
                 raise SiteError(why)
-            nchw = signature.bind(*args, **kwargs).arguments.get("output_fmt", "NCHW") == "NCHW"
+            nchw = arguments.get("output_fmt", "NCHW") == "NCHW"
             self._in_intermediates = True
             try:
                 out = original(*args, **kwargs)

@@ -142,10 +142,14 @@ def test_generate_without_cache_after_a_reduction_before_the_llm(name):
     step's prefill: they are recognised, and greedy decoding matches the cached run"""
     case = V.BUILDERS[name]("sdpa")
     spec = "projector.out=random(keep=0.5, shared=True)"
-    with tr.reduce(case.model, spec):
+    with tr.reduce(case.model, spec) as h:
         cached = _generate(case.model, case.singles[0])
+        want = h.stats["sites"]["projector.out"]
         fresh = _generate(case.model, case.singles[0], use_cache=False)
+        # the last step's record reports the reduction its reused features carry
+        got = h.stats["sites"].get("projector.out")
     assert_same_generation(fresh, 0, cached)
+    assert got is not None and (got["tokens_in"], got["tokens_out"]) == (want["tokens_in"], want["tokens_out"])
 
 
 def test_labels_loss_leaves_out_positions_dropped_inside_the_llm():
@@ -217,7 +221,8 @@ def test_spatial_reducers_in_the_llm_use_each_rows_own_grid(spec):
         assert torch.allclose(together[b], alone[b], atol=1e-5), f"row {b}"
 
 
-@pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)", "projector.out=random(keep=0.5, shared=True)"])
+@pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)", "projector.out=random(keep=0.5, shared=True)",
+                                  "llm.layer.0=uniform(keep=0.5)"])
 def test_hidden_states_are_realigned_to_the_input_like_the_logits(spec):
     """output_hidden_states=True: every layer's states come back at the input's length (dropped
     positions read zeros), so they stack, index by input position and give the logits"""
@@ -233,9 +238,13 @@ def test_hidden_states_are_realigned_to_the_input_like_the_logits(spec):
     text[: int((case.batch["attention_mask"][0] == 0).sum())] = False  # left padding
     # the embeddings of text tokens are those of the unreduced model, at the same positions
     assert torch.equal(out.hidden_states[0][0, text], plain.hidden_states[0][0, text])
-    if spec.startswith("llm"):  # layers before the reduction see every token
+    if spec.startswith("llm.layer.2"):  # layers before the reduction see every token
         assert torch.equal(out.hidden_states[2], plain.hidden_states[2])
     assert torch.allclose(case.model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-5)
+    with torch.no_grad(), tr.reduce(case.model, spec):  # return_dict=False: the same, in the tuple
+        as_tuple = case.model(**case.batch, output_hidden_states=True, return_dict=False)
+    every = next(v for v in as_tuple if isinstance(v, tuple) and len(v) == len(out.hidden_states))
+    assert all(torch.equal(a, b) for a, b in zip(every, out.hidden_states))
 
 
 def test_same_input_same_output(case):

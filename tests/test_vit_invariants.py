@@ -204,9 +204,13 @@ def test_open_clip_intermediates_refuse_a_grid_reshape_and_a_bypassed_vision_out
                 m.forward_intermediates(x)
             nlc = m.forward_intermediates(x, output_fmt="NLC")["image_intermediates"]
             assert [t.shape[1] for t in nlc] == [16, 8, 8]
+        plain = m.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")["image_intermediates"]
         with tr.reduce(m, "vision.out=uniform(keep=0.25)"):
             with pytest.raises(tr.SiteError, match="vision.out sits"):
                 m.forward_intermediates(x, output_fmt="NLC")
+            # no final output asked for: nothing of vision.out's is missed, the blocks' tokens come back
+            only = m.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")["image_intermediates"]
+            assert len(only) == len(plain) and all(torch.equal(a, b) for a, b in zip(only, plain))
     assert "forward_intermediates" not in vars(m)
 
 
