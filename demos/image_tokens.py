@@ -103,7 +103,7 @@ def procedural_image(size: int = 224, seed: int = 0) -> np.ndarray:
 
 def load_image(path: str, max_bytes: int | None = None) -> np.ndarray:
     """An uploaded file as (H, W, 3) uint8 RGB, or a DemoInputError saying what is wrong."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     name = os.path.basename(path)
     if not os.path.isfile(path):
@@ -117,7 +117,8 @@ def load_image(path: str, max_bytes: int | None = None) -> np.ndarray:
             if w * h > MAX_PIXELS:
                 raise DemoInputError(f"{name} is {w} x {h} pixels; the limit is {MAX_PIXELS // 10**6} megapixels")
             im.load()
-            rgb = im.convert("RGB")
+            # as a browser shows it: a phone photo's EXIF orientation applied, so overlays line up
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
     except UnidentifiedImageError:
         raise DemoInputError(f"{name} is not an image this demo can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -129,15 +130,16 @@ def load_image(path: str, max_bytes: int | None = None) -> np.ndarray:
 
 
 def center_crop(img: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic) and crop the centre square: (size, size, 3) uint8."""
+    """The centre square, resized to `size` (bicubic): (size, size, 3) uint8. The same as resizing
+    the shorter side to `size` and cropping, but the square is cut first, so a very thin image
+    (8 x 120000 px) never becomes a huge intermediate."""
     from PIL import Image
 
     h, w = img.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    im = Image.fromarray(img).resize((nw, nh), Image.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(np.ascontiguousarray(img[top:top + side, left:left + side]))
+    return np.asarray(square.resize((size, size), Image.BICUBIC))
 
 
 def to_pixels(img: np.ndarray):

@@ -379,13 +379,24 @@ def run_video_qa(vm: VideoModel, frames: np.ndarray, question: str, options: lis
 
 
 # -- rendering -----------------------------------------------------------------------------------
+STRIP_MAX_WIDTH = 4096  # pixels; Gradio sends images as WebP, which stops at 16383
+
+
 def frames_strip(frames: np.ndarray, selected, scale: int = 2) -> np.ndarray:
     """Every decoded frame side by side; frames the model saw with reduction get a green
-    border, the others are dimmed with a grey one."""
+    border, the others are dimmed with a grey one. Frames are upscaled `scale` times when small
+    and shrunk when the strip would pass STRIP_MAX_WIDTH (an HD clip, or many frames)."""
     sel = set(int(i) for i in selected)
+    n, h, w = len(frames), frames.shape[1], frames.shape[2]
+    fit = (STRIP_MAX_WIDTH - 11 * n) / max(1, n * w)  # 11 px of border and gap per tile
     tiles = []
     for i, f in enumerate(frames):
-        t = upscale(f, scale).astype(np.float32)
+        if fit < scale:  # shrink (or upscale less): nearest-neighbour, as upscale() does
+            tw, th = max(1, int(w * fit)), max(1, int(h * fit))
+            f = f[(np.arange(th) * h // th)[:, None], (np.arange(tw) * w // tw)[None, :]]
+            t = f.astype(np.float32)
+        else:
+            t = upscale(f, scale).astype(np.float32)
         if i not in sel:
             t = t * 0.35 + 40
         t = t.clip(0, 255).astype(np.uint8)

@@ -109,6 +109,29 @@ def test_run_image_numbers(tiny_vit):
         it.run_image(tiny_vit, it.procedural_image(), "vision.block.40=random(keep=0.5)", repeats=1)
 
 
+def test_thin_and_rotated_uploads(tmp_path):
+    """a very thin image is cropped before it is resized (it used to grow into a 224 x 3.36M
+    intermediate); a phone photo's EXIF orientation is applied, as a browser shows it"""
+    from PIL import Image
+    thin = np.zeros((8, 120000, 3), np.uint8)
+    thin[:, 60000 - 4:60000 + 4] = 255  # the centre square is white
+    out = it.center_crop(thin)
+    assert out.shape == (it.IMAGE_SIZE, it.IMAGE_SIZE, 3) and out.min() > 200
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (100, 200)).save(photo, exif=exif)
+    assert it.load_image(str(photo)).shape[:2] == (100, 200)
+
+
+def test_frame_strip_stays_under_the_webp_limit():
+    """an HD clip's strip (8 x 1280 px frames at 2x was 20568 px wide) is shrunk to fit"""
+    strip = vq.frames_strip(np.zeros((8, 720, 1280, 3), np.uint8), [0, 3])
+    assert strip.shape[1] <= vq.STRIP_MAX_WIDTH
+    small = vq.frames_strip(np.zeros((8, 64, 64, 3), np.uint8), [0])
+    assert small.shape[:2] == (2 * 64 + 8, 8 * (2 * 64 + 8 + 3))  # small frames are still upscaled 2x
+
+
 def test_load_image_says_what_is_wrong(tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("this is text, not a picture\n")
