@@ -493,6 +493,9 @@ def build_demo(vm: VideoModel, samples: list, repeats: int = 3, max_bytes: int |
             else:
                 raise DemoInputError("choose a sample or upload a video")
             options = parse_options(options_text, vm.vocabulary)
+            if correct is not None and ((question or "").strip() != by_name[name]["question"]
+                                        or options != list(by_name[name]["options"])):
+                correct = None  # the user changed the sample's question or options: its answer no longer applies
             frames, _ = load_video(path, int(n_frames), max_bytes, max_seconds)
             spec = (spec or "").strip() or policy_spec(method, keep)
             r = run_video_qa(vm, frames, question, options, spec, selection, int(k), repeats)
@@ -503,8 +506,7 @@ def build_demo(vm: VideoModel, samples: list, repeats: int = 3, max_bytes: int |
             traceback.print_exc()
             return None, None, "", "", error_markdown(f"{type(exc).__name__}: {exc}")
         status = f"Done on {vm.label}." + ("" if vm.trained else " UNTRAINED: answers are meaningless.")
-        return (frames_strip(r.frames, r.selected), heat, answer_markdown(r, correct if name in by_name and not upload
-                                                                            else None),
+        return (frames_strip(r.frames, r.selected), heat, answer_markdown(r, correct),
                 numbers_markdown(r), status)
 
     first = samples[0]
