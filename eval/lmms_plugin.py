@@ -201,6 +201,13 @@ class ReducedVLM:
         self.handle = None
         if policy not in (None, "", "none"):
             import tokenreduce
+            for stage in tokenreduce.Policy.coerce(policy).stages:
+                if stage.reducer.name == "frame_select" and getattr(stage.reducer, "scorer", None) == "vlm":
+                    # its scorer is the model itself, run unreduced per frame: the eval runner does that
+                    # (tokenreduce eval videoqa --frame-select vlm); a policy string cannot hand it the model
+                    raise ValueError("frame_select(scorer='vlm') needs the model as its scorer, which a policy in "
+                                     "model_args cannot give it; use scorer='clip', 'head' or 'uniform' here, or "
+                                     "`tokenreduce eval videoqa --frame-select vlm`")
             self.handle = tokenreduce.reduce(model, policy)
         self.stats: list = []
 
@@ -320,7 +327,12 @@ def _build_lmms_class():
     except ImportError as exc:
         raise ImportError(f"tokenreduce.eval.lmms_plugin.TokenReduceLMM needs lmms-eval: {INSTALL_HINT} "
                           f"({exc}); the rest of tokenreduce works without it") from exc
+    from tokenreduce.errors import TokenReduceError
+
     from .video import VideoDecodeError
+    # what one request's input can cause (an unreadable video, two videos in one document for a
+    # model that takes one, a reducer refusing an image): that sample fails, the run goes on
+    REQUEST_ERRORS = (VideoDecodeError, ValueError, TokenReduceError)
 
     class TokenReduceLMM(lmms):
         """lmms-eval "simple" model: an HF LLaVA-family VLM (or the embedded model) under a
@@ -335,9 +347,9 @@ def _build_lmms_class():
             super().__init__()
             if kwargs:
                 raise ValueError(f"unknown model_args {sorted(kwargs)}; valid: {', '.join(self.MODEL_ARGS)}")
-            if int(batch_size) != 1:
+            if str(batch_size).strip() not in ("1", "1.0"):  # "auto" and the like included
                 raise ValueError(f"the tokenreduce model runs one request at a time: batch_size must be 1, "
-                                 f"got {batch_size}")
+                                 f"got {batch_size!r}")
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, processor = load_model(pretrained, device=device, dtype=dtype)
             self.runner = ReducedVLM(model, processor, _strip_quotes(policy), num_frames=num_frames,
@@ -353,7 +365,7 @@ def _build_lmms_class():
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
                 try:
                     text = self.runner.answer(context, self._visuals(doc_to_visual, doc_id, task, split), gen_kwargs)
-                except VideoDecodeError as exc:  # one bad video must not end a benchmark run
+                except REQUEST_ERRORS as exc:  # one bad sample must not end a benchmark run
                     log.warning("%s/%s doc %s: %s", task, split, doc_id, exc)
                     self.failures.append({"task": task, "doc_id": doc_id, "error": str(exc)})
                     text = ""
@@ -369,7 +381,7 @@ def _build_lmms_class():
                     doc_to_target(self.task_dict[task][split][doc_id])
                 try:
                     res = self.runner.score(context, cont, self._visuals(doc_to_visual, doc_id, task, split))
-                except VideoDecodeError as exc:
+                except REQUEST_ERRORS as exc:
                     log.warning("%s/%s doc %s: %s", task, split, doc_id, exc)
                     self.failures.append({"task": task, "doc_id": doc_id, "error": str(exc)})
                     res = (-math.inf, False)

@@ -553,7 +553,15 @@ def test_plugin_lmms_class_handles_requests(monkeypatch, clip):
         assert isinstance(gen[0], str) and gen[1] == ""
         assert [f["doc_id"] for f in lm.failures] == [1, 1] and "no such file" in lm.failures[0]["error"]
         assert lm.runner.handle is not None and len(lm.runner.stats) == 2
+        # a document with two videos (the embedded model takes one) fails alone, the run goes on
+        lm.task_dict["t"]["test"].append({"video": path, "q": "x"})
+        two = lm.generate_until([req(ctx, {"max_new_tokens": 1}, lambda doc: [doc["video"]] * 2, 2, "t", "test")])
+        assert two == [""] and lm.failures[-1]["doc_id"] == 2
         lm.runner.close()
+        with pytest.raises(ValueError, match="batch_size must be 1, got 'auto'"):
+            cls(pretrained="embedded-random", batch_size="auto")
+        with pytest.raises(ValueError, match=r"frame_select\(scorer='vlm'\) needs the model"):
+            cls(pretrained="embedded-random", policy="frames=frame_select(k=2, scorer='vlm')", device="cpu")
     finally:
         vars(plug).pop("TokenReduceLMM", None)
 
