@@ -21,6 +21,7 @@ mask argument.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -100,7 +101,27 @@ class _Pass:
 
 
 class ViTAdapter(Adapter):
-    """Generic adapter over a sequence of ViT blocks; family files fill in the parts."""
+    """Generic adapter over a sequence of ViT blocks; family files fill in the parts.
+
+    The state of one forward (PER_FORWARD) is per thread, so two threads may run one reduced
+    model at once; unset, it reads None."""
+
+    PER_FORWARD = frozenset({"_pass", "_grid", "_in_intermediates", "_out_seen", "_final_x", "_frames_pending"})
+
+    def __getattr__(self, name):  # only reached when normal lookup fails
+        if name in ViTAdapter.PER_FORWARD:
+            local = self.__dict__.get("_per_thread")
+            return getattr(local, name, None) if local is not None else None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in ViTAdapter.PER_FORWARD:
+            local = self.__dict__.get("_per_thread")
+            if local is None:
+                local = self.__dict__["_per_thread"] = threading.local()
+            setattr(local, name, value)
+        else:
+            super().__setattr__(name, value)
 
     #: number of leading protected tokens (CLS, distillation, registers)
     num_prefix: int = 1

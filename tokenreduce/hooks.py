@@ -3,6 +3,7 @@ one site, and the per-forward record behind `Handle.stats`."""
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -102,12 +103,24 @@ class PassRecord:
 
 
 class Recorder:
-    """Collects per-forward statistics; adapters call `begin()` at the start of each pass."""
+    """Collects per-forward statistics; adapters call `begin()` at the start of each pass.
+
+    The record being written is per thread (two threads running one reduced model each write
+    their own); `last` read from a thread that has run no forward gives the latest of any."""
 
     def __init__(self):
-        self.last = PassRecord()
+        self._local = threading.local()
+        self._latest = PassRecord()
         self.forwards = 0
         self.trace_enabled = True
+
+    @property
+    def last(self) -> PassRecord:
+        return getattr(self._local, "record", None) or self._latest
+
+    @last.setter
+    def last(self, record: PassRecord) -> None:
+        self._local.record = self._latest = record
 
     def begin(self) -> PassRecord:
         self.last = PassRecord()
