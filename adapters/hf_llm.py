@@ -420,7 +420,6 @@ class LLMSites:
         # positions read zeros (their logits carry no information); padding slots go to a spare column
         B, L0 = hs.shape[0], s.L0
         full = scatter_to_input(hs, s.cur_cols, s.cur_slot, L0)
-        idx = s.cur_cols.masked_fill(~s.cur_slot, L0)
         every = getattr(output, "hidden_states", None)
         if isinstance(every, tuple) and every:
             # entry 0 is layer 0's input (after a reduction at llm.layer.0), entry j + 1 layer j's
@@ -432,7 +431,7 @@ class LLMSites:
                 for e, h in enumerate(every))
         if self.labels is not None and self.labels.shape[:2] == (B, L0):
             kept = torch.zeros(B, L0 + 1, dtype=torch.bool, device=hs.device)
-            kept.scatter_(1, idx, True)
+            kept.scatter_(1, s.cur_cols.masked_fill(~s.cur_slot, L0), True)
             # position t's logits predict label t + 1 (the causal-LM loss shift)
             self.labels[:, 1:].masked_fill_(~kept[:, :L0 - 1].to(self.labels.device), -100)
             self.labels = None

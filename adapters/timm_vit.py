@@ -104,7 +104,7 @@ class TimmViTAdapter(ViTAdapter):
     def _weighted_avg_pool(self, module, args):
         final = self._pass.final
         x = args[0]
-        if final is None or not self._pass.merged or getattr(self, "_final_x", None) is None:
+        if final is None or not self._pass.merged or self._final_x is None:
             return None
         tokens = self._final_x
         P = self.num_prefix
@@ -117,17 +117,17 @@ class TimmViTAdapter(ViTAdapter):
 
     def _on_out(self, module, args, output):
         p = self._pass
-        if getattr(self, "_in_intermediates", False) and p is not None:
+        if self._in_intermediates and p is not None:
             # forward_intermediates(norm=True) runs the final norm on every intermediate too: only
             # a norm after the last block is the encoder's output, and the last block's
             # intermediate and the final output are the same tokens, reduced once
             if len(self.blocks()) - 1 not in p.after:
                 return None
-            seen = getattr(self, "_out_seen", None)
+            seen = self._out_seen
             if seen is not None and seen[0] is p and torch.equal(seen[1], output):
                 return seen[2]
         res = super()._on_out(module, args, output)
         self._final_x = output if res is None else res
-        if getattr(self, "_in_intermediates", False):
+        if self._in_intermediates:
             self._out_seen = (p, output, res)
         return res

@@ -205,7 +205,7 @@ class VideoMAEAdapter(ViTAdapter):
     # -- pooling -------------------------------------------------------------------------------
     def _weighted_mean_pool(self, module, args):
         final = self._pass.final
-        tokens = getattr(self, "_final_x", None)
+        tokens = self._final_x
         if final is None or tokens is None or bool((final.size == 1).all()):
             return None
         if tokens.shape[0] != args[0].shape[0]:
