@@ -7,6 +7,7 @@ reassign `module.forward`; hooks and per-instance attributes only, all undone by
 """
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
 from tokenreduce.hooks import HookSet, Recorder
@@ -22,6 +23,38 @@ def is_a(obj, *qualnames: str) -> bool:
     """isinstance by qualified class name: no import of the model library needed."""
     names = class_names(obj)
     return any(q in names for q in qualnames)
+
+
+class PerThreadState:
+    """Keeps the attributes named in PER_FORWARD per thread, so two threads may run one reduced
+    model at once (each forward's bookkeeping is its own). PER_FORWARD maps a name to the factory
+    of its value in a thread that has not set it (None: the value is None)."""
+
+    PER_FORWARD: ClassVar[dict] = {}
+
+    def _thread_local(self) -> threading.local:
+        local = self.__dict__.get("_per_thread")
+        if local is None:  # setdefault: two threads creating it at once share one
+            local = self.__dict__.setdefault("_per_thread", threading.local())
+        return local
+
+    def __getattr__(self, name):  # only reached when normal lookup fails
+        per = type(self).PER_FORWARD
+        if name not in per:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        local = self._thread_local()
+        try:
+            return local.__dict__[name]
+        except KeyError:
+            value = per[name]() if per[name] is not None else None
+            setattr(local, name, value)
+            return value
+
+    def __setattr__(self, name, value):
+        if name in type(self).PER_FORWARD:
+            setattr(self._thread_local(), name, value)
+        else:
+            super().__setattr__(name, value)
 
 
 class Adapter:

@@ -34,7 +34,7 @@ from tokenreduce.hooks import run_stages
 from tokenreduce.registry import register_adapter
 from tokenreduce.stream import Kind, TokenStream
 
-from .base import Adapter, is_a, site
+from .base import Adapter, PerThreadState, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
 from .hf_llm import LLMSites, gather_positions, refuse_fixed_size_cache, scatter_to_input
 from .hf_vision import HFVisionAdapter
@@ -71,10 +71,23 @@ class _Prompt:
 
 
 @register_adapter
-class LlavaFamilyAdapter(Adapter):
+class LlavaFamilyAdapter(PerThreadState, Adapter):
+    """The state of one forward (and of the generate() steps after its prefill) is per thread,
+    so two threads may run one reduced model at once."""
+
     name = "hf_llava"
     family = "transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL"
     priority = 10
+    PER_FORWARD = {
+        "_items": dict,          # id(features output) -> (modality, [_Item]) computed for this forward
+        # every reduced features object still alive -> its record: generate(use_cache=False) feeds
+        # the same (already reduced) features to every step's prefill
+        "_reduced": dict,
+        "_vout": list,           # LLaVA-1.5: (tower state at vision.out, prefix count) per projector call
+        "_video_frames": None, "_frames_total": None, "_frames_kept": None,
+        "_features_begun": bool,  # generate() computed features (and opened the record) before its prefill
+        "prompt": None,          # _Prompt: how the prefill shortened the caller's sequence
+    }
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -95,15 +108,6 @@ class LlavaFamilyAdapter(Adapter):
             self.tower_adapter.owns_record = False
         self.llm = LLMSites(self.lm, self.hooks, None)
         self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
-        self._items: dict = {}
-        # every reduced features object still alive -> its record: generate(use_cache=False) feeds
-        # the same (already reduced) features to every step's prefill
-        self._reduced: dict = {}
-        self._vout: list = []
-        self._video_frames = self._frames_total = None
-        self._frames_kept = None
-        self._features_begun = False
-        self.prompt: _Prompt | None = None
 
     # -- sites --------------------------------------------------------------------------------
     def feature_block(self) -> int:

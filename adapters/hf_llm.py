@@ -26,7 +26,7 @@ from tokenreduce.hooks import run_stages
 from tokenreduce.signals import last_query_attention
 from tokenreduce.stream import Kind, TokenStream
 
-from .base import site
+from .base import PerThreadState, site
 
 PREFIX = "tokenreduce_"
 CAPTURE_ATTR = "_tokenreduce_capture"
@@ -176,20 +176,25 @@ class _Session:
         self.prompt_padded = True  # the prompt itself has padding
 
 
-class LLMSites:
-    """The llm.layer.{k} sites of one decoder LM; owned by a VLM adapter."""
+class LLMSites(PerThreadState):
+    """The llm.layer.{k} sites of one decoder LM; owned by a VLM adapter. A forward's state
+    (PER_FORWARD) is per thread, like the adapter's."""
+
+    PER_FORWARD = {
+        "session": None,            # _Session: what this prefill decided, for its decode steps
+        "pending_template": None,   # TokenStream bookkeeping of the shortened prompt, for the next prefill
+        # the forward's labels (a copy the adapter owns, aligned with the LLM input): a position
+        # dropped inside the LLM predicts nothing, so the label it would predict is ignored (-100)
+        "labels": None,
+        "prop_attn": bool,          # some reducer asks for log(size) attention biases in this forward
+    }
 
     def __init__(self, lm, hooks, recorder):
         self.lm = lm
         self.layers = list(lm.layers)
         self.hooks = hooks
         self.recorder = recorder
-        self.session: _Session | None = None
-        self.pending_template: TokenStream | None = None
         self.by_site: dict = {}
-        # the forward's labels (a copy the adapter owns, aligned with the LLM input): a position
-        # dropped inside the LLM predicts nothing, so the label it would predict is ignored (-100)
-        self.labels: Tensor | None = None
 
     @property
     def depth(self) -> int:
@@ -219,10 +224,8 @@ class LLMSites:
         self.first = min(int(n.rsplit(".", 1)[1]) for n in self.by_site)
         capture = {}
         self._stages = stages
-        self.prop_attn = False
         for name, red in stages:
             info = infos[name]
-            self.prop_attn |= red.needs(info).prop_attn
             for sig, layers in red.needs(info).signals.items():
                 for l in layers:
                     l = info.own_layer if l is None else l

@@ -34,7 +34,7 @@ from tokenreduce.hooks import run_stages
 from tokenreduce.registry import register_adapter
 from tokenreduce.stream import TokenStream
 
-from .base import Adapter, is_a, site
+from .base import Adapter, PerThreadState, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
 
 _SWIN3D = "torchvision.models.video.swin_transformer.SwinTransformer3d"
@@ -53,10 +53,13 @@ class _Pass:
 
 
 @register_adapter
-class VideoSwinAdapter(Adapter):
+class VideoSwinAdapter(PerThreadState, Adapter):
+    """A forward's state (`_pass`) is per thread, so two threads may run one reduced model at once."""
+
     name = "videoswin"
     family = "torchvision SwinTransformer3d (swin3d_t / swin3d_s / swin3d_b)"
     priority = 10
+    PER_FORWARD = {"_pass": _Pass}
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -70,7 +73,6 @@ class VideoSwinAdapter(Adapter):
         if not self.stage_modules or len(self.merges) != len(self.stage_modules) - 1:
             raise SiteError(f"videoswin: unexpected features layout {[type(m).__name__ for m in feats]}; expected "
                             "stages (Sequential of blocks) interleaved with PatchMerging")
-        self._pass = _Pass()
 
     # -- sites ---------------------------------------------------------------------------------
     def sites(self) -> dict:

@@ -21,7 +21,6 @@ mask argument.
 from __future__ import annotations
 
 import inspect
-import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +34,7 @@ from tokenreduce.hooks import run_stages
 from tokenreduce.signals import cls_attention, head_mean_keys
 from tokenreduce.stream import TokenStream
 
-from .base import Adapter, site
+from .base import Adapter, PerThreadState, site
 
 
 @dataclass
@@ -100,28 +99,13 @@ class _Pass:
         self.final: TokenStream | None = None
 
 
-class ViTAdapter(Adapter):
+class ViTAdapter(PerThreadState, Adapter):
     """Generic adapter over a sequence of ViT blocks; family files fill in the parts.
 
     The state of one forward (PER_FORWARD) is per thread, so two threads may run one reduced
     model at once; unset, it reads None."""
 
-    PER_FORWARD = frozenset({"_pass", "_grid", "_in_intermediates", "_out_seen", "_final_x", "_frames_pending"})
-
-    def __getattr__(self, name):  # only reached when normal lookup fails
-        if name in ViTAdapter.PER_FORWARD:
-            local = self.__dict__.get("_per_thread")
-            return getattr(local, name, None) if local is not None else None
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in ViTAdapter.PER_FORWARD:
-            local = self.__dict__.get("_per_thread")
-            if local is None:
-                local = self.__dict__["_per_thread"] = threading.local()
-            setattr(local, name, value)
-        else:
-            super().__setattr__(name, value)
+    PER_FORWARD = dict.fromkeys(("_pass", "_grid", "_in_intermediates", "_out_seen", "_final_x", "_frames_pending"))
 
     #: number of leading protected tokens (CLS, distillation, registers)
     num_prefix: int = 1

@@ -6,6 +6,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.errors import PolicyError
+from concurrency import failures_in_threads
 
 pytest.importorskip("transformers")
 import vlm_models as V  # noqa: E402
@@ -418,3 +419,19 @@ def test_a_standalone_feature_call_does_not_join_the_next_forwards_stats():
         assert got["calls"] == 1 and got["tokens_in"] == want["tokens_in"] and got["tokens_out"] == want["tokens_out"]
         _generate(m, case.batch)  # generate() computes the features before its prefill: still one record
         assert h.stats["sites"]["vision.out"]["calls"] == 1 and h.stats["sites"]["llm.layer.2"]["calls"] == 1
+
+
+@pytest.mark.parametrize("name,spec", [
+    ("llava_onevision", "frames=keep_all_test; projector.out=uniform(keep=0.75); llm.layer.2=fastv(ratio=0.5)"),
+    ("llava", "vision.block.1=tome(r=2); llm.layer.1=fastv(ratio=0.5)")])
+def test_two_threads_can_run_one_reduced_vlm(name, spec):
+    """a forward's bookkeeping (shortened prompt, LLM session, features) is per thread: two threads
+    calling forward() and generate() on one reduced VLM at once get what each gets alone"""
+    case = V.BUILDERS[name]("sdpa")
+    inputs = [case.batch, case.singles[1]]
+    with tr.reduce(case.model, spec):
+        want = [_logits(case.model, x) for x in inputs]
+        assert failures_in_threads(lambda x: _logits(case.model, x), inputs, want, torch.equal) == []
+        want = [_generate(case.model, x).sequences for x in inputs]
+        assert failures_in_threads(lambda x: _generate(case.model, x).sequences, inputs, want, torch.equal,
+                                   reps=4) == []

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("torchvision")
 
 import tokenreduce
+from concurrency import failures_in_threads
 from tokenreduce import Plan, Policy, SiteError, Stage
 from tokenreduce.eval.video import uniform_indices
 from tokenreduce.reducers.base import Reducer
@@ -223,3 +224,13 @@ def test_sta_slices_parameters():
     with pytest.raises(PolicyError, match="pool must be"):
         STASlices(pool=-2)
     assert STASlices(r=0.5).r == 0.5
+
+
+def test_two_threads_can_run_one_reduced_videoswin(model):
+    """a forward's slice bookkeeping is per thread: clips of different lengths from two threads
+    at once give what each gives alone (merged slices weight the pooling)"""
+    inputs = [clip(b=2, t=8, seed=3), clip(b=1, t=16, seed=4)]
+    policy = Policy([Stage("stage.0", MergeSlicePairs()), Stage("stage.1", tokenreduce.make_reducer("sta_slices", {"r": 1}))])
+    with torch.no_grad(), tokenreduce.reduce(model, policy):
+        want = [model(x) for x in inputs]
+        assert failures_in_threads(model, inputs, want, torch.equal, reps=6) == []

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tokenreduce as tr
+from concurrency import failures_in_threads
 
 
 def _policy_for(case):
@@ -243,26 +244,11 @@ def test_a_signal_before_the_first_block_names_the_first_site_that_has_it():
 def test_two_threads_can_run_one_reduced_vit():
     """the state of a forward is per thread: two threads calling one reduced model at once get
     what each gets alone (they used to fail on most calls)"""
-    import threading
     m = _tiny_timm(img_size=32, embed_dim=32, depth=3, num_heads=2)
     inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with torch.no_grad(), tr.reduce(m, "vision.block.*=tome(r=2); vision.out=vtc_cls(keep=4)"):
         want = [m(x) for x in inputs]
-        bad = []
-
-        def work(i):
-            for _ in range(15):
-                try:
-                    if not torch.equal(m(inputs[i]), want[i]):
-                        bad.append((i, "different output"))
-                except Exception as exc:  # noqa: BLE001 - collected, asserted below
-                    bad.append((i, repr(exc)))
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert bad == []
+        assert failures_in_threads(m, inputs, want, torch.equal, reps=15) == []
 
 
 def test_a_meta_device_forward_says_which_reducer_needs_values():
