@@ -36,7 +36,8 @@ from tokenreduce.stream import Kind, TokenStream
 
 from .base import Adapter, PerThreadState, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
-from .hf_llm import LLMSites, gather_positions, refuse_fixed_size_cache, scatter_to_input
+from .hf_llm import (LLMSites, gather_positions, refuse_fixed_size_cache, scatter_attention_to_input,
+                     scatter_to_input)
 from .hf_vision import HFVisionAdapter
 
 _T = "transformers.models."
@@ -87,6 +88,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         "_video_frames": None, "_frames_total": None, "_frames_kept": None,
         "_features_begun": bool,  # generate() computed features (and opened the record) before its prefill
         "prompt": None,          # _Prompt: how the prefill shortened the caller's sequence
+        "_encoder_flags": dict,   # the forward's output flags, which the unreduced path gives the features call
     }
 
     @classmethod
@@ -200,6 +202,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                 self.recorder.begin()
                 self._features_begun = True
             self._vout = []
+            if self._encoder_flags:
+                kwargs = {**self._encoder_flags, **kwargs}
             if modality == "video":
                 args, kwargs = self._reduce_frames(args, kwargs)
             out = fn(*args, **kwargs)
@@ -372,8 +376,16 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             self.base.rope_deltas = deltas
         if any(kwargs.get(k) is not None for k in PIXEL_KEYS):
             self._features_begun = True  # this forward's record is already open
-            kwargs = self.model._prepare_multimodal_encoder_kwargs_for_generation(kwargs)
-            self._features_begun = False
+            # generate's helper passes only the features call's named parameters; the unreduced
+            # forward of LLaVA-1.5 and Qwen2-VL also passes its output flags (the tower's hidden
+            # states / attentions come back in image_outputs), the others' do not
+            if self.kind in ("llava", "qwen2_vl"):
+                self._encoder_flags = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions")
+                                       if kwargs.get(k) is not None}
+            try:
+                kwargs = self.model._prepare_multimodal_encoder_kwargs_for_generation(kwargs)
+            finally:
+                self._features_begun, self._encoder_flags = False, {}
         mm = kwargs.get("mm_encoder_outputs") or {}
         plan = []  # (token id, [items])
         for modality, token in (("image", self.image_token), ("video", self.video_token)):
@@ -532,19 +544,24 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             logits = getattr(output, "logits", None)
         if p is None or logits is None or logits.shape[1] != p.col_map.shape[1] or logits.shape[1] <= 1:
             return None
-        realign = lambda t: scatter_to_input(t, p.col_map.clamp(min=0), p.col_map >= 0, p.L_full)  # noqa: E731
+        cols, slot, Lp = p.col_map.clamp(min=0), p.col_map >= 0, p.col_map.shape[1]
+        realign = lambda t: scatter_to_input(t, cols, slot, p.L_full)  # noqa: E731
 
-        def states(every):  # the LLM's per-layer hidden states, at the shortened prompt's length
-            return tuple(realign(h) if torch.is_tensor(h) and h.dim() == 3 and h.shape[1] == p.col_map.shape[1]
-                         else h for h in every)
-        if isinstance(output, tuple):  # (loss,) logits, past, hidden states, ...: the tuple of 3-D states
-            return tuple(realign(v) if i == at else
-                         states(v) if isinstance(v, tuple) and v and all(torch.is_tensor(h) and h.dim() == 3
-                                                                       for h in v) else v
-                         for i, v in enumerate(output))
+        def per_layer(every, dim):
+            """the LLM's per-layer hidden states (dim 3) or attention weights (dim 4), from the
+            shortened prompt's length to the caller's"""
+            if not (isinstance(every, tuple) and every and all(torch.is_tensor(h) and h.dim() == dim for h in every)):
+                return every
+            if dim == 3:
+                return tuple(realign(h) if h.shape[1] == Lp else h for h in every)
+            return tuple(scatter_attention_to_input(a, cols, slot, p.L_full) if a.shape[-1] == Lp else a
+                         for a in every)
+        if isinstance(output, tuple):  # (loss,) logits, past, hidden states, attentions, ...
+            return tuple(realign(v) if i == at else per_layer(per_layer(v, 3), 4) for i, v in enumerate(output))
         output.logits = realign(logits)
-        if isinstance(getattr(output, "hidden_states", None), tuple):
-            output.hidden_states = states(output.hidden_states)
+        for name, dim in (("hidden_states", 3), ("attentions", 4)):
+            if getattr(output, name, None) is not None:
+                setattr(output, name, per_layer(getattr(output, name), dim))
         return output
 
     # -- stats --------------------------------------------------------------------------------

@@ -155,6 +155,18 @@ def scatter_to_input(h: Tensor, cols: Tensor, slot: Tensor, length: int) -> Tens
     return full[:, :length]
 
 
+def scatter_attention_to_input(a: Tensor, cols: Tensor, slot: Tensor, length: int) -> Tensor:
+    """(B, H, L_j, L_j) attention weights -> (B, H, length, length): queries and keys at their
+    input columns, zeros where a position was dropped; padding slots are cut off"""
+    B, H, Lq, Lk = a.shape
+    idx = cols.masked_fill(~slot, length)
+    by_key = a.new_zeros(B, H, Lq, length + 1)
+    by_key.scatter_(3, idx[:, None, None, :].expand(B, H, Lq, Lk), a)
+    full = a.new_zeros(B, H, length + 1, length + 1)
+    full.scatter_(2, idx[:, None, :, None].expand(B, H, Lq, length + 1), by_key)
+    return full[:, :, :length, :length]
+
+
 class _Session:
     """What one prefill decided, kept for the decode steps that follow it."""
 
@@ -432,6 +444,11 @@ class LLMSites(PerThreadState):
                 h if h.shape[1] == L0 else
                 scatter_to_input(h, s.cols[min(max(e - 1, 0), last)], s.slots[min(max(e - 1, 0), last)], L0)
                 for e, h in enumerate(every))
+        attn = getattr(output, "attentions", None)
+        if isinstance(attn, tuple) and len(attn) == len(self.layers):  # layer j's weights at its own length
+            output.attentions = tuple(
+                a if not torch.is_tensor(a) or a.dim() != 4 or a.shape[-1] == L0 or j not in s.cols else
+                scatter_attention_to_input(a, s.cols[j], s.slots[j], L0) for j, a in enumerate(attn))
         if self.labels is not None and self.labels.shape[:2] == (B, L0):
             kept = torch.zeros(B, L0 + 1, dtype=torch.bool, device=hs.device)
             kept.scatter_(1, s.cur_cols.masked_fill(~s.cur_slot, L0), True)

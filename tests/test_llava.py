@@ -82,8 +82,9 @@ def test_remove_restores_exactly(case):
     assert sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules()) == n_hooks
 
 
-def _masked_reference(model, inputs, K, kept_cols):
-    """The unreduced model with the dropped keys masked out in layers >= K."""
+def _masked_reference(model, inputs, K, kept_cols, attentions=False):
+    """The unreduced model with the dropped keys masked out in layers >= K: its logits (or its
+    attention weights)."""
     B, L = inputs["input_ids"].shape
     dropped = torch.ones(B, L, dtype=torch.bool)
     dropped.scatter_(1, kept_cols, False)
@@ -101,6 +102,9 @@ def _masked_reference(model, inputs, K, kept_cols):
     layers = model.model.language_model.layers
     hs = [layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(K, len(layers))]
     try:
+        if attentions:
+            with torch.no_grad():
+                return model(**inputs, output_attentions=True).attentions
         return _logits(model, inputs)
     finally:
         for x in hs:
@@ -246,6 +250,45 @@ def test_hidden_states_are_realigned_to_the_input_like_the_logits(spec):
         as_tuple = case.model(**case.batch, output_hidden_states=True, return_dict=False)
     every = next(v for v in as_tuple if isinstance(v, tuple) and len(v) == len(out.hidden_states))
     assert all(torch.equal(a, b) for a, b in zip(every, out.hidden_states))
+
+
+@pytest.mark.parametrize("spec", ["llm.layer.2=fastv(ratio=0.5)", "projector.out=random(keep=0.5, shared=True)",
+                                  "llm.layer.0=uniform(keep=0.5)"])
+def test_attentions_are_realigned_to_the_input_like_the_logits(spec):
+    """output_attentions=True: every layer's weights come back (B, H, L, L) at input positions:
+    a dropped position neither attends nor is attended; the tower's own attentions come back too"""
+    case = V.llava("eager")
+    with torch.no_grad():
+        plain = case.model(**case.batch, output_attentions=True)
+        with tr.reduce(case.model, spec) as h:
+            out = case.model(**case.batch, output_attentions=True)
+            as_tuple = case.model(**case.batch, output_attentions=True, return_dict=False)
+            kept = h.trace["llm.layer.2"]["pos"] if spec.startswith("llm.layer.2") else None
+    real = case.batch["attention_mask"].bool()
+    if kept is not None:  # the kept rows and columns hold what the unreduced model masking the rest gives
+        ref = _masked_reference(case.model, case.batch, 2, kept, attentions=True)
+        for j in (2, 3):
+            for b in range(kept.shape[0]):
+                rows = kept[b][real[b, kept[b]]]  # (a padding query attends nothing real)
+                got = out.attentions[j][b][:, rows][:, :, kept[b]]
+                assert torch.allclose(got, ref[j][b][:, rows][:, :, kept[b]], atol=1e-5)
+    assert [tuple(a.shape) for a in out.attentions] == [tuple(a.shape) for a in plain.attentions]
+    for j, a in enumerate(out.attentions):
+        rows = a.sum(-1)  # (B, H, L): 1 where the position ran in layer j, 0 where it was dropped
+        ran = rows[:, 0] > 0.5
+        assert torch.allclose(rows[ran[:, None].expand_as(rows)], torch.ones(()), atol=1e-5)
+        assert (a.sum(2)[:, 0][~ran] == 0).all()  # nobody attends a dropped position
+        if spec.startswith("llm.layer.2") and j < 2:  # layers before the reduction: the unreduced weights
+            assert torch.equal(a, plain.attentions[j])
+            assert bool(ran[real].all())
+        elif j >= 2 or not spec.startswith("llm.layer.2"):
+            assert int((ran & real).sum()) < int(real.sum())
+    every = next(v for v in as_tuple if isinstance(v, tuple) and len(v) == len(out.attentions))
+    assert all(torch.equal(a, b) for a, b in zip(every, out.attentions))
+    # the vision tower's attentions, as the unreduced forward gives them
+    assert len(out.image_outputs.attentions) == len(plain.image_outputs.attentions)
+    if not spec.startswith("projector"):
+        assert all(torch.equal(a, b) for a, b in zip(out.image_outputs.attentions, plain.image_outputs.attentions))
 
 
 def test_same_input_same_output(case):
