@@ -337,6 +337,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                     xr, row = xr[keep], _select(row, keep)
                 items[i] = xr
                 states[i] = _Item(row, states[i].n, states[i].offset)
+        if len(groups) > 1 and self.recorder.trace_enabled:  # each group's run wrote its own trace
+            self.recorder.last.trace["projector.out"] = _items_trace([it.state for it in states])
         return items, states
 
     # -- the prompt: shorten placeholder runs -------------------------------------------------
@@ -592,6 +594,23 @@ def _row(st, b):
 
 def _select(st, keep):
     return _map_state(st, lambda t: t[:, keep])
+
+
+def _items_trace(states) -> dict:
+    """The site trace over items of different token counts, one row per item in item order:
+    rows padded to the longest (pos / frame -1, size 0, valid False, source zeros)."""
+    K = max(st.pos.shape[1] for st in states)
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, K - t.shape[1]), value=fill)  # noqa: E731
+    out = {"pos": torch.cat([pad(st.pos, -1) for st in states]),
+           "size": torch.cat([pad(st.size, 0) for st in states]),
+           "frame": torch.cat([pad(st.frame, -1) for st in states]),
+           "valid": torch.cat([pad(torch.ones_like(st.pos, dtype=torch.bool), False) for st in states]),
+           "source": None}
+    if all(st.source is not None for st in states):
+        N = max(st.source.shape[2] for st in states)
+        out["source"] = torch.cat([torch.nn.functional.pad(st.source, (0, N - st.source.shape[2], 0,
+                                                                       K - st.source.shape[1])) for st in states])
+    return out
 
 
 def _stack_states(states):

@@ -200,6 +200,11 @@ def test_projector_out_stats_average_items_of_different_sizes():
         case.model(**batch)
     st = h.stats["sites"]["projector.out"]
     assert (st["tokens_in"], st["tokens_out"], st["calls"]) == (5.0, 2.5, 2)
+    # the trace covers every item, in item order (rows padded to the longest), not the last group
+    tr_ = h.trace["projector.out"]
+    assert tr_["pos"].shape == (4, 4) and tr_["valid"].sum(1).tolist() == [2, 2, 2, 4]
+    assert ((tr_["pos"] >= 0) == tr_["valid"]).all() and (tr_["pos"][:3] < 4).all()
+    assert (tr_["pos"][tr_["valid"]] >= 0).all() and int(tr_["pos"][3].max()) < 8
 
 
 @pytest.mark.parametrize("spec", ["llm.layer.2=uniform(keep=2)", "llm.layer.2=atp(spatial_threshold=0.5)"])
