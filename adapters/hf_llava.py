@@ -173,8 +173,25 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             if fn is not None:
                 H.setattr(self.base, f"get_{modality}_features", self._wrap_features(fn, modality))
         self.llm.install([(n, r) for n, r in stages if n.startswith("llm.layer.")])
+        if callable(getattr(self.model, "generate", None)):
+            H.setattr(self.model, "generate", self._wrap_generate(self.model.generate))
         H.pre(self.model, self._model_pre, with_kwargs=True)
         H.post(self.model, self._model_post)
+
+    @staticmethod
+    def _wrap_generate(generate):
+        @functools.wraps(generate)
+        def generate_reduced(*args, **kwargs):
+            cfg = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
+            chunk = kwargs.get("prefill_chunk_size", getattr(cfg, "prefill_chunk_size", None))
+            if chunk is not None:
+                # each chunk would be reduced alone, and generate slices the features by the
+                # unreduced placeholder count (an IndexError after a reduction before the LLM)
+                raise SiteError(f"generate(prefill_chunk_size={chunk}) runs the prompt in pieces, but a reduction "
+                                "chooses its tokens over the whole prompt in one prefill: pass "
+                                "prefill_chunk_size=None (or remove the reduction)")
+            return generate(*args, **kwargs)
+        return generate_reduced
 
     # -- before the LLM -----------------------------------------------------------------------
     def _vision_out(self, module, args):

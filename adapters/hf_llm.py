@@ -180,6 +180,7 @@ class _Session:
         self.cur_valid = None     # (B, L_j) real tokens: neither prompt padding nor plan padding
         self.cur_slot = None      # (B, L_j) False for padding slots a ragged plan introduced
         self.L0 = 0
+        self.start_valid = None   # (B, L0) real prompt tokens at the prefill (None: all)
         self.changed = False
         self.scatter_pending = False
         # host-side flags, so per-layer hooks need no device sync
@@ -280,7 +281,41 @@ class LLMSites(PerThreadState):
             hs = torch.empty(*ids.shape, 0, device=ids.device) if ids is not None else None  # shape only
         if hs is not None and self._is_prefill(0, hs, kwargs):
             self._start(hs, kwargs)
+        elif hs is not None:
+            self._check_continuation(hs.shape[1], kwargs)
         return None
+
+    def _check_continuation(self, q: int, kwargs) -> None:
+        """New tokens after a prefill whose first layer's cache was shortened (a reduction at
+        llm.layer.0): generate(past_key_values=<an earlier turn's cache>) slices its input by that
+        layer's length and would feed old tokens again. The caller's mask (past + new tokens) must
+        match what the cache holds, counted at the prompt's full length."""
+        s, am, pos = self.session, kwargs.get("attention_mask"), kwargs.get("position_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if s is None or 0 not in s.cols or cache is None:
+            return
+        K0 = s.cols[0].shape[1]
+        if K0 == s.L0:
+            return
+        try:
+            past0 = cache.get_seq_length(0)
+        except TypeError:
+            past0 = cache.get_seq_length()
+        decoded = past0 - K0  # tokens cached since the prefill
+        if torch.is_tensor(am) and am.dim() == 2:  # the caller's mask covers its past and the new tokens
+            off = am.shape[1] - q - (s.L0 + decoded)
+        elif torch.is_tensor(pos) and pos.dim() == 2:  # 1-D RoPE: the first new token's position
+            real = s.start_valid.sum(1) if s.start_valid is not None else torch.full((pos.shape[0],), s.L0)
+            off = int((pos[:, 0].cpu() - real.cpu() - decoded).abs().max())
+        else:
+            return
+        if off:
+            raise SiteError(f"new tokens start {off} tokens away from where the reduced "
+                            f"prompt's cache ends (it holds {past0} tokens: {K0} of the {s.L0}-token prompt after "
+                            "llm.layer.0, then the decoded ones): continuing a conversation by passing an earlier "
+                            "turn's past_key_values to generate() is not supported when a reduction shortened the "
+                            "prompt (run the whole conversation as one prompt, or feed only the new tokens with the "
+                            "full attention mask)")
 
     def _start(self, hs: Tensor, kwargs) -> _Session:
         tpl = self.pending_template
@@ -298,6 +333,7 @@ class LLMSites(PerThreadState):
         s.cur_slot = torch.ones(B, L, dtype=torch.bool, device=hs.device)
         s.cur_valid = tpl.valid if tpl.valid is not None else s.cur_slot
         s.prompt_padded = tpl.valid is not None and not bool(tpl.valid.all())  # one sync per prefill
+        s.start_valid = tpl.valid
         self.session = s
         self.recorder.last.extra["llm_tokens_start"] = L
         return s

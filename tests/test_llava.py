@@ -126,7 +126,9 @@ def test_drop_at_layer_equals_masking(case):
                                   "projector.out=random(keep=0.5, shared=True); llm.layer.1=fastv(ratio=0.5)",
                                   # ATP's per-sample counts make a ragged batch: FastV must read each
                                   # sample's own last token, not the padding slot after it
-                                  "llm.layer.1=atp; llm.layer.3=fastv(ratio=0.5)"])
+                                  "llm.layer.1=atp; llm.layer.3=fastv(ratio=0.5)",
+                                  # the first layer's cache shortened: decode positions still line up
+                                  "llm.layer.0=uniform(keep=0.5)"])
 def test_generate_batch_matches_single(case, spec):
     """Invariant 4: generate with KV cache, batch 2 left-padded == each sample alone."""
     with tr.reduce(case.model, spec) as h:
@@ -134,7 +136,8 @@ def test_generate_batch_matches_single(case, spec):
         lens = [layer.keys.shape[-2] for layer in g.past_key_values.layers]
         singles = [_generate(case.model, s) for s in case.singles]
     # each layer's cache keeps its own length: shorter after the reduction
-    assert lens[-1] < lens[0] or spec.startswith("projector")
+    full = case.batch["input_ids"].shape[1] + NEW - 1
+    assert lens[-1] < full and (lens[-1] < lens[0] or spec.startswith(("projector", "llm.layer.0")))
     for b, single in enumerate(singles):
         assert_same_generation(g, b, single)
 
@@ -432,6 +435,35 @@ def test_several_new_tokens_on_a_shortened_prompt():
         with pytest.raises(tr.SiteError, match="continuing a conversation by passing an earlier turn's past_key_values"):
             m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=greedy.past_key_values,
                        max_new_tokens=2, do_sample=False)
+
+
+def test_a_conversation_continued_on_a_cache_shortened_at_llm_layer_0_is_refused():
+    """after a reduction at llm.layer.0 the first layer's cache is shorter than the prompt, so
+    generate(past_key_values=<the earlier turn's cache>) would re-feed old tokens: refused;
+    prompt-lookup candidates on the same cache still run (and match greedy decoding)"""
+    case = V.llava("sdpa")
+    m, single = case.model, case.singles[0]
+    with tr.reduce(m, "llm.layer.0=uniform(keep=0.5)"):
+        greedy = _generate(m, single)
+        assert greedy.past_key_values.get_seq_length(0) < single["input_ids"].shape[1]
+        assert torch.equal(_generate(m, single, prompt_lookup_num_tokens=3).sequences, greedy.sequences)
+        ids = torch.cat([greedy.sequences, torch.tensor([[9, 10, 11]])], 1)
+        with pytest.raises(tr.SiteError, match="tokens away from where the reduced prompt's cache ends.*llm.layer.0"):
+            m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=greedy.past_key_values,
+                       max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("spec", ["projector.out=uniform(keep=0.5)", "llm.layer.2=fastv(ratio=0.5)"])
+def test_chunked_prefill_is_refused_with_what_to_do(spec):
+    """generate(prefill_chunk_size=...) would reduce each chunk alone (and slice the features by
+    the unreduced placeholder count): refused by name; without it generate runs"""
+    case = V.llava_onevision("sdpa")
+    with tr.reduce(case.model, spec):
+        with pytest.raises(tr.SiteError, match=r"prefill_chunk_size=8.*pass prefill_chunk_size=None"):
+            case.model.generate(**case.singles[0], max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+        assert case.model.generate(**case.singles[0], max_new_tokens=2, do_sample=False).shape[1] > 2
+    assert "generate" not in vars(case.model)
+    assert case.model.generate(**case.singles[0], max_new_tokens=2, do_sample=False, prefill_chunk_size=8).shape[1] > 2
 
 
 def test_fixed_size_caches_and_flex_attention_are_refused_with_what_to_do():
