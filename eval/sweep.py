@@ -24,6 +24,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Callable
 
 from tokenreduce.errors import choices
@@ -53,6 +54,12 @@ def _dycoke(b, _frames):
     return f"projector.out=dycoke_ttm(ratio={_r(min(1.0, (1.0 - b) * 4.0 / 3.0))})"
 
 
+# ATP's fixed rule keeps the visual tokens whose standardised log redundancy score z exceeds
+# alpha: with z about normal, alpha = Phi^-1(1 - b) keeps b of them on average (alpha = 0: half)
+def _atp(b, _frames):
+    return f"llm.layer.2=atp(alpha={_r(NormalDist().inv_cdf(1.0 - b))})" if b < 1 else ""
+
+
 SWEEP_METHODS = {
     "fastv": SweepMethod(lambda b, f: f"llm.layer.2=fastv(ratio={_r(1.0 - b)})" if b < 1 else "",
                          "FastV (Chen et al., ECCV 2024): drops 1 - budget of the visual tokens after LLM layer 2 "
@@ -68,9 +75,10 @@ SWEEP_METHODS = {
     "frames": SweepMethod(lambda b, f: f"frames=frame_select(k={max(1, round(b * f))}, scorer='uniform')",
                           "fewer frames: round(budget * frames) of the input frames, uniformly (frame_select "
                           "at the `frames` site)"),
-    "atp": SweepMethod(lambda b, f: "llm.layer.2=atp()",
-                       "ATP-LLaVA (Ye et al., CVPR 2025) with fixed thresholds: adaptive, no budget; one run",
-                       budgeted=False),
+    "atp": SweepMethod(_atp,
+                       "ATP-LLaVA (Ye et al., CVPR 2025) after LLM layer 2, fixed thresholds: alpha = "
+                       "Phi^-1(1 - budget), so the redundancy rule keeps about the budget on average (each "
+                       "instance its own count) and the spatial grid adds a few"),
 }
 
 # registered methods that cannot run on a LLaVA-OneVision (SigLIP tower: no [CLS]; the adapter

@@ -406,9 +406,11 @@ def test_sweep_refuses_a_missing_dataset_and_labels_that_are_its_own_outputs(tmp
 
 def test_sweep_method_table_errors_name_valid_choices():
     from tokenreduce.eval.sweep import SWEEP_METHODS, plan_runs
-    runs = plan_runs(["fastv", "atp"], [0.25], frames=8)
-    assert [r[0] for r in runs] == ["baseline", "fastv_b0.25", "atp"]
+    runs = plan_runs(["fastv", "atp"], [0.25, 0.5], frames=8)
+    assert [r[0] for r in runs] == ["baseline", "fastv_b0.25", "fastv_b0.5", "atp_b0.25", "atp_b0.5"]
     assert runs[1][3] == "llm.layer.2=fastv(ratio=0.75)"
+    # ATP's fixed rule keeps z > alpha: alpha = Phi^-1(1 - budget) (0 keeps half)
+    assert [r[3] for r in runs[3:]] == ["llm.layer.2=atp(alpha=0.6745)", "llm.layer.2=atp"]
     with pytest.raises(ValueError, match="visionzip.*CLS.*valid: .*fastv"):
         plan_runs(["visionzip"], [0.5], frames=8)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
