@@ -8,6 +8,7 @@ reassign `module.forward`; hooks and per-instance attributes only, all undone by
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import ClassVar
 
 from tokenreduce.hooks import HookSet, Recorder
@@ -55,6 +56,33 @@ class PerThreadState:
             setattr(self._thread_local(), name, value)
         else:
             super().__setattr__(name, value)
+
+
+class ByCache:
+    """What a prefill decided, found again by the KV cache object it filled: the decode steps that
+    continue it may run on another thread than the prefill did."""
+
+    def __init__(self):
+        self._map = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def bind(self, cache, value) -> None:
+        if cache is None:
+            return
+        try:
+            with self._lock:
+                self._map[cache] = value
+        except TypeError:  # a cache that cannot be weakly keyed: the thread's own state serves
+            pass
+
+    def lookup(self, cache, fallback):
+        """The value bound to `cache`, else `fallback` (the thread's latest: a copy of a cache, or
+        one that cannot be weakly keyed, continues the prefill this thread ran last)."""
+        try:
+            with self._lock:
+                return self._map.get(cache, fallback)
+        except TypeError:
+            return fallback
 
 
 class Adapter:

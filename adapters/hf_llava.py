@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import weakref
 
 import torch
@@ -34,10 +35,10 @@ from tokenreduce.hooks import run_stages
 from tokenreduce.registry import register_adapter
 from tokenreduce.stream import Kind, TokenStream
 
-from .base import Adapter, PerThreadState, is_a, site
+from .base import Adapter, ByCache, PerThreadState, is_a, site
 from .frames import FRAMES, frames_site_info, reduce_frames
-from .hf_llm import (LLMSites, gather_positions, refuse_fixed_size_cache, scatter_attention_to_input,
-                     scatter_to_input)
+from .hf_llm import (LLMSites, gather_positions, output_cache, refuse_fixed_size_cache,
+                     scatter_attention_to_input, scatter_to_input)
 from .hf_vision import HFVisionAdapter
 
 _T = "transformers.models."
@@ -88,6 +89,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         "_video_frames": None, "_frames_total": None, "_frames_kept": None,
         "_features_begun": bool,  # generate() computed features (and opened the record) before its prefill
         "prompt": None,          # _Prompt: how the prefill shortened the caller's sequence
+        "_prefill_pass": bool,   # this thread's forward is a prefill
         "_encoder_flags": dict,   # the forward's output flags, which the unreduced path gives the features call
     }
 
@@ -110,6 +112,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             self.tower_adapter.owns_record = False
         self.llm = LLMSites(self.lm, self.hooks, None)
         self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
+        # each prefill's _Prompt, by the KV cache it filled: decode steps find it from any thread
+        self.prompts = ByCache()
 
     # -- sites --------------------------------------------------------------------------------
     def feature_block(self) -> int:
@@ -180,9 +184,15 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
 
     @staticmethod
     def _wrap_generate(generate):
+        signature = inspect.signature(generate)
+
         @functools.wraps(generate)
         def generate_reduced(*args, **kwargs):
-            cfg = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
+            try:
+                given = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:  # generate itself will say what is wrong
+                given = kwargs
+            cfg = given.get("generation_config") or getattr(generate.__self__, "generation_config", None)
             chunk = kwargs.get("prefill_chunk_size", getattr(cfg, "prefill_chunk_size", None))
             if chunk is not None:
                 # each chunk would be reduced alone, and generate slices the features by the
@@ -367,7 +377,9 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         refuse_fixed_size_cache(cache)
         prefill = cache is None or cache.get_seq_length() == 0
+        self._prefill_pass = prefill
         if not prefill:
+            self.prompt = self.prompts.lookup(cache, self.prompt)
             return (args, self._decode_inputs(kwargs)) if self.prompt is not None else None
         pre = kwargs.get("mm_encoder_outputs") or {}
         if not (self._features_begun and any(v is not None and id(v) in self._items for v in pre.values())):
@@ -423,6 +435,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             plan.append((token, rec[1]))
         self._items = {}
         kwargs = self._shorten(kwargs, plan)
+        self.prompts.bind(cache, self.prompt)
         labels = kwargs.get("labels")
         if self.llm.by_site and torch.is_tensor(labels):
             # dropped positions inside the LLM are masked out of the loss on a copy, never the caller's tensor
@@ -555,16 +568,22 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                             "conversation as one prompt, or feed only the new tokens with the full attention mask)")
 
     def _model_post(self, module, args, output):
+        prefill, self._prefill_pass = self._prefill_pass, False
         p = self.prompt
+        if not prefill:  # decode steps: outputs at their own (new tokens') length
+            return None
+        self.prompts.bind(output_cache(output), p)  # a cache the model made itself
         if isinstance(output, tuple):  # return_dict=False: (loss,) logits, ...
             at = 1 if output and torch.is_tensor(output[0]) and output[0].dim() == 0 else 0
             logits = output[at] if len(output) > at else None
         else:
             logits = getattr(output, "logits", None)
-        if p is None or logits is None or logits.shape[1] != p.col_map.shape[1] or logits.shape[1] <= 1:
+        if p is None:
             return None
         cols, slot, Lp = p.col_map.clamp(min=0), p.col_map >= 0, p.col_map.shape[1]
+        # logits at the prompt's length come back at the caller's; logits_to_keep's last ones stay
         realign = lambda t: scatter_to_input(t, cols, slot, p.L_full)  # noqa: E731
+        keep_logits = logits is None or logits.shape[1] != Lp
 
         def per_layer(every, dim):
             """the LLM's per-layer hidden states (dim 3) or attention weights (dim 4), from the
@@ -576,8 +595,10 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             return tuple(scatter_attention_to_input(a, cols, slot, p.L_full) if a.shape[-1] == Lp else a
                          for a in every)
         if isinstance(output, tuple):  # (loss,) logits, past, hidden states, attentions, ...
-            return tuple(realign(v) if i == at else per_layer(per_layer(v, 3), 4) for i, v in enumerate(output))
-        output.logits = realign(logits)
+            return tuple((v if keep_logits else realign(v)) if i == at else per_layer(per_layer(v, 3), 4)
+                         for i, v in enumerate(output))
+        if not keep_logits:
+            output.logits = realign(logits)
         for name, dim in (("hidden_states", 3), ("attentions", 4)):
             if getattr(output, name, None) is not None:
                 setattr(output, name, per_layer(getattr(output, name), dim))

@@ -26,7 +26,7 @@ from tokenreduce.hooks import run_stages
 from tokenreduce.signals import last_query_attention
 from tokenreduce.stream import Kind, TokenStream
 
-from .base import PerThreadState, site
+from .base import ByCache, PerThreadState, site
 
 PREFIX = "tokenreduce_"
 CAPTURE_ATTR = "_tokenreduce_capture"
@@ -64,6 +64,21 @@ def wrapped_attention_name(impl: str) -> str:
     if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
     return name
+
+
+def output_cache(output):
+    """The KV cache a forward returned (a model output's `cache`, or the one in a return_dict=False tuple)."""
+    if isinstance(output, tuple):
+        return next((v for v in output if hasattr(v, "get_seq_length")), None)
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+def _cached(cache, layer: int) -> int:
+    """Tokens a KV cache holds for one layer (caches without per-layer lengths: their length)."""
+    try:
+        return cache.get_seq_length(layer)
+    except TypeError:
+        return cache.get_seq_length()
 
 
 def refuse_fixed_size_cache(cache) -> None:
@@ -200,6 +215,7 @@ class LLMSites(PerThreadState):
         # dropped inside the LLM predicts nothing, so the label it would predict is ignored (-100)
         "labels": None,
         "prop_attn": bool,          # some reducer asks for log(size) attention biases in this forward
+        "prefilling": bool,         # this thread's forward is a prefill (its cache gets the session)
     }
 
     def __init__(self, lm, hooks, recorder):
@@ -208,6 +224,8 @@ class LLMSites(PerThreadState):
         self.hooks = hooks
         self.recorder = recorder
         self.by_site: dict = {}
+        # each prefill's session, by the KV cache it filled: decode steps find it from any thread
+        self.sessions = ByCache()
 
     @property
     def depth(self) -> int:
@@ -279,9 +297,17 @@ class LLMSites(PerThreadState):
         if hs is None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             hs = torch.empty(*ids.shape, 0, device=ids.device) if ids is not None else None  # shape only
-        if hs is not None and self._is_prefill(0, hs, kwargs):
-            self._start(hs, kwargs)
-        elif hs is not None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.prefilling = False
+        if hs is None:
+            return None
+        if self._is_prefill(0, hs, kwargs):
+            self.sessions.bind(cache, self._start(hs, kwargs))
+            self.prefilling = True
+        elif cache is None or _cached(cache, 0) == 0:
+            self.session = None  # a one-token prompt: nothing of an earlier prefill applies
+        else:  # a decode step: the session of the prefill that filled this cache
+            self.session = self.sessions.lookup(cache, self.session)
             self._check_continuation(hs.shape[1], kwargs)
         return None
 
@@ -297,10 +323,7 @@ class LLMSites(PerThreadState):
         K0 = s.cols[0].shape[1]
         if K0 == s.L0:
             return
-        try:
-            past0 = cache.get_seq_length(0)
-        except TypeError:
-            past0 = cache.get_seq_length()
+        past0 = _cached(cache, 0)
         decoded = past0 - K0  # tokens cached since the prefill
         if torch.is_tensor(am) and am.dim() == 2:  # the caller's mask covers its past and the new tokens
             off = am.shape[1] - q - (s.L0 + decoded)
@@ -342,12 +365,7 @@ class LLMSites(PerThreadState):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if hs.shape[1] <= 1:
             return False
-        if cache is None:
-            return True
-        try:
-            return cache.get_seq_length(j) == 0
-        except TypeError:
-            return cache.get_seq_length() == 0
+        return cache is None or _cached(cache, j) == 0
 
     def _layer_pre(self, j, module, args, kwargs):
         hs = args[0] if args else kwargs["hidden_states"]
@@ -463,6 +481,9 @@ class LLMSites(PerThreadState):
 
     def _lm_post(self, module, args, output):
         s = self.session
+        if self.prefilling:  # a cache the model made itself (forward(use_cache=True)) gets the session too
+            self.prefilling = False
+            self.sessions.bind(output_cache(output), s)
         if s is None or not s.changed or not s.scatter_pending:
             return None
         s.scatter_pending = False

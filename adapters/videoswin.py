@@ -138,6 +138,8 @@ class VideoSwinAdapter(PerThreadState, Adapter):
                 out = (x2,) + tuple(args[1:])
                 x = x2
         p.grids[s] = tuple(x.shape[1:4])
+        # with the pass's record, so stats read from another thread (the latest of any) find it
+        self.recorder.last.extra.setdefault("stage_grids", {})[s] = (p.grids[s], p.full[s])
         n_out = x.shape[1] * x.shape[2] * x.shape[3]
         self.recorder.layer(s, n_in, n_out)
         # tokens an unreduced model would carry through this stage's blocks, and what they carry now
@@ -204,14 +206,14 @@ class VideoSwinAdapter(PerThreadState, Adapter):
     # -- stats ---------------------------------------------------------------------------------
     def flops(self, record):
         """Analytic FLOPs of the stages (linear layers, window attention, patch merging)."""
-        p = self._pass
-        if not p.grids:
+        grids = record.extra.get("stage_grids")
+        if not grids:
             return None
         reduced = full = 0.0
         for s, mod in enumerate(self.stage_modules):
-            if s not in p.grids:
+            if s not in grids:
                 continue
-            for grid, acc in ((p.grids[s], "r"), (p.full[s], "f")):
+            for grid, acc in zip(grids[s], "rf"):
                 n = grid[0] * grid[1] * grid[2]
                 f = 0.0
                 for blk in mod:

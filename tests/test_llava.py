@@ -281,6 +281,7 @@ def test_attentions_are_realigned_to_the_input_like_the_logits(spec):
                 got = out.attentions[j][b][:, rows][:, :, kept[b]]
                 assert torch.allclose(got, ref[j][b][:, rows][:, :, kept[b]], atol=1e-5)
     assert [tuple(a.shape) for a in out.attentions] == [tuple(a.shape) for a in plain.attentions]
+    L = case.batch["input_ids"].shape[1]
     for j, a in enumerate(out.attentions):
         rows = a.sum(-1)  # (B, H, L): 1 where the position ran in layer j, 0 where it was dropped
         ran = rows[:, 0] > 0.5
@@ -293,6 +294,11 @@ def test_attentions_are_realigned_to_the_input_like_the_logits(spec):
             assert int((ran & real).sum()) < int(real.sum())
     every = next(v for v in as_tuple if isinstance(v, tuple) and len(v) == len(out.attentions))
     assert all(torch.equal(a, b) for a, b in zip(every, out.attentions))
+    with torch.no_grad(), tr.reduce(case.model, spec):  # generate's prefill keeps the last logits only
+        last = case.model(**case.batch, output_attentions=True, output_hidden_states=True, logits_to_keep=1)
+    assert last.logits.shape[1] == 1 and torch.allclose(last.logits[:, -1], out.logits[:, -1], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(last.attentions, out.attentions))
+    assert all(h.shape[1] == L for h in last.hidden_states)
     # the vision tower's attentions, as the unreduced forward gives them
     assert len(out.image_outputs.attentions) == len(plain.image_outputs.attentions)
     if not spec.startswith("projector"):
@@ -453,6 +459,31 @@ def test_a_conversation_continued_on_a_cache_shortened_at_llm_layer_0_is_refused
                        max_new_tokens=2, do_sample=False)
 
 
+def test_decode_steps_follow_their_cache_not_the_thread():
+    """the state of a prefill goes with the KV cache it filled: a decode step run on another
+    thread continues it, and a new one-token prompt after a reduced generate() starts afresh"""
+    from concurrent.futures import ThreadPoolExecutor
+    case = V.llava("sdpa")
+    m, batch = case.model, case.batch
+    for spec in ("llm.layer.2=fastv(ratio=0.5)", "projector.out=random(keep=0.5, shared=True)",
+                 "llm.layer.0=uniform(keep=0.5)"):
+        with torch.no_grad(), tr.reduce(m, spec):
+            out = m(**batch, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            step = dict(input_ids=nxt, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1))
+            here = m(**step, cache=copy_cache(out.cache)).logits
+            with ThreadPoolExecutor(1) as pool:
+                there = pool.submit(lambda: m(**step, cache=out.cache).logits).result()
+            assert torch.equal(here, there), spec
+            one = dict(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 1, dtype=torch.long))
+            assert m.generate(**one, max_new_tokens=2, do_sample=False).shape == (1, 3)
+
+
+def copy_cache(cache):
+    import copy
+    return copy.deepcopy(cache)
+
+
 @pytest.mark.parametrize("spec", ["projector.out=uniform(keep=0.5)", "llm.layer.2=fastv(ratio=0.5)"])
 def test_chunked_prefill_is_refused_with_what_to_do(spec):
     """generate(prefill_chunk_size=...) would reduce each chunk alone (and slice the features by
@@ -461,6 +492,11 @@ def test_chunked_prefill_is_refused_with_what_to_do(spec):
     with tr.reduce(case.model, spec):
         with pytest.raises(tr.SiteError, match=r"prefill_chunk_size=8.*pass prefill_chunk_size=None"):
             case.model.generate(**case.singles[0], max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+        from transformers import GenerationConfig
+        gc = GenerationConfig(prefill_chunk_size=8, max_new_tokens=2, do_sample=False)
+        rest = {k: v for k, v in case.singles[0].items() if k != "input_ids"}
+        with pytest.raises(tr.SiteError, match=r"prefill_chunk_size=8"):  # the config given by position
+            case.model.generate(case.singles[0]["input_ids"], gc, **rest)
         assert case.model.generate(**case.singles[0], max_new_tokens=2, do_sample=False).shape[1] > 2
     assert "generate" not in vars(case.model)
     assert case.model.generate(**case.singles[0], max_new_tokens=2, do_sample=False, prefill_chunk_size=8).shape[1] > 2

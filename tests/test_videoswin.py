@@ -1,5 +1,6 @@
 """torchvision VideoSwin (swin3d_t) adapter: structured-only stage sites, invariants, frames site."""
 import os
+import threading
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -231,6 +232,14 @@ def test_two_threads_can_run_one_reduced_videoswin(model):
     at once give what each gives alone (merged slices weight the pooling)"""
     inputs = [clip(b=2, t=8, seed=3), clip(b=1, t=16, seed=4)]
     policy = Policy([Stage("stage.0", MergeSlicePairs()), Stage("stage.1", tokenreduce.make_reducer("sta_slices", {"r": 1}))])
-    with torch.no_grad(), tokenreduce.reduce(model, policy):
+    with torch.no_grad(), tokenreduce.reduce(model, policy) as h:
         want = [model(x) for x in inputs]
-        assert failures_in_threads(model, inputs, want, torch.equal, reps=6) == []
+        alone = h.stats["flops_fraction"]
+        assert alone < 1 and failures_in_threads(model, inputs, want, torch.equal, reps=6) == []
+        # stats read from a thread that ran no forward: the latest pass of any, FLOPs included
+        seen = {}
+        for work in (lambda: model(inputs[1]), lambda: seen.update(h.stats)):
+            t = threading.Thread(target=work)
+            t.start()
+            t.join()
+        assert seen.get("flops_fraction") == alone
