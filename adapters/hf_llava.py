@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 import weakref
 
 import torch
@@ -82,9 +83,6 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
     priority = 10
     PER_FORWARD = {
         "_items": dict,          # id(features output) -> (modality, [_Item]) computed for this forward
-        # every reduced features object still alive -> its record: generate(use_cache=False) feeds
-        # the same (already reduced) features to every step's prefill
-        "_reduced": dict,
         "_vout": list,           # LLaVA-1.5: (tower state at vision.out, prefix count) per projector call
         "_video_frames": None, "_frames_total": None, "_frames_kept": None,
         "_features_begun": bool,  # generate() computed features (and opened the record) before its prefill
@@ -114,6 +112,11 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         self.position_policy = "original" if self.kind == "qwen2_vl" else "contiguous"
         # each prefill's _Prompt, by the KV cache it filled: decode steps find it from any thread
         self.prompts = ByCache()
+        # every reduced features object still alive -> its record, shared by the threads:
+        # generate(use_cache=False) feeds the same (already reduced) features to every step's
+        # prefill, and features computed on one thread may be passed to a forward on another
+        self._reduced: dict = {}
+        self._reduced_lock = threading.Lock()
 
     # -- sites --------------------------------------------------------------------------------
     def feature_block(self) -> int:
@@ -333,10 +336,11 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         else:
             out.pooler_output = items if isinstance(feats, list) else type(feats)(items)
         self._items[id(out)] = (modality, states)
-        self._reduced = {k: v for k, v in self._reduced.items() if v[0]() is not None}
         # with the site records of the reduction, so a forward that reuses the features reports them
         sites = {k: dataclasses.replace(v) for k, v in self.recorder.last.sites.items()}
-        self._reduced[id(out)] = (weakref.ref(out), (modality, states), sites)
+        with self._reduced_lock:
+            self._reduced = {k: v for k, v in self._reduced.items() if v[0]() is not None}
+            self._reduced[id(out)] = (weakref.ref(out), (modality, states), sites)
 
     def _placeholder_count(self, P) -> int:
         """LLaVA-1.5: the processor puts one placeholder per token of the unreduced tower."""
@@ -424,8 +428,10 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             if out is None:
                 continue
             rec = self._items.pop(id(out), None)
-            if rec is None and id(out) in self._reduced and self._reduced[id(out)][0]() is out:
-                _, rec, sites = self._reduced[id(out)]  # features reduced at an earlier step, fed again
+            with self._reduced_lock:
+                earlier = self._reduced.get(id(out)) if rec is None else None
+            if earlier is not None and earlier[0]() is out:
+                _, rec, sites = earlier  # features reduced at an earlier step (or thread), fed again
                 for k, v in sites.items():
                     self.recorder.last.sites.setdefault(k, dataclasses.replace(v))
             if rec is None:  # features computed elsewhere: take them as they are

@@ -477,6 +477,12 @@ def test_decode_steps_follow_their_cache_not_the_thread():
             assert torch.equal(here, there), spec
             one = dict(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 1, dtype=torch.long))
             assert m.generate(**one, max_new_tokens=2, do_sample=False).shape == (1, 3)
+            # features reduced on this thread, given to a forward on another
+            feats = m.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+            text = {k: v for k, v in batch.items() if k != "pixel_values"}
+            with ThreadPoolExecutor(1) as pool:
+                there = pool.submit(lambda: m(**text, mm_encoder_outputs={"image": feats}).logits).result()
+            assert torch.allclose(there, out.logits, atol=1e-5), spec
 
 
 def copy_cache(cache):
