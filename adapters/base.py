@@ -2,7 +2,7 @@
 
 An adapter recognises one model family (`matches`), publishes its sites (`sites`), installs
 the stages of a policy with hooks (`install`) and removes every trace of them (`remove`).
-Rules (DESIGN.md): never patch a class globally, never copy a model's forward body, never
+Rules: never patch a class globally, never copy a model's forward body, never
 reassign `module.forward`; hooks and per-instance attributes only, all undone by `remove()`.
 """
 from __future__ import annotations

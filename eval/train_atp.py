@@ -10,7 +10,7 @@ answer, and only the per-layer threshold heads learn. The loss is the ATP loss
 
     L = L_ntp + λ_atp · Σ_stages (kept_l / n) · l / depth + λ_target · |avg kept / n − target|
 
-(`ATP.budget_loss`; every constant is a [3rd-impl] placeholder, see ALGORITHMS.md §2). During
+(`ATP.budget_loss`; every constant is a [3rd-impl] placeholder, see docs/ALGORITHMS.md §2). During
 training ATP keeps every token and hands later layers a soft key mask (size_scale with
 proportional attention), so L_ntp reaches the thresholds too. It writes
 `atp_thresholds.safetensors` (load with `atp(thresholds='learned', weights=PATH)`) and

@@ -1,4 +1,4 @@
-"""FrameFusion (Fu et al., ICCV 2025): the budget function and its ALGORITHMS.md §8.5 anchors,
+"""FrameFusion (Fu et al., ICCV 2025): the budget function and its docs/ALGORITHMS.md §8.5 anchors,
 chain merges as plans, the merge/prune schedule against the compute budget, and end-to-end runs
 on the tiny LLaVA-OneVision / LLaVA-NeXT-Video video models (batch 2 left-padded, SDPA and eager),
 and the trained embedded model against a merge written out by hand."""

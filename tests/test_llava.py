@@ -1,6 +1,6 @@
-"""LLaVA family (LLaVA-1.5, NeXT, OneVision, NeXT-Video, Qwen2-VL) on tiny configs: DESIGN.md
-invariants 1-4 and 6 under SDPA and eager, batch 1 and batch 2 left-padded, forward and generate;
-FastV's anchor (ALGORITHMS.md §8.7)."""
+"""LLaVA family (LLaVA-1.5, NeXT, OneVision, NeXT-Video, Qwen2-VL) on tiny configs: the README's
+adapter invariants 1-4 and 6 under SDPA and eager, batch 1 and batch 2 left-padded, forward and generate;
+FastV's anchor (docs/ALGORITHMS.md §8.7)."""
 import pytest
 import torch
 

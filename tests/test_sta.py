@@ -1,4 +1,4 @@
-"""STA (ALGORITHMS.md section 4) on HF VideoMAE: token counts, time order, parity with a
+"""STA (docs/ALGORITHMS.md section 4) on HF VideoMAE: token counts, time order, parity with a
 reshape-based transcription of the reference, and the structured slice variant."""
 import os
 
@@ -67,7 +67,7 @@ def test_token_counts_and_time_order(large_layout, r, expect):
 
 # -- parity with a reshape-based transcription of the reference (model_vit.py `merge`) -----------------
 def ref_merge(x, metric, index, depth, r):
-    """The reference's merge step written independently from ALGORITHMS.md section 4:
+    """The reference's merge step written independently from docs/ALGORITHMS.md section 4:
     reshape to (B, T, N, .) and walk the groups."""
     if index == 0:
         T, perm = 8, list(range(8))

@@ -1,4 +1,4 @@
-"""ToMe anchors (ALGORITHMS.md §8.1, §8.2) and the pure matching function."""
+"""ToMe anchors (docs/ALGORITHMS.md §8.1, §8.2) and the pure matching function."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""DESIGN.md invariants 1, 2, 5, 6 for every ViT adapter (timm, open_clip, HF towers)."""
+"""The README's adapter invariants 1, 2, 5, 6 for every ViT adapter (timm, open_clip, HF towers)."""
 import pytest
 import torch
 

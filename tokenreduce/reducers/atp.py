@@ -81,7 +81,7 @@ class ATPThresholds(nn.Module):
 @dataclass
 class ATP(Reducer):
     """ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models. Ye et al., CVPR 2025,
-    arXiv:2412.00447. No official code; see reference/ALGORITHMS.md §2 for what is confirmed.
+    arXiv:2412.00447. No official code; see docs/ALGORITHMS.md §2 for what is confirmed.
 
     An ATP stage sits between two LLM decoder layers (`llm.layer.k`, k >= 1; reference layers
     {4, 14, 24} of a 32-layer LLM, `atp_layers(depth)` scales them, `atp_policy(depth)` builds
