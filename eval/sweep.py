@@ -235,6 +235,13 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _line_of(method: str) -> str:
+    """The plot line of a run: an extra policy labelled like a method's own runs ('fastv_b0.25')
+    joins that method's line."""
+    m = re.fullmatch(r"(.+)_b[0-9.]+", method)
+    return m.group(1) if method not in SWEEP_METHODS and m and m.group(1) in SWEEP_METHODS else method
+
+
 def plot(rows: list, out) -> list:
     """accuracy_vs_tokens.png and speed_vs_tokens.png; one line per method over its budgets."""
     import matplotlib
@@ -244,7 +251,9 @@ def plot(rows: list, out) -> list:
     ok = [r for r in rows if "failed" not in r and r.get("visual_tokens_final") is not None]
     groups = {}
     for r in ok:
-        groups.setdefault(r["method"], []).append(r)
+        groups.setdefault(_line_of(r["method"]), []).append(r)
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    colors = dict(zip([g for g in groups if g != "baseline"], palette * (1 + len(groups) // len(palette))))
     paths = []
     panels = {"accuracy_vs_tokens.png": [("acc_loglik", "accuracy (option log-likelihood)"),
                                          ("acc_generated", "accuracy (generated answer)")],
@@ -258,7 +267,7 @@ def plot(rows: list, out) -> list:
                     continue
                 x, y = zip(*pts)
                 style = dict(marker="*", markersize=12, linestyle="none", color="black") if method == "baseline" \
-                    else dict(marker="o")
+                    else dict(marker="o", color=colors[method])
                 ax.plot(x, y, label=method, **style)
             ax.set_xlabel("visual tokens after the last reducing site (mean)")
             ax.set_ylabel(ylabel)

@@ -404,6 +404,12 @@ def test_sweep_refuses_a_missing_dataset_and_labels_that_are_its_own_outputs(tmp
             plan_runs([], [], 8, {label: "llm.layer.2=fastv"})
 
 
+def test_plot_lines_join_extra_runs_labelled_like_a_methods_own():
+    from tokenreduce.eval.sweep import _line_of
+    assert [_line_of(m) for m in ("fastv", "fastv_b0.25", "random_b0.1", "fastv_least_b0.5", "mine_b0.3")] == \
+        ["fastv", "fastv", "random", "fastv_least_b0.5", "mine_b0.3"]
+
+
 def test_sweep_method_table_errors_name_valid_choices():
     from tokenreduce.eval.sweep import SWEEP_METHODS, plan_runs
     runs = plan_runs(["fastv", "atp"], [0.25, 0.5], frames=8)
