@@ -5,10 +5,17 @@
     frames, meta = read_frames("clip.mp4", indices=[0, 5, 9])   # exactly these frames
 
 Both backends give the same frame indices (sampling is computed here, from the frame count and
-the average frame rate, never by the backend) and the same pixels: both decode with FFmpeg
-and convert to packed RGB24 (checked in tests/test_video_decode.py on clips written with PyAV:
-lossless RGB H.264 `libx264rgb`, FFV1 and MPEG-4 Part 2 in yuv420p all decode bit-identically;
-the lossless RGB ones also equal the frames that were written).
+the average frame rate, never by the backend) and, for common streams, the same pixels: both
+decode with FFmpeg and convert to packed RGB24 (checked in tests/test_video_decode.py on clips
+written with PyAV: lossless RGB H.264 `libx264rgb`, FFV1 and MPEG-4 Part 2 in yuv420p all decode
+bit-identically; the lossless RGB ones also equal the frames that were written). Their chroma
+upsampling differs at colour edges for odd frame sizes and 10-bit streams (a few levels).
+Frames come upright: a rotated video (display matrix, e.g. a phone's portrait clip) is turned
+as the matrix says. "auto" decodes MPEG-TS and rotated videos with PyAV (decord shifts TS frames
+with reordered B-frames and mishandles rotation), and both backends read the best video stream.
+Variable frame rate: `fps=` sampling and `timestamps` use the average frame rate (exact for
+constant-rate video). A stream that starts on a non-key frame (a stream-copied cut) may list
+more frames than decode; asking for those names how many did.
 
 Sampling conventions
   num_frames=k   uniform over the whole video, endpoints included: round(linspace(0, n-1, k))
@@ -59,10 +66,22 @@ def available_backends() -> list:
 
 
 # -- sampling ------------------------------------------------------------------------------------
+def _check_count(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"num_frames must be a whole number >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_fps(fps) -> float:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+    return float(fps)
+
+
 def uniform_indices(total: int, k: int) -> np.ndarray:
     """k indices spread evenly over [0, total-1], endpoints included, rounded."""
-    if k <= 0:
-        raise ValueError(f"num_frames must be >= 1, got {k}")
+    k = _check_count(k)
     if total <= 0:
         raise ValueError("the video has no frames")
     return np.linspace(0, total - 1, k).round().astype(np.int64)
@@ -70,8 +89,7 @@ def uniform_indices(total: int, k: int) -> np.ndarray:
 
 def fps_indices(total: int, native_fps: float, fps: float) -> np.ndarray:
     """One frame every 1/fps seconds from t=0 (each frame at most once)."""
-    if not fps or fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps!r}")
+    fps = _check_fps(fps)
     if not native_fps or native_fps <= 0:
         raise ValueError("the video reports no frame rate, so fps-based sampling is impossible; use num_frames")
     step = native_fps / fps
@@ -86,18 +104,21 @@ def sample_indices(total: int, native_fps: float | None = None, *, num_frames: i
     if indices is not None:
         if num_frames is not None or fps is not None:
             raise ValueError("give either indices or num_frames / fps, not both")
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        given = np.asarray(indices)
+        if given.ndim > 1 or (given.size and given.dtype.kind not in "iu"):
+            raise ValueError(f"indices must be a flat list of whole frame numbers, got {indices!r}")
+        idx = given.astype(np.int64).reshape(-1)
         bad = idx[(idx < 0) | (idx >= total)]
         if bad.size:
             raise IndexError(f"frame indices {bad.tolist()} out of range; the video has {total} frames (0..{total - 1})")
         return idx
     if fps is not None:
         idx = fps_indices(total, native_fps, fps)
-        if num_frames is not None and len(idx) > num_frames:
+        if num_frames is not None and len(idx) > _check_count(num_frames):
             idx = idx[uniform_indices(len(idx), num_frames)]
         return idx
     if num_frames is not None:
-        return uniform_indices(total, int(num_frames))
+        return uniform_indices(total, num_frames)
     return np.arange(total, dtype=np.int64)
 
 
@@ -130,7 +151,7 @@ class _PyAV:
         if not self.container.streams.video:
             self.container.close()
             raise ValueError("no video stream")
-        st = self.container.streams.video[0]
+        st = _video_stream(self.container)
         rate = st.average_rate or st.guessed_rate or st.base_rate
         self.fps = float(rate) if rate else 0.0
         total = int(st.frames or 0)
@@ -148,21 +169,55 @@ class _PyAV:
         last = max(want)
         got = {}
         c = self.container  # freshly opened: decoding starts at the first frame
-        st = c.streams.video[0]
+        st = _video_stream(c)
         st.thread_type = "AUTO"
+        decoded = 0
         for i, frame in enumerate(c.decode(st)):
+            decoded = i + 1
             if i in want:
-                got[i] = frame.to_ndarray(format="rgb24")
+                got[i] = upright(frame.to_ndarray(format="rgb24"), frame.rotation)
             if i >= last:
                 break
         missing = sorted(want - set(got))
         if missing:
-            raise ValueError(f"only {len(got) and max(got) + 1 or 0} frames could be decoded; "
+            raise ValueError(f"only {decoded} of the {self.total} frames the container lists could be decoded; "
                              f"frames {missing[:5]} are missing")
         return np.stack([got[int(i)] for i in idx])
 
     def close(self):
         self.container.close()
+
+
+def _video_stream(container):
+    """The stream FFmpeg (and decord) would pick: the best video stream, not merely the first."""
+    try:
+        return container.streams.best("video") or container.streams.video[0]
+    except AttributeError:  # older PyAV
+        return container.streams.video[0]
+
+
+def upright(frame: np.ndarray, rotation) -> np.ndarray:
+    """A decoded (H, W, 3) frame turned as its display matrix says (`rotation`: degrees
+    counter-clockwise, FFmpeg's convention; a phone's portrait video reads -90)."""
+    k = int(round(float(rotation or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(frame, k)) if k else frame
+
+
+def _pyav_first(path) -> str | None:
+    """Why "auto" should decode this file with PyAV rather than decord, or None: decord returns
+    shifted frames for MPEG-TS with reordered (B-) frames and ignores or mangles rotation."""
+    try:
+        import av
+        with av.open(str(path)) as c:
+            if "mpegts" in (c.format.name or ""):
+                return "MPEG-TS"
+            st = _video_stream(c) if c.streams.video else None
+            frame = next(c.decode(st), None) if st is not None else None
+            if frame is not None and int(round(float(frame.rotation or 0))) % 360:
+                return "rotated"
+    except Exception:  # noqa: BLE001 - the backends report unreadable files themselves
+        return None
+    return None
 
 
 _OPENERS = {"decord": _Decord, "pyav": _PyAV}
@@ -194,6 +249,8 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"cannot read video {str(path)!r}: the file is empty (0 bytes)")
     order = available_backends() if backend == "auto" else [backend]
+    if backend == "auto" and order[:1] == ["decord"] and "pyav" in order and _pyav_first(path):
+        order = ["pyav"]
     if not order:
         raise VideoDecodeError(f"cannot read video {str(path)!r}: no decoding backend installed; "
                                "pip install decord (x86-64 Linux/Windows) or av")
