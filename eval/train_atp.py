@@ -1,8 +1,17 @@
-"""Train ATP's threshold modules (and nothing else) on a tiny LLaVA, on CPU, with accelerate.
+"""Train ATP's threshold modules (and nothing else) on a frozen LLaVA, on CPU, with accelerate.
 
-    python -m tokenreduce.eval.train_atp --steps 30 --out DIR
+    python -m tokenreduce.eval.train_atp --model embedded --budget 0.3 --steps 150 --out DIR
+    python -m tokenreduce.eval.train_atp --steps 30 --out DIR            # tiny random LLaVA
 
-What it is, honestly: a pipeline check, not a reproduction. The paper (Ye et al., ATP-LLaVA,
+--model embedded: the shipped video-QA model (trained, frozen) on fresh synthetic clips (seed
+4242 + --seed, never the held-out seed 12345), one ATP stage at llm.layer.2 as in the sweep,
+starting from the fixed rule for the budget (alpha = Phi^-1(1 - budget)). Loss: cross-entropy of
+the answer among the options + λ_target · |mean kept fraction − budget| over the batch (the
+budget holds on average, each instance keeps its own count) + λ_atp · the paper's layer-weighted
+kept term. Evaluate with `llm.layer.2=atp(thresholds='learned', weights=DIR/atp_thresholds.safetensors,
+alpha=...)` (train_log.json records the policy).
+
+--model tiny (the default) is a pipeline check, not a reproduction. The paper (Ye et al., ATP-LLaVA,
 CVPR 2025, arXiv:2412.00447) trains its ATP modules together with the LLM on the LLaVA-1.5
 recipe; here a tiny LLaVA (the classes real checkpoints use, random weights, built from a
 config) stays frozen, the data are random images with a fixed prompt and a fixed random target
@@ -114,13 +123,82 @@ def train(steps: int = 30, out: str | Path | None = None, *, batch: int = 4, lr:
     return log
 
 
+EMBEDDED_SEED = 4242  # the training clips' generator (the report's held-out set uses 12345)
+
+
+def train_on_embedded(steps: int = 150, out: str | Path | None = None, *, budget: float = 0.3, batch: int = 16,
+                      lr: float = 0.02, seed: int = 0, layer: int = 2, lambda_atp: float = 0.0,
+                      lambda_target: float = 1.0, log_every: int = 10, quiet: bool = False) -> dict:
+    """Train ATP's threshold head on the frozen embedded video-QA model toward `budget` kept."""
+    from statistics import NormalDist
+
+    from accelerate import Accelerator
+
+    import tokenreduce
+    from tokenreduce.reducers import atp as atp_mod
+
+    from .embedded import load_embedded
+    from .synthetic import VideoQAGenerator
+    from .train_embedded import make_batch
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(seed)
+    model, proc = load_embedded()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    alpha = round(NormalDist().inv_cdf(1.0 - budget), 4) if budget < 1 else -8.0
+    reducer = atp_mod.ATP(thresholds="learned", training=True, seed=seed, alpha=alpha)
+    handle = tokenreduce.reduce(model, tokenreduce.Policy([tokenreduce.Stage(f"llm.layer.{layer}", reducer)]))
+    module = reducer.threshold_module().to(accelerator.device)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    model, opt = accelerator.prepare(model, opt)
+    gen = VideoQAGenerator(seed=EMBEDDED_SEED + seed)
+    log = {"model": "embedded", "steps": [], "layer": layer, "budget": budget, "alpha": alpha, "seed": seed,
+           "lr": lr, "batch": batch, "lambda_atp": lambda_atp, "lambda_target": lambda_target,
+           "params": sum(p.numel() for p in module.parameters())}
+    t0 = time.perf_counter()
+    for step in range(steps):
+        _, inputs, answers, options, _, _ = make_batch(gen, proc, batch, with_labels=False)
+        inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
+        logits = model(**inputs).logits[:, -1].float()  # left padded: the last position answers
+        options = options.to(logits.device)
+        ce = F.cross_entropy(logits.gather(1, options), (options == answers.to(logits.device)[:, None]).float().argmax(1))
+        kept = reducer.kept_fraction()
+        loss = ce + lambda_target * (kept.mean() - budget).abs()
+        if lambda_atp:
+            loss = loss + reducer.budget_loss(lambda_atp=lambda_atp, lambda_target=0.0)
+        opt.zero_grad()
+        accelerator.backward(loss)
+        opt.step()
+        entry = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()),
+                 "kept": float(kept.detach().mean())}
+        log["steps"].append(entry)
+        if not quiet and (step % log_every == 0 or step == steps - 1):
+            accelerator.print(f"step {step:3d}  loss {entry['loss']:.4f}  ce {entry['ce']:.4f}  kept {entry['kept']:.3f}")
+    log["seconds"] = time.perf_counter() - t0
+    handle.remove()
+    if out is not None and accelerator.is_main_process:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / "atp_thresholds.safetensors"
+        reducer.save_thresholds(weights)
+        log["weights"] = str(weights)
+        log["policy"] = f"llm.layer.{layer}=atp(thresholds='learned', weights='{weights}', alpha={alpha})"
+        (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
 def main(argv=None) -> int:
     from .cli import THREADS, float_in, int_at_least
     ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train_atp", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
+                    help="tiny: a random tiny LLaVA (pipeline check); embedded: the shipped video-QA model")
+    ap.add_argument("--budget", type=float_in(0, 1, low_open=True), default=0.3,
+                    help="--model embedded: the kept fraction of visual tokens to train toward, in (0, 1]")
     ap.add_argument("--steps", type=int_at_least(1), default=30)
     ap.add_argument("--out", required=True, help="folder for atp_thresholds.safetensors and train_log.json")
-    ap.add_argument("--batch", type=int_at_least(1), default=4)
-    ap.add_argument("--lr", type=float_in(0, low_open=True), default=0.05)
+    ap.add_argument("--batch", type=int_at_least(1), default=None, help="default 4 (tiny), 16 (embedded)")
+    ap.add_argument("--lr", type=float_in(0, low_open=True), default=None, help="default 0.05 (tiny), 0.02 (embedded)")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--depth", type=int_at_least(2, " (ATP scores from a layer after the first)"), default=4,
                     help="LLM layers of the tiny model")
@@ -136,10 +214,21 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        log = train(a.steps, a.out, batch=a.batch, lr=a.lr, seed=a.seed, depth=a.depth, lambda_atp=a.lambda_atp,
-                    lambda_target=a.lambda_target, target_fraction=a.target)
+        if a.model == "embedded":
+            kw = {k: v for k, v in (("lambda_atp", a.lambda_atp), ("lambda_target", a.lambda_target)) if v is not None}
+            log = train_on_embedded(a.steps, a.out, budget=a.budget, batch=a.batch or 16, lr=a.lr or 0.02,
+                                    seed=a.seed, **kw)
+        else:
+            log = train(a.steps, a.out, batch=a.batch or 4, lr=a.lr or 0.05, seed=a.seed, depth=a.depth, lambda_atp=a.lambda_atp,
+                        lambda_target=a.lambda_target, target_fraction=a.target)
     finally:
         torch.set_num_threads(threads)
+    if a.model == "embedded":
+        last = log["steps"][-10:]
+        print(f"last 10 steps: ce {sum(s['ce'] for s in last) / len(last):.4f}, kept "
+              f"{sum(s['kept'] for s in last) / len(last):.3f} (budget {a.budget}; {log['seconds']:.1f} s); "
+              f"evaluate with --policy \"{log.get('policy')}\"")
+        return 0
     first = [s["budget"] for s in log["steps"][:5]]
     last = [s["budget"] for s in log["steps"][-5:]]
     print(f"budget loss: first-5 mean {sum(first) / len(first):.5f} -> last-5 mean {sum(last) / len(last):.5f} "

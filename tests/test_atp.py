@@ -259,6 +259,28 @@ def test_short_cpu_training_lowers_the_budget_loss(tmp_path, llava):
     assert (tmp_path / "cli" / "atp_thresholds.safetensors").exists()
 
 
+def test_training_on_the_embedded_model_learns_thresholds_that_run(tmp_path):
+    """train_atp --model embedded: the frozen video-QA model, fresh clips, one stage at
+    llm.layer.2 starting from the fixed rule for the budget; the answer loss and the budget term
+    reach the threshold head (its zero-initialised last layer moves), and the saved policy runs"""
+    from safetensors.torch import load_file
+
+    from tokenreduce.eval.embedded import load_embedded
+    from tokenreduce.eval.train_atp import train_on_embedded
+    log = train_on_embedded(steps=3, out=tmp_path, budget=0.3, batch=4, quiet=True)
+    assert log["alpha"] == 0.5244 and all(0.1 < s["kept"] < 0.6 for s in log["steps"])
+    weights = load_file(str(tmp_path / "atp_thresholds.safetensors"))
+    assert float(weights["heads.2.2.weight"].abs().sum()) > 0
+    assert "thresholds='learned'" in log["policy"]
+    model, proc = load_embedded()
+    from tokenreduce.eval.synthetic import VideoQAGenerator
+    s = VideoQAGenerator(seed=5).sample("count")
+    inputs = proc(text=[proc.prompt(s["question"], s["options"])], videos=[VideoQAGenerator(seed=5).render(s)])
+    with tr.reduce(model, log["policy"]) as h, torch.no_grad():
+        model(**inputs)
+        assert h.stats["sites"]["llm.layer.2"]["tokens_out"] < h.stats["sites"]["llm.layer.2"]["tokens_in"]
+
+
 def test_inference_atp_does_not_turn_other_merges_into_attention_biases():
     """ATP asks for log(size) key biases only while training (its soft masks); at inference a
     stage that keeps everything leaves FrameFusion's merges (whose sizes never reach the
