@@ -1,6 +1,8 @@
 """timm VisionTransformer (ViT, DeiT incl. distilled, DeiT-III LayerScale, QK-norm, registers)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from tokenreduce.errors import SiteError, UnsupportedModelError
@@ -104,9 +106,9 @@ class TimmViTAdapter(ViTAdapter):
     def _weighted_avg_pool(self, module, args):
         final = self._pass.final
         x = args[0]
-        if final is None or not self._pass.merged or self._final_x is None:
+        tokens = self._final_x() if self._final_x is not None else None
+        if final is None or not self._pass.merged or tokens is None:
             return None
-        tokens = self._final_x
         P = self.num_prefix
         # only the pool of this forward's own tokens is replaced: forward_head(other features)
         # must pool what it is given, not the last forward's tokens
@@ -127,7 +129,9 @@ class TimmViTAdapter(ViTAdapter):
             if seen is not None and seen[0] is p and torch.equal(seen[1], output):
                 return seen[2]
         res = super()._on_out(module, args, output)
-        self._final_x = output if res is None else res
+        # a weak reference: the pool of this forward reads it while the tokens are alive; held
+        # strongly it would keep the forward's graph after the forward
+        self._final_x = weakref.ref(output if res is None else res)
         if self._in_intermediates:
             self._out_seen = (p, output, res)
         return res

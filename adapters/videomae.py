@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 
 from tokenreduce.errors import SiteError
 from tokenreduce.hooks import Recorder
@@ -205,7 +206,7 @@ class VideoMAEAdapter(ViTAdapter):
     # -- pooling -------------------------------------------------------------------------------
     def _weighted_mean_pool(self, module, args):
         final = self._pass.final
-        tokens = self._final_x
+        tokens = self._final_x() if self._final_x is not None else None
         if final is None or tokens is None or bool((final.size == 1).all()):
             return None
         if tokens.shape[0] != args[0].shape[0]:
@@ -216,5 +217,5 @@ class VideoMAEAdapter(ViTAdapter):
     def _on_out(self, module, args, output):
         from .vit import read_tokens
         res = super()._on_out(module, args, output)
-        self._final_x = read_tokens(output if res is None else res)
+        self._final_x = weakref.ref(read_tokens(output if res is None else res))  # see TimmViTAdapter
         return res

@@ -349,11 +349,14 @@ class ViTAdapter(PerThreadState, Adapter):
     def _on_qk(self, i, want_keys, want_cls, q_cls, k, scale):
         st = self._pass.state
         sig = st.signals
+        # detached: reducers at vision sites decide without gradients (their plans run under
+        # no_grad), and a stored graph would keep the whole forward's activations alive after it
         if want_keys:
-            sig.put("keys", i, st.pos, head_mean_keys(k))
+            sig.put("keys", i, st.pos, head_mean_keys(k.detach()))
         if want_cls:
             bias = self._size_bias()
-            sig.put("cls_attn", i, st.pos, cls_attention(q_cls, k, scale, bias))
+            sig.put("cls_attn", i, st.pos, cls_attention(q_cls.detach(), k.detach(), scale,
+                                                         None if bias is None else bias.detach()))
 
     def _size_bias(self):
         st = self._pass.state
