@@ -13,8 +13,10 @@ upsampling differs at colour edges for odd frame sizes and 10-bit streams (a few
 Frames come upright: a rotated video (display matrix, e.g. a phone's portrait clip) is turned
 as the matrix says. "auto" decodes MPEG-TS and rotated videos with PyAV (decord shifts TS frames
 with reordered B-frames and mishandles rotation), and both backends read the best video stream.
-Variable frame rate: `fps=` sampling and `timestamps` use the average frame rate (exact for
-constant-rate video). A stream that starts on a non-key frame (a stream-copied cut) may list
+Variable frame rate: where a video's frame times stray more than half a frame from
+i / average rate, `fps=f` takes the frame shown at each multiple of 1/f seconds and `timestamps`
+are the frames' own presentation times (for constant-rate video both are the index arithmetic
+below). A stream that starts on a non-key frame (a stream-copied cut) may list
 more frames than decode; asking for those names how many did.
 
 Sampling conventions
@@ -98,9 +100,29 @@ def fps_indices(total: int, native_fps: float, fps: float) -> np.ndarray:
     return np.unique(idx)
 
 
+def constant_rate(timestamps, native_fps: float) -> bool:
+    """Whether every frame sits within half a frame of i / native_fps (then index arithmetic is
+    exact and fps sampling uses it)."""
+    if timestamps is None or not native_fps:
+        return True
+    ts = np.asarray(timestamps, np.float64)
+    return bool(np.abs(ts - np.arange(len(ts)) / native_fps).max() <= 0.5 / native_fps)
+
+
+def time_indices(timestamps, fps: float) -> np.ndarray:
+    """Variable frame rate: for t = 0, 1/fps, 2/fps, ... up to the last frame's time, the frame
+    shown at t (the last one starting at or before it); each frame at most once."""
+    fps = _check_fps(fps)
+    ts = np.asarray(timestamps, np.float64)
+    targets = np.arange(0.0, ts[-1] + 1e-9, 1.0 / fps)
+    idx = np.searchsorted(ts, targets + 1e-9, side="right") - 1
+    return np.unique(idx.clip(0, len(ts) - 1)).astype(np.int64)
+
+
 def sample_indices(total: int, native_fps: float | None = None, *, num_frames: int | None = None,
-                   fps: float | None = None, indices=None) -> np.ndarray:
-    """The frame indices `read_frames` decodes (see the module docstring for the conventions)."""
+                   fps: float | None = None, indices=None, timestamps=None) -> np.ndarray:
+    """The frame indices `read_frames` decodes (see the module docstring for the conventions).
+    `timestamps` (seconds per frame): a variable-rate video's fps sampling follows them."""
     if indices is not None:
         if num_frames is not None or fps is not None:
             raise ValueError("give either indices or num_frames / fps, not both")
@@ -113,7 +135,8 @@ def sample_indices(total: int, native_fps: float | None = None, *, num_frames: i
             raise IndexError(f"frame indices {bad.tolist()} out of range; the video has {total} frames (0..{total - 1})")
         return idx
     if fps is not None:
-        idx = fps_indices(total, native_fps, fps)
+        vfr = timestamps is not None and not constant_rate(timestamps, native_fps)
+        idx = time_indices(timestamps, fps) if vfr else fps_indices(total, native_fps, fps)
         if num_frames is not None and len(idx) > _check_count(num_frames):
             idx = idx[uniform_indices(len(idx), num_frames)]
         return idx
@@ -136,6 +159,14 @@ class _Decord:
         if len(idx) == 0:
             return np.zeros((0, 0, 0, 3), np.uint8)
         return self.vr.get_batch([int(i) for i in idx]).asnumpy()
+
+    def timestamps(self):
+        """(total,) presentation times in seconds from the first frame, or None."""
+        try:
+            ts = np.asarray(self.vr.get_frame_timestamp(list(range(self.total))), np.float64)[:, 0]
+        except Exception:  # noqa: BLE001 - a stream without usable timestamps: the average rate serves
+            return None
+        return ts - ts[0] if len(ts) == self.total and np.all(np.isfinite(ts)) else None
 
     def close(self):
         del self.vr
@@ -160,6 +191,22 @@ class _PyAV:
             self.container.close()
             self.container = av.open(self.path)
         self.total = total
+
+    def timestamps(self):
+        """(total,) presentation times in seconds from the first frame (the video packets' pts,
+        in display order; no decoding), or None."""
+        import av
+        try:
+            with av.open(self.path) as c:
+                st = _video_stream(c)
+                pts = sorted(p.pts for p in c.demux(st) if p.size and p.pts is not None)
+                base = float(st.time_base)
+        except Exception:  # noqa: BLE001
+            return None
+        if len(pts) != self.total:
+            return None
+        ts = np.asarray(pts, np.float64) * base
+        return ts - ts[0]
 
     def get(self, idx: np.ndarray) -> np.ndarray:
         """Decode sequentially up to the largest index (exact: no keyframe-seek rounding)."""
@@ -268,8 +315,11 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
             if reader.total <= 0:
                 errors.append(f"{name}: the video stream has no frames")
                 continue
+            # real frame times where they matter (fps sampling) or are cheap (decord's index)
+            ts = reader.timestamps() if fps is not None or name == "decord" else None
             try:
-                idx = sample_indices(reader.total, reader.fps, num_frames=num_frames, fps=fps, indices=indices)
+                idx = sample_indices(reader.total, reader.fps, num_frames=num_frames, fps=fps, indices=indices,
+                                     timestamps=ts)
             except (ValueError, IndexError) as exc:  # the caller's request, not the decoder: no fallback
                 raise VideoDecodeError(f"cannot read video {str(path)!r}: {exc}") from None
             try:
@@ -278,8 +328,12 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
                 errors.append(f"{name}: {_describe(exc)}")
                 continue
             fps_v = reader.fps
+            if ts is not None and not constant_rate(ts, fps_v):
+                times = ts[idx].tolist()
+            else:  # constant rate (or no timestamps): index / average rate, the same for both backends
+                times = (idx / fps_v).tolist() if fps_v else None
             meta = {"indices": idx.tolist(), "fps": fps_v, "total": reader.total, "backend": name,
-                    "timestamps": (idx / fps_v).tolist() if fps_v else None, "path": str(path)}
+                    "timestamps": times, "path": str(path)}
             return frames, meta
         finally:
             try:
@@ -296,3 +350,16 @@ def video_info(path, backend: str = "auto") -> dict:
     frames, meta = read_frames(path, indices=[], backend=backend)
     del frames
     return {k: meta[k] for k in ("total", "fps", "backend", "path")}
+
+
+def frame_times(path, backend: str = "auto"):
+    """(total,) presentation times in seconds from the first frame for a variable-rate video;
+    None when the frames sit at i / average rate (then index arithmetic is exact) or the
+    container gives no usable times."""
+    info = video_info(path, backend=backend)
+    reader = _OPENERS[info["backend"]](Path(os.fspath(path)))
+    try:
+        ts = reader.timestamps()
+    finally:
+        reader.close()
+    return None if ts is None or constant_rate(ts, info["fps"]) else ts

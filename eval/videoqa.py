@@ -631,14 +631,22 @@ def _error_row(sample_id, error: str, **extra) -> dict:
 def _clip_window(rec: dict):
     """(first, last) frame index of the record's meta.start / meta.end (seconds; MVBench's clip
     bounds), or None when it has none"""
-    from .video import video_info
+    import numpy as np
+
+    from .video import frame_times, video_info
     meta = rec.get("meta") or {}
     if meta.get("start") is None and meta.get("end") is None:
         return None
     info = video_info(rec["video"])
     total, fps = info["total"], info["fps"]
-    first = max(0, round(float(meta.get("start") or 0.0) * fps))
-    last = total - 1 if meta.get("end") is None else min(total - 1, round(float(meta["end"]) * fps))
+    start, end = float(meta.get("start") or 0.0), meta.get("end")
+    ts = frame_times(rec["video"])
+    if ts is not None:  # variable frame rate: the frames shown from start to end, by their own times
+        first = int(np.searchsorted(ts, start - 1e-6, side="left"))
+        last = total - 1 if end is None else min(total - 1, int(np.searchsorted(ts, float(end) + 1e-6, side="right")) - 1)
+    else:
+        first = max(0, round(start * fps))
+        last = total - 1 if end is None else min(total - 1, round(float(end) * fps))
     if first > last:
         raise ValueError(f"meta start {meta.get('start')} s / end {meta.get('end')} s select no frame of a "
                          f"{total}-frame video at {fps:g} fps")

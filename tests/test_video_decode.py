@@ -187,3 +187,47 @@ def test_mpeg_ts_with_b_frames_is_decoded_by_pyav_under_auto(tmp_path):
     assert err(0) < min(err(-1), err(1))
     assert err(0) * 3 < np.abs(read_frames(path, num_frames=5, backend="decord")[0][..., :2].astype(int)
                                - frames[idx][..., :2]).mean()
+
+
+VFR_TIMES = [0.1 * i for i in range(10)] + [0.9 + 0.5 * (i + 1) for i in range(10)]
+
+
+def write_vfr(path):
+    """10 frames 0.1 s apart, then 10 frames 0.5 s apart (VFR_TIMES)"""
+    import fractions
+    frames, times = synth_frames(n=20), VFR_TIMES
+    c = av.open(str(path), "w")
+    s = c.add_stream("libx264", rate=10)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.time_base = fractions.Fraction(1, 1000)
+    for img, t in zip(frames, times):
+        f = av.VideoFrame.from_ndarray(img, format="rgb24")
+        f.pts, f.time_base = round(t * 1000), s.time_base
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def test_variable_frame_rate_fps_sampling_follows_the_frames_own_times(tmp_path):
+    """fps=2 takes the frame shown at every half second (not i * average rate), `timestamps`
+    are the frames' own times, and a clip window (meta.start / end) selects by them; both
+    backends agree, and a constant-rate clip keeps the index arithmetic"""
+    from tokenreduce.eval.video import frame_times
+    from tokenreduce.eval.videoqa import _clip_window
+    path, times, frames = write_vfr(tmp_path / "vfr.mp4"), VFR_TIMES, synth_frames(n=20)
+    # the frame shown at t = 0, 0.5, ..., 5.5 s (the last to start at or before t)
+    want = sorted({max(i for i in range(20) if times[i] <= k * 0.5 + 1e-9) for k in range(12)})
+    assert want[:4] == [0, 5, 9, 10] and want[-2:] == [17, 18]  # dense, then every frame
+    for backend in ["pyav"] + (["decord"] if HAS_DECORD else []):
+        _, meta = read_frames(path, fps=2, backend=backend)
+        assert meta["indices"] == want, backend
+        assert np.allclose(meta["timestamps"], [times[i] for i in meta["indices"]], atol=2e-3), backend
+    # 1.0 s to 3.0 s: frames 10 (1.4 s) .. 13 (2.9 s); by the average rate (3.85 fps) it was 4 .. 12
+    assert _clip_window({"video": str(path), "meta": {"start": 1.0, "end": 3.0}}) == (10, 13)
+    assert np.allclose(frame_times(path), times, atol=2e-3)
+    cfr = write_video(tmp_path / "cfr.mp4", frames, "mpeg4", "yuv420p", fps=8)
+    _, meta = read_frames(cfr, fps=3, backend="pyav")
+    assert meta["indices"] == fps_indices(20, 8.0, 3).tolist() and frame_times(cfr) is None
