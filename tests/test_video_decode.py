@@ -24,14 +24,23 @@ def synth_frames(n=20, h=48, w=64, seed=0):
     return out
 
 
-def write_video(path, frames, codec, pix_fmt, fps=8, options=None):
+def write_video(path, frames, codec, pix_fmt, fps=8, options=None, rotation=None, times=None):
+    """rotation: a display rotation in degrees; times: each frame's time in seconds (VFR)"""
+    import fractions
     c = av.open(str(path), "w")
     s = c.add_stream(codec, rate=fps)
     s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
     if options:
         s.options = options
-    for img in frames:
-        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+    if rotation is not None:
+        s.set_display_rotation(rotation)
+    if times is not None:
+        s.time_base = fractions.Fraction(1, 1000)
+    for i, img in enumerate(frames):
+        f = av.VideoFrame.from_ndarray(img, format="rgb24")
+        if times is not None:
+            f.pts, f.time_base = round(times[i] * 1000), s.time_base
+        for p in s.encode(f):
             c.mux(p)
     for p in s.encode():
         c.mux(p)
@@ -144,18 +153,7 @@ def test_bad_arguments(clips):
 
 def _with_rotation(src, dst, degrees):
     """A copy of `src` whose video stream carries a display rotation (a phone's portrait clip)."""
-    frames = read_frames(src, backend="pyav")[0]
-    c = av.open(str(dst), "w")
-    s = c.add_stream("mpeg4", rate=8)
-    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-    s.set_display_rotation(degrees)
-    for img in frames:
-        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return dst
+    return write_video(dst, read_frames(src, backend="pyav")[0], "mpeg4", "yuv420p", rotation=degrees)
 
 
 @pytest.mark.parametrize("degrees", [-90, 90, 180])
@@ -194,21 +192,7 @@ VFR_TIMES = [0.1 * i for i in range(10)] + [0.9 + 0.5 * (i + 1) for i in range(1
 
 def write_vfr(path):
     """10 frames 0.1 s apart, then 10 frames 0.5 s apart (VFR_TIMES)"""
-    import fractions
-    frames, times = synth_frames(n=20), VFR_TIMES
-    c = av.open(str(path), "w")
-    s = c.add_stream("libx264", rate=10)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.time_base = fractions.Fraction(1, 1000)
-    for img, t in zip(frames, times):
-        f = av.VideoFrame.from_ndarray(img, format="rgb24")
-        f.pts, f.time_base = round(t * 1000), s.time_base
-        for p in s.encode(f):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
+    return write_video(path, synth_frames(n=20), "libx264", "yuv420p", fps=10, times=VFR_TIMES)
 
 
 def test_variable_frame_rate_fps_sampling_follows_the_frames_own_times(tmp_path):
