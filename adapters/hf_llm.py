@@ -327,7 +327,9 @@ class LLMSites(PerThreadState):
         decoded = past0 - K0  # tokens cached since the prefill
         if torch.is_tensor(am) and am.dim() == 2:  # the caller's mask covers its past and the new tokens
             off = am.shape[1] - q - (s.L0 + decoded)
-        elif torch.is_tensor(pos) and pos.dim() == 2:  # 1-D RoPE: the first new token's position
+        elif torch.is_tensor(pos) and pos.dim() == 2 and q > 1:
+            # 1-D RoPE: the first new token's position (a device sync, so only for several new
+            # tokens, as a new turn brings; one-token decode steps follow their cache)
             real = s.start_valid.sum(1) if s.start_valid is not None else torch.full((pos.shape[0],), s.L0)
             off = int((pos[:, 0].cpu() - real.cpu() - decoded).abs().max())
         else:
