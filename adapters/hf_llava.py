@@ -75,8 +75,9 @@ class _Prompt:
 
 @register_adapter
 class LlavaFamilyAdapter(PerThreadState, Adapter):
-    """The state of one forward (and of the generate() steps after its prefill) is per thread,
-    so two threads may run one reduced model at once."""
+    """The state of one forward is per thread, so two threads may run one reduced model at once;
+    what a prefill decided goes with the KV cache it filled (`prompts`), so its decode steps may
+    run on any thread."""
 
     name = "hf_llava"
     family = "transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL"
