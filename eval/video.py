@@ -95,6 +95,8 @@ def fps_indices(total: int, native_fps: float, fps: float) -> np.ndarray:
     if not native_fps or native_fps <= 0:
         raise ValueError("the video reports no frame rate, so fps-based sampling is impossible; use num_frames")
     step = native_fps / fps
+    if step <= 1:  # at or above the native rate: every frame (without a huge arange)
+        return np.arange(total, dtype=np.int64)
     idx = np.round(np.arange(0, total, step)).astype(np.int64)
     idx = idx[idx < total]
     return np.unique(idx)
@@ -111,12 +113,14 @@ def constant_rate(timestamps, native_fps: float) -> bool:
 
 def time_indices(timestamps, fps: float) -> np.ndarray:
     """Variable frame rate: for t = 0, 1/fps, 2/fps, ... up to the last frame's time, the frame
-    shown at t (the last one starting at or before it); each frame at most once."""
+    shown at t (the last one starting at or before it); each frame at most once. Computed per
+    frame (is a multiple of 1/fps inside its display interval?), so any fps costs O(frames)."""
     fps = _check_fps(fps)
     ts = np.asarray(timestamps, np.float64)
-    targets = np.arange(0.0, ts[-1] + 1e-9, 1.0 / fps)
-    idx = np.searchsorted(ts, targets + 1e-9, side="right") - 1
-    return np.unique(idx.clip(0, len(ts) - 1)).astype(np.int64)
+    eps = 1e-9
+    first_t = np.ceil((ts - eps) * fps) / fps            # the first target at or after each start
+    ends = np.append(ts[1:], ts[-1] + 2 * eps)            # the last frame is shown up to its own time
+    return np.flatnonzero(first_t + eps < ends).astype(np.int64)
 
 
 def sample_indices(total: int, native_fps: float | None = None, *, num_frames: int | None = None,
@@ -151,6 +155,7 @@ class _Decord:
 
     def __init__(self, path):
         import decord
+        self.path = str(path)
         self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         self.total = len(self.vr)
         self.fps = float(self.vr.get_avg_fps() or 0.0)
@@ -161,12 +166,9 @@ class _Decord:
         return self.vr.get_batch([int(i) for i in idx]).asnumpy()
 
     def timestamps(self):
-        """(total,) presentation times in seconds from the first frame, or None."""
-        try:
-            ts = np.asarray(self.vr.get_frame_timestamp(list(range(self.total))), np.float64)[:, 0]
-        except Exception:  # noqa: BLE001 - a stream without usable timestamps: the average rate serves
-            return None
-        return ts - ts[0] if len(ts) == self.total and np.all(np.isfinite(ts)) else None
+        # decord reports AV_NOPTS or zeros for some containers (AVI, MPEG-PS): the packets' own
+        # times, read with PyAV, serve both backends
+        return packet_times(self.path, self.total, self.fps)
 
     def close(self):
         del self.vr
@@ -193,20 +195,7 @@ class _PyAV:
         self.total = total
 
     def timestamps(self):
-        """(total,) presentation times in seconds from the first frame (the video packets' pts,
-        in display order; no decoding), or None."""
-        import av
-        try:
-            with av.open(self.path) as c:
-                st = _video_stream(c)
-                pts = sorted(p.pts for p in c.demux(st) if p.size and p.pts is not None)
-                base = float(st.time_base)
-        except Exception:  # noqa: BLE001
-            return None
-        if len(pts) != self.total:
-            return None
-        ts = np.asarray(pts, np.float64) * base
-        return ts - ts[0]
+        return packet_times(self.path, self.total, self.fps)
 
     def get(self, idx: np.ndarray) -> np.ndarray:
         """Decode sequentially up to the largest index (exact: no keyframe-seek rounding)."""
@@ -222,7 +211,7 @@ class _PyAV:
         for i, frame in enumerate(c.decode(st)):
             decoded = i + 1
             if i in want:
-                got[i] = upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+                got[i] = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
             if i >= last:
                 break
         missing = sorted(want - set(got))
@@ -233,6 +222,28 @@ class _PyAV:
 
     def close(self):
         self.container.close()
+
+
+def packet_times(path, total: int, fps: float):
+    """(total,) presentation times in seconds from the first frame: the video packets' pts in
+    display order, read with PyAV (no decoding). None when PyAV is missing or the times are not
+    usable (a packet without pts, a count that differs from `total`, times that do not increase,
+    or a span far beyond total / fps): then the average rate serves."""
+    try:
+        import av
+        with av.open(str(path)) as c:
+            st = _video_stream(c)
+            pts = [p.pts for p in c.demux(st) if p.size]
+            base = float(st.time_base)
+    except Exception:  # noqa: BLE001 - unreadable here: the decoder reports that itself
+        return None
+    if len(pts) != total or total == 0 or any(p is None for p in pts):
+        return None
+    ts = np.sort(np.asarray(pts, np.float64)) * base
+    ts -= ts[0]
+    if len(ts) > 1 and (not np.all(np.diff(ts) > 0) or (fps and ts[-1] > 2.0 * total / fps + 1.0)):
+        return None
+    return ts
 
 
 def _video_stream(container):
@@ -260,7 +271,7 @@ def _pyav_first(path) -> str | None:
                 return "MPEG-TS"
             st = _video_stream(c) if c.streams.video else None
             frame = next(c.decode(st), None) if st is not None else None
-            if frame is not None and int(round(float(frame.rotation or 0))) % 360:
+            if frame is not None and int(round(float(getattr(frame, "rotation", 0) or 0))) % 360:
                 return "rotated"
     except Exception:  # noqa: BLE001 - the backends report unreadable files themselves
         return None
@@ -315,8 +326,7 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
             if reader.total <= 0:
                 errors.append(f"{name}: the video stream has no frames")
                 continue
-            # real frame times where they matter (fps sampling) or are cheap (decord's index)
-            ts = reader.timestamps() if fps is not None or name == "decord" else None
+            ts = reader.timestamps()  # the frames' own times (both backends: one demux pass, no decoding)
             try:
                 idx = sample_indices(reader.total, reader.fps, num_frames=num_frames, fps=fps, indices=indices,
                                      timestamps=ts)

@@ -209,9 +209,27 @@ def test_variable_frame_rate_fps_sampling_follows_the_frames_own_times(tmp_path)
         _, meta = read_frames(path, fps=2, backend=backend)
         assert meta["indices"] == want, backend
         assert np.allclose(meta["timestamps"], [times[i] for i in meta["indices"]], atol=2e-3), backend
-    # 1.0 s to 3.0 s: frames 10 (1.4 s) .. 13 (2.9 s); by the average rate (3.85 fps) it was 4 .. 12
-    assert _clip_window({"video": str(path), "meta": {"start": 1.0, "end": 3.0}}) == (10, 13)
+    # 1.0 s to 3.0 s: frames 9 (shown from 0.9 s) .. 13 (2.9 s); by the average rate (3.85 fps)
+    # it was 4 .. 12; a window between two frames' starts gets the frame on screen
+    assert _clip_window({"video": str(path), "meta": {"start": 1.0, "end": 3.0}}) == (9, 13)
+    assert _clip_window({"video": str(path), "meta": {"start": 1.5, "end": 1.8}}) == (10, 10)
+    for backend in ["pyav"] + (["decord"] if HAS_DECORD else []):  # the frames' own times, whatever is asked
+        _, meta = read_frames(path, num_frames=4, backend=backend)
+        assert np.allclose(meta["timestamps"], [times[i] for i in meta["indices"]], atol=2e-3), backend
     assert np.allclose(frame_times(path), times, atol=2e-3)
     cfr = write_video(tmp_path / "cfr.mp4", frames, "mpeg4", "yuv420p", fps=8)
     _, meta = read_frames(cfr, fps=3, backend="pyav")
     assert meta["indices"] == fps_indices(20, 8.0, 3).tolist() and frame_times(cfr) is None
+
+
+def test_containers_whose_timestamps_decord_cannot_give_keep_the_index_arithmetic(tmp_path):
+    """H.264 in AVI: decord reports no presentation times (AV_NOPTS / zeros); the packets' own
+    times (or the average rate) serve both backends, so fps sampling and timestamps stay right"""
+    frames = synth_frames(n=40)
+    path = write_video(tmp_path / "h264.avi", frames, "libx264", "yuv420p", fps=10)
+    for backend in ["pyav"] + (["decord"] if HAS_DECORD else []):
+        _, meta = read_frames(path, fps=2, backend=backend)
+        assert meta["indices"] == list(range(0, 40, 5)), backend
+        assert np.allclose(meta["timestamps"], np.arange(0, 40, 5) / 10), backend
+    # a request far above the native rate takes every frame, without a huge index array
+    assert read_frames(path, fps=1e9, indices=None, backend="pyav")[1]["indices"] == list(range(40))
