@@ -138,8 +138,6 @@ def train_on_embedded(steps: int = 150, out: str | Path | None = None, *, budget
     from tokenreduce.reducers import atp as atp_mod
 
     from .embedded import load_embedded
-    from .synthetic import VideoQAGenerator
-    from .train_embedded import make_batch
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(seed)
@@ -149,6 +147,27 @@ def train_on_embedded(steps: int = 150, out: str | Path | None = None, *, budget
     alpha = round(NormalDist().inv_cdf(1.0 - budget), 4) if budget < 1 else -8.0
     reducer = atp_mod.ATP(thresholds="learned", training=True, seed=seed, alpha=alpha)
     handle = tokenreduce.reduce(model, tokenreduce.Policy([tokenreduce.Stage(f"llm.layer.{layer}", reducer)]))
+    try:
+        log = _train_embedded_steps(model, proc, reducer, accelerator, steps, budget=budget, batch=batch, lr=lr,
+                                    seed=seed, layer=layer, alpha=alpha, lambda_atp=lambda_atp,
+                                    lambda_target=lambda_target, log_every=log_every, quiet=quiet)
+    finally:
+        handle.remove()
+    if out is not None and accelerator.is_main_process:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / "atp_thresholds.safetensors"
+        reducer.save_thresholds(weights)
+        log["weights"] = str(weights)
+        log["policy"] = f"llm.layer.{layer}=atp(thresholds='learned', weights={str(weights)!r}, alpha={alpha})"
+        (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def _train_embedded_steps(model, proc, reducer, accelerator, steps, *, budget, batch, lr, seed, layer, alpha,
+                          lambda_atp, lambda_target, log_every, quiet) -> dict:
+    from .synthetic import VideoQAGenerator
+    from .train_embedded import make_batch
     module = reducer.threshold_module().to(accelerator.device)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     model, opt = accelerator.prepare(model, opt)
@@ -176,15 +195,6 @@ def train_on_embedded(steps: int = 150, out: str | Path | None = None, *, budget
         if not quiet and (step % log_every == 0 or step == steps - 1):
             accelerator.print(f"step {step:3d}  loss {entry['loss']:.4f}  ce {entry['ce']:.4f}  kept {entry['kept']:.3f}")
     log["seconds"] = time.perf_counter() - t0
-    handle.remove()
-    if out is not None and accelerator.is_main_process:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        weights = out / "atp_thresholds.safetensors"
-        reducer.save_thresholds(weights)
-        log["weights"] = str(weights)
-        log["policy"] = f"llm.layer.{layer}=atp(thresholds='learned', weights='{weights}', alpha={alpha})"
-        (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
 
@@ -210,6 +220,9 @@ def main(argv=None) -> int:
                     help="CPU threads for torch (default 1: the tiny model is fastest on one, also on a busy machine; "
                          "0 = torch's default)")
     a = ap.parse_args(argv)
+    if a.model == "embedded" and (a.target is not None or a.depth != 4):
+        ap.error("--target and --depth belong to --model tiny; with --model embedded give --budget (the kept "
+                 "fraction) and the embedded model's own depth is used")
     threads = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)
