@@ -170,7 +170,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         self._tower_reduced = self._tower_active and bool(tower_stages)
         if self._tower_active:
             self.tower_adapter.hooks = self.hooks
-            self.tower_adapter.install(tower_stages, recorder, extra_needs=extra)
+            self.tower_adapter.install(tower_stages, recorder, extra_needs=extra, extra_differentiable=any(
+                r.differentiable for n, r in stages if n in ("vision.out", "projector.out")))
         elif "vision.out" in by:
             raise SiteError(f"vision.out needs a transformers CLIP/SigLIP tower; this model has {type(self.tower).__name__}")
         H = self.hooks

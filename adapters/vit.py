@@ -201,9 +201,10 @@ class ViTAdapter(PerThreadState, Adapter):
         return out
 
     # -- install -----------------------------------------------------------------------------
-    def install(self, stages, recorder, extra_needs=()) -> None:
+    def install(self, stages, recorder, extra_needs=(), extra_differentiable: bool = False) -> None:
         """extra_needs: [(SiteInfo, Needs)] for stages that run outside this tower but read its
-        signals (a VLM adapter's `vision.out`)."""
+        signals (a VLM adapter's `vision.out`); extra_differentiable: one of them plans with
+        gradients (so the signals keep theirs)."""
         self.recorder = recorder
         infos = self.sites()
         self._infos = infos
@@ -222,6 +223,9 @@ class ViTAdapter(PerThreadState, Adapter):
                         cls_layers.add(l)
             self._prop_attn |= nd.prop_attn
             self._source |= nd.source
+        # signals keep their graph only for a reducer that plans with gradients; otherwise they are
+        # stored detached (a stored graph would keep the forward's activations alive after it)
+        self._signal_grad = extra_differentiable or any(r.differentiable for _, r in stages)
         self._pass = _Pass()
         self._grid = None
         H = self.hooks
@@ -349,14 +353,15 @@ class ViTAdapter(PerThreadState, Adapter):
     def _on_qk(self, i, want_keys, want_cls, q_cls, k, scale):
         st = self._pass.state
         sig = st.signals
-        # detached: reducers at vision sites decide without gradients (their plans run under
-        # no_grad), and a stored graph would keep the whole forward's activations alive after it
+        if not self._signal_grad:  # plans run under no_grad: nothing needs the graph (see install)
+            q_cls, k = (None if q_cls is None else q_cls.detach()), k.detach()
         if want_keys:
-            sig.put("keys", i, st.pos, head_mean_keys(k.detach()))
+            sig.put("keys", i, st.pos, head_mean_keys(k))
         if want_cls:
             bias = self._size_bias()
-            sig.put("cls_attn", i, st.pos, cls_attention(q_cls.detach(), k.detach(), scale,
-                                                         None if bias is None else bias.detach()))
+            if bias is not None and not self._signal_grad:
+                bias = bias.detach()
+            sig.put("cls_attn", i, st.pos, cls_attention(q_cls, k, scale, bias))
 
     def _size_bias(self):
         st = self._pass.state

@@ -333,3 +333,36 @@ def test_a_forward_with_grad_leaves_no_graph_behind():
             assert m.patch_embed.proj.weight.grad is not None
             m.zero_grad()
             del out
+
+
+def test_signals_keep_their_graph_only_for_a_reducer_that_plans_with_gradients():
+    """a third-party differentiable reducer at a vision site reads [CLS] attention with its
+    gradient; a built-in (no_grad) one reads it detached"""
+    from dataclasses import dataclass
+
+    from tokenreduce.reducers.base import Needs, Reducer
+
+    seen = []
+
+    @dataclass
+    class Peek(Reducer):
+        name = "peek_cls_test"
+        site_families = ("vision.layer",)
+
+        def needs(self, site):
+            return Needs(signals={"cls_attn": (None,)})
+
+        def plan(self, stream):
+            seen.append(stream.signal("cls_attn").requires_grad)
+            return None
+
+    @dataclass
+    class PeekWithGrad(Peek):
+        name = "peek_cls_grad_test"
+        differentiable = True
+
+    m = _tiny_timm(img_size=32, embed_dim=32, depth=3, num_heads=2)
+    for red, want in ((Peek(), False), (PeekWithGrad(), True)):
+        with tr.reduce(m, tr.Policy([tr.Stage("vision.layer.2", red)])):
+            m(torch.randn(1, 3, 32, 32))
+        assert seen.pop() is want
