@@ -75,6 +75,10 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
         name, model = model, load_model(model, image=image)
     else:
         name = type(model).__name__
+    adapter = tr.find_adapter(model)
+    if adapter.name in ("hf_llava", "videomae", "videoswin"):
+        raise ValueError(f"bench vit times an image encoder; {name} is a {adapter.family} model (use bench vlm "
+                         "for vision-language models, bench video for video models)")
     size = image_size(model) if image is None else image
     patch = patch_size(model)
     if image is not None and patch:  # a model's own size may be off the grid (timm rounds down)

@@ -190,9 +190,9 @@ def main_from_args(args) -> dict:
     if which == "torchvision:swin3d_t":  # the form `tokenreduce sites` takes
         which = "swin3d_t"
     if which not in ("all", "videomae", "sta", "swin", "swin3d_t", "videoswin"):
-        raise SystemExit(f"bench video: --model must be videomae or swin (or omitted for both), got {which!r}")
+        raise ValueError(f"bench video: --model must be videomae or swin (or omitted for both), got {which!r}")
     if args.policy and which == "all":
-        raise SystemExit("bench video: --policy names one model's sites; give --model videomae or --model swin with it")
+        raise ValueError("bench video: --policy names one model's sites; give --model videomae or --model swin with it")
     def arg(name, default):  # 0 is a value (refused below), not "use the default"
         value = getattr(args, name, None)
         return default if value is None else value

@@ -57,6 +57,23 @@ def float_in(low: float, high: float | None = None, *, low_open: bool = False):
     return parse
 
 
+def check_writable(path, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: `folder` (a directory
+    to create or fill) or a file whose folder is created if missing."""
+    from pathlib import Path
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists() and folder != p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: " + ("exists and is not a folder" if folder else
+                                                      "is a folder; give a file path"))
+    anc = p if folder and p.exists() else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(anc)!r} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: {str(anc)!r} is not writable")
+
+
 def check_device(device) -> str:
     """`device` if it names a usable device (cpu, cuda, cuda:N, mps); a ValueError naming the valid
     forms if not (one check for eval and bench alike)."""
@@ -142,6 +159,11 @@ def cmd_bench(args) -> int:
                          f"({'; '.join(f'{f} is for bench ' + ' / '.join(BENCH_ONLY[f][1]) for f in unused)}); "
                          f"it takes {', '.join(takes)}")
     check_device(args.device)
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.policy is not None and not str(args.policy).strip():
+        raise ValueError(f"bench {args.what}: --policy is empty; give a spec (e.g. \"vision.block.*=tome(r=13)\"), "
+                         "or leave --policy out for the default")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "vit":
@@ -214,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vision-layers", dest="vision_layers", type=pos, default=None, help="vision tower layers (vlm)")
     b.add_argument("--decode-tokens", dest="decode_tokens", type=pos, default=None,
                    help="tokens to decode (vlm; default 8)")
-    b.add_argument("--policies", default=None, help='JSON {"name": "spec", ...} (vlm; default: every method at a 70%% cut)')
+    b.add_argument("--policies", default=None, help='JSON {"name": "spec", ...} (vlm; default: fastv, framefusion, dycoke_ttm, random, uniform at a 70%% cut)')
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
                    help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "

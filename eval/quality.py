@@ -540,6 +540,11 @@ def main(argv=None) -> int:
                                                       "or ~/.cache/tokenreduce)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: at most 120 digits and 40 faces")
     args = ap.parse_args(argv)
+    from .cli import check_writable
+    try:
+        check_writable(args.out, "--out", folder=True)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.quick:
         args.n_digits, args.n_faces = min(args.n_digits, 120), min(args.n_faces, 40)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -301,3 +301,27 @@ def test_interrupt_and_os_errors_are_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_methods", denied)
     err = _error(capsys, ["methods"])
     assert "Permission denied" in err and "out/x.json" in err
+
+
+# -- benchmarks: refused before any work, with the flag named --------------------------------------
+def test_bench_and_quality_refuse_bad_outputs_and_inputs_before_running(capsys, tmp_path, monkeypatch):
+    from tokenreduce.eval import bench, quality
+    monkeypatch.setattr(bench, "bench_vit", lambda *a, **k: pytest.fail("ran before refusing"))
+    monkeypatch.setattr(quality, "run", lambda *a, **k: pytest.fail("ran before refusing"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    err = _error(capsys, ["bench", "vit", "--json", str(tmp_path)])
+    assert "--json" in err and "is a folder; give a file path" in err
+    err = _error(capsys, ["bench", "vit", "--json", str(a_file / "r.json")])
+    assert "--json" in err and "is a file, not a folder" in err
+    err = _error(capsys, ["bench", "vit", "--policy", " "])
+    assert "--policy is empty" in err and "leave --policy out for the default" in err
+    err = _error(capsys, ["bench", "video", "--model", "nosuch"])
+    assert "--model must be videomae or swin" in err
+    err = _usage_error(capsys, ["quality", "--out", str(a_file / "q"), "--quick"])
+    assert "--out" in err and "is a file, not a folder" in err
+
+
+def test_bench_vit_names_the_benchmark_a_vlm_belongs_to(capsys):
+    err = _error(capsys, ["bench", "vit", "--model", "hf:tiny-llava", "--runs", "1", "--warmup", "0", "--batch", "1"])
+    assert "bench vit times an image encoder" in err and "use bench vlm" in err
