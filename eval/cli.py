@@ -192,8 +192,7 @@ def cmd_bench(args) -> int:
 def cmd_quality(argv) -> int:
     """its own parser (eval/quality.py) takes every option; --out defaults to out/quality"""
     from . import quality
-    has_out = any(a == "--out" or a.startswith("--out=") for a in argv)
-    return quality.main(([] if has_out else ["--out", "out/quality"]) + list(argv))
+    return quality.main(list(argv), prog="tokenreduce quality", default_out="out/quality")
 
 
 def cmd_eval(args) -> int:

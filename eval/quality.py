@@ -523,10 +523,11 @@ def machine() -> str:
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m tokenreduce.eval.quality", default_out: str | None = None) -> int:
     from .cli import THREADS
-    ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for quality.md / .json / .png")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=default_out is None, default=default_out,
+                    help="folder for quality.md / .json / .png" + (f" (default {default_out})" if default_out else ""))
     ap.add_argument("--policy", action="append", default=None, metavar="SPEC",
                     help="a one-line policy to evaluate (repeatable); default: the built-in sweep")
     ap.add_argument("--n-digits", type=int, default=N_DIGITS)

@@ -319,7 +319,7 @@ def test_bench_and_quality_refuse_bad_outputs_and_inputs_before_running(capsys, 
     err = _error(capsys, ["bench", "video", "--model", "nosuch"])
     assert "--model must be videomae or swin" in err
     err = _usage_error(capsys, ["quality", "--out", str(a_file / "q"), "--quick"])
-    assert "--out" in err and "is a file, not a folder" in err
+    assert "tokenreduce quality: error: --out" in err and "is a file, not a folder" in err
 
 
 def test_bench_vit_names_the_benchmark_a_vlm_belongs_to(capsys):
