@@ -326,12 +326,16 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
             if reader.total <= 0:
                 errors.append(f"{name}: the video stream has no frames")
                 continue
-            ts = reader.timestamps()  # the frames' own times (both backends: one demux pass, no decoding)
+            # the frames' own times (both backends: one demux pass, no decoding), read when fps
+            # sampling or the decoded frames' timestamps need them (video_info decodes none)
+            ts = reader.timestamps() if fps is not None else None
             try:
                 idx = sample_indices(reader.total, reader.fps, num_frames=num_frames, fps=fps, indices=indices,
                                      timestamps=ts)
             except (ValueError, IndexError) as exc:  # the caller's request, not the decoder: no fallback
                 raise VideoDecodeError(f"cannot read video {str(path)!r}: {exc}") from None
+            if ts is None and len(idx):
+                ts = reader.timestamps()
             try:
                 frames = reader.get(idx)
             except Exception as exc:  # noqa: BLE001
