@@ -150,7 +150,19 @@ def sample_indices(total: int, native_fps: float | None = None, *, num_frames: i
 
 
 # -- backends ------------------------------------------------------------------------------------
-class _Decord:
+class _Reader:
+    """What both backends share: path, total, fps, and the frames' own times."""
+    path: str
+    total: int
+    fps: float
+
+    def timestamps(self):
+        # from the packets' pts, read with PyAV, for both backends: decord reports AV_NOPTS or
+        # zeros for some containers (AVI, MPEG-PS)
+        return packet_times(self.path, self.total, self.fps)
+
+
+class _Decord(_Reader):
     name = "decord"
 
     def __init__(self, path):
@@ -165,16 +177,11 @@ class _Decord:
             return np.zeros((0, 0, 0, 3), np.uint8)
         return self.vr.get_batch([int(i) for i in idx]).asnumpy()
 
-    def timestamps(self):
-        # decord reports AV_NOPTS or zeros for some containers (AVI, MPEG-PS): the packets' own
-        # times, read with PyAV, serve both backends
-        return packet_times(self.path, self.total, self.fps)
-
     def close(self):
         del self.vr
 
 
-class _PyAV:
+class _PyAV(_Reader):
     name = "pyav"
 
     def __init__(self, path):
@@ -193,9 +200,6 @@ class _PyAV:
             self.container.close()
             self.container = av.open(self.path)
         self.total = total
-
-    def timestamps(self):
-        return packet_times(self.path, self.total, self.fps)
 
     def get(self, idx: np.ndarray) -> np.ndarray:
         """Decode sequentially up to the largest index (exact: no keyframe-seek rounding)."""
@@ -366,14 +370,10 @@ def video_info(path, backend: str = "auto") -> dict:
     return {k: meta[k] for k in ("total", "fps", "backend", "path")}
 
 
-def frame_times(path, backend: str = "auto"):
+def frame_times(path, backend: str = "auto", info: dict | None = None):
     """(total,) presentation times in seconds from the first frame for a variable-rate video;
     None when the frames sit at i / average rate (then index arithmetic is exact) or the
-    container gives no usable times."""
-    info = video_info(path, backend=backend)
-    reader = _OPENERS[info["backend"]](Path(os.fspath(path)))
-    try:
-        ts = reader.timestamps()
-    finally:
-        reader.close()
+    container gives no usable times. `info`: the video's `video_info`, when the caller has it."""
+    info = info if info is not None else video_info(path, backend=backend)
+    ts = packet_times(path, info["total"], info["fps"])
     return None if ts is None or constant_rate(ts, info["fps"]) else ts

@@ -640,7 +640,7 @@ def _clip_window(rec: dict):
     info = video_info(rec["video"])
     total, fps = info["total"], info["fps"]
     start, end = float(meta.get("start") or 0.0), meta.get("end")
-    ts = frame_times(rec["video"])
+    ts = frame_times(rec["video"], info=info)
     if ts is not None:  # variable frame rate: the frames shown from start to end, by their own times
         first = max(0, int(np.searchsorted(ts, start + 1e-6, side="right")) - 1)  # the frame shown at start
         last = total - 1 if end is None else min(total - 1, int(np.searchsorted(ts, float(end) + 1e-6, side="right")) - 1)
