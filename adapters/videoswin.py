@@ -47,7 +47,6 @@ class _Pass:
     def __init__(self):
         self.slices = None       # (B, T') original temporal slice index of each current slice
         self.slice_size = None   # (B, T') how many original slices each current slice stands for
-        self.grids = {}          # stage -> (T, H, W) processed by that stage's blocks
         self.full = {}           # stage -> (T, H, W) an unreduced model would process
         self.input_frames = None  # frames the model was given (before the frames site)
 
@@ -137,9 +136,9 @@ class VideoSwinAdapter(PerThreadState, Adapter):
             if x2 is not None:
                 out = (x2,) + tuple(args[1:])
                 x = x2
-        p.grids[s] = tuple(x.shape[1:4])
-        # with the pass's record, so stats read from another thread (the latest of any) find it
-        self.recorder.last.extra.setdefault("stage_grids", {})[s] = (p.grids[s], p.full[s])
+        # stage -> ((T, H, W) its blocks process, what an unreduced model's would), in the pass's
+        # record, so stats read from another thread (the latest of any) find it
+        self.recorder.last.extra.setdefault("stage_grids", {})[s] = (tuple(x.shape[1:4]), p.full[s])
         n_out = x.shape[1] * x.shape[2] * x.shape[3]
         self.recorder.layer(s, n_in, n_out)
         # tokens an unreduced model would carry through this stage's blocks, and what they carry now

@@ -56,8 +56,12 @@ def _dycoke(b, _frames):
 
 # ATP's fixed rule keeps the visual tokens whose standardised log redundancy score z exceeds
 # alpha: with z about normal, alpha = Phi^-1(1 - b) keeps b of them on average (alpha = 0: half)
+def atp_alpha(budget: float) -> float:
+    return _r(NormalDist().inv_cdf(1.0 - budget))
+
+
 def _atp(b, _frames):
-    return f"llm.layer.2=atp(alpha={_r(NormalDist().inv_cdf(1.0 - b))})" if b < 1 else ""
+    return f"llm.layer.2=atp(alpha={atp_alpha(b)})" if b < 1 else ""
 
 
 SWEEP_METHODS = {

@@ -130,21 +130,20 @@ def train_on_embedded(steps: int = 150, out: str | Path | None = None, *, budget
                       lr: float = 0.02, seed: int = 0, layer: int = 2, lambda_atp: float = 0.0,
                       lambda_target: float = 1.0, log_every: int = 10, quiet: bool = False) -> dict:
     """Train ATP's threshold head on the frozen embedded video-QA model toward `budget` kept."""
-    from statistics import NormalDist
-
     from accelerate import Accelerator
 
     import tokenreduce
     from tokenreduce.reducers import atp as atp_mod
 
     from .embedded import load_embedded
+    from .sweep import atp_alpha
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(seed)
     model, proc = load_embedded()
     for p in model.parameters():
         p.requires_grad_(False)
-    alpha = round(NormalDist().inv_cdf(1.0 - budget), 4) if budget < 1 else -8.0
+    alpha = atp_alpha(budget) if budget < 1 else -8.0  # the sweep's fixed rule for this budget
     reducer = atp_mod.ATP(thresholds="learned", training=True, seed=seed, alpha=alpha)
     handle = tokenreduce.reduce(model, tokenreduce.Policy([tokenreduce.Stage(f"llm.layer.{layer}", reducer)]))
     try:
