@@ -3,11 +3,13 @@ Dinov2Model and Dinov2WithRegistersModel. Also used by the LLaVA-family adapter 
 inside a VLM."""
 from __future__ import annotations
 
+from torch import nn
+
 from tokenreduce.errors import SiteError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
-from .vit import BlockParts, ViTAdapter, merge_bias
+from .vit import BlockParts, ViTAdapter, merge_bias, padding_bias
 
 _T = "transformers.models."
 CLIP_LIKE = (_T + "clip.modeling_clip.CLIPVisionModel", _T + "siglip.modeling_siglip.SiglipVisionModel")
@@ -37,6 +39,24 @@ class HFVisionAdapter(ViTAdapter):
         else:
             regs = int(getattr(tower.config, "num_register_tokens", 0) or 0) if self.dino else 0
             self.num_prefix, self.cls_index = 1 + regs, 0
+
+    def install_extra(self):
+        head = getattr(self.tower, "head", None)
+        attention = getattr(head, "attention", None)
+        if isinstance(attention, nn.MultiheadAttention):
+            # SigLIP's attention-pooling head: after merging, each token's key gets log(size)
+            # (proportional attention, as ToMe's blocks do), so the probe pools merged tokens
+            # as the tokens they stand for
+            self.hooks.pre(attention, self._sized_pooling, with_kwargs=True)
+
+    def _sized_pooling(self, module, args, kwargs):
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        size = None if key is None else self.merged_sizes(key)
+        if size is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
+        return args, kwargs
 
     def blocks(self):
         return list(self.layers)

@@ -8,7 +8,7 @@ from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
-from .vit import BlockParts, ViTAdapter, merge_bias
+from .vit import BlockParts, ViTAdapter, padding_bias
 
 _VT = "open_clip.transformer.VisionTransformer"
 
@@ -19,7 +19,8 @@ class OpenClipViTAdapter(ViTAdapter):
 
     nn.MultiheadAttention exposes no q/k submodules, so keys (and the CLS query) are recomputed
     from `in_proj_weight` when a reducer asks for them: one extra N x C x C matmul per layer
-    that needs it (~8% of a block). The average pool of 'avg' models is not size-weighted.
+    that needs it (~8% of a block). After merging, the average pool of 'avg' models weights
+    each token by its size, as ToMe's reference does.
     """
 
     name = "open_clip_vit"
@@ -49,6 +50,20 @@ class OpenClipViTAdapter(ViTAdapter):
 
     def install_extra(self):
         self.check_intermediates(self.visual)
+        v = self.visual
+        if getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", None) == "avg":
+            # its average pool (`_global_pool`, a method: no module to hook between the pool and
+            # the projection) weighted by size after merging, wrapped on this instance only
+            original = v._global_pool
+
+            def _global_pool(x):
+                pooled, tokens = original(x)
+                size = self.merged_sizes(x)
+                if size is not None:
+                    w = size[:, 1:, None].to(x.dtype)
+                    pooled = (x[:, 1:] * w).sum(1) / w.sum(1)
+                return pooled, tokens
+            self.hooks.setattr(v, "_global_pool", _global_pool)
 
     def intermediates_refusal(self, arguments):
         # with intermediates_only there is no final output, so no vision.out result to miss
@@ -98,6 +113,6 @@ class OpenClipViTAdapter(ViTAdapter):
             x = args[0] if args else kwargs["query"]
             kwargs = dict(kwargs)
             # a float key_padding_mask (B, N) is added to the logits of every query and head
-            kwargs["key_padding_mask"] = merge_bias(kwargs.get("key_padding_mask"), bias[:, 0, 0, :], x.dtype)
+            kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), bias[:, 0, 0, :], x.dtype)
             return args, kwargs
         self.hooks.pre(self.visual.transformer.resblocks[i].attn, hook, with_kwargs=True)

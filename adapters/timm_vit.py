@@ -86,9 +86,9 @@ class TimmViTAdapter(ViTAdapter):
 
     def install_extra(self):
         m = self.model
-        # ToMe (reference, mae.py): with merged tokens an average pool must weight by size.
-        if getattr(m, "attn_pool", None) is None and getattr(m, "global_pool", "") == "avg" and \
-                not getattr(m, "pool_include_prefix", False):
+        # ToMe (reference, mae.py): with merged tokens an average pool must weight by size
+        # ('avgmax' averages too; its max is unaffected by sizes)
+        if getattr(m, "attn_pool", None) is None and getattr(m, "global_pool", "") in ("avg", "avgmax"):
             self.hooks.pre(m.fc_norm, self._weighted_avg_pool)
         self.check_intermediates(m)  # get_intermediate_layers calls forward_intermediates too
         if any(n.startswith(("vision.block.", "vision.layer.")) for n in self._by_site):
@@ -104,18 +104,24 @@ class TimmViTAdapter(ViTAdapter):
         return None
 
     def _weighted_avg_pool(self, module, args):
-        final = self._pass.final
         x = args[0]
         tokens = self._final_x() if self._final_x is not None else None
-        if final is None or not self._pass.merged or tokens is None:
+        size = None if tokens is None else self.merged_sizes(tokens)
+        if size is None:
             return None
-        P = self.num_prefix
+        # prefix tokens (size 1) join the pool with pool_include_prefix
+        start = 0 if getattr(self.model, "pool_include_prefix", False) else self.num_prefix
+        t = tokens[:, start:]
+        w = size[:, start:, None].to(tokens.dtype)
+        mean, weighted = t.mean(1), (t * w).sum(1) / w.sum(1)
+        if self.model.global_pool == "avgmax":  # timm's global_pool_nlc, term for term
+            peak = t.amax(1)
+            mean, weighted = 0.5 * (peak + mean), 0.5 * (peak + weighted)
         # only the pool of this forward's own tokens is replaced: forward_head(other features)
         # must pool what it is given, not the last forward's tokens
-        if tokens.shape[0] != x.shape[0] or not torch.equal(tokens[:, P:].mean(1), x):
+        if tokens.shape[0] != x.shape[0] or not torch.equal(mean, x):
             return None
-        w = final.size[:, P:, None].to(tokens.dtype)
-        return ((tokens[:, P:] * w).sum(1) / w.sum(1),)
+        return (weighted,)
 
     def _on_out(self, module, args, output):
         p = self._pass

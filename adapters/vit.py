@@ -73,6 +73,14 @@ def merge_bias(mask, bias, dtype):
     return mask + bias
 
 
+def padding_bias(mask, bias, dtype):
+    """nn.MultiheadAttention's key_padding_mask (bool: True = ignore, or float logits) plus a
+    float (B, N) bias (its bool convention is the opposite of merge_bias's)."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+    return merge_bias(mask, bias, dtype)
+
+
 def _intermediates_of(out) -> list:
     """The intermediate tensors in forward_intermediates' output: timm's (final, [..]) or [..],
     open_clip's {"image_intermediates": [..], ...}"""
@@ -362,6 +370,16 @@ class ViTAdapter(PerThreadState, Adapter):
             if bias is not None and not self._signal_grad:
                 bias = bias.detach()
             sig.put("cls_attn", i, st.pos, cls_attention(q_cls, k, scale, bias))
+
+    def merged_sizes(self, tokens):
+        """This forward's final token sizes (B, N) when it merged tokens and `tokens` (B, N, ...)
+        have its final token count, else None: a pool over them must weight each token by its
+        size (ToMe's reference does so for its average pool)."""
+        p = self._pass
+        if p is None or not p.merged or p.final is None:
+            return None
+        size = p.final.size
+        return size if tuple(tokens.shape[:2]) == tuple(size.shape) else None
 
     def _size_bias(self):
         st = self._pass.state

@@ -134,6 +134,69 @@ def test_timm_forward_head_pools_what_it_is_given():
             assert torch.allclose(m.forward_head(other), want, atol=1e-6)
 
 
+def _expand_by_size(tokens, size):
+    """each token repeated size times (ToMe sizes are whole counts): pooling these as the model
+    does is what a size-weighted pool of the merged tokens must give"""
+    counts = size.round().long()
+    assert torch.allclose(counts.float(), size)
+    return torch.stack([t.repeat_interleave(c, dim=0) for t, c in zip(tokens, counts)])
+
+
+@pytest.mark.parametrize("pool, include_prefix", [("avg", False), ("avg", True), ("avgmax", False)])
+def test_timm_pools_merged_tokens_as_the_tokens_they_stand_for(pool, include_prefix):
+    m = _tiny_timm(img_size=64, embed_dim=32, depth=2, num_heads=2, global_pool=pool,
+                   pool_include_prefix=include_prefix)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with tr.reduce(m, "vision.block.*=tome(r=3)") as h:
+            logits = m(x)
+            tokens = m.forward_features(x)
+            pooled = m.forward_head(tokens, pre_logits=True)
+            size = h.adapter._pass.final.size
+        assert tokens.shape[1] == 17 - 6
+        expanded = _expand_by_size(tokens, size)
+        assert torch.allclose(logits, m.forward_head(expanded), atol=1e-5)
+        assert torch.allclose(pooled, m.forward_head(expanded, pre_logits=True), atol=1e-5)
+        assert not torch.allclose(pooled, m.forward_head(tokens, pre_logits=True), atol=1e-3)
+
+
+def test_open_clip_average_pool_weights_merged_tokens_by_size():
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=64, patch_size=16, width=64, layers=3, heads=4, mlp_ratio=4.0,
+                          output_dim=32, pool_type="avg").eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}
+    hook = m.transformer.register_forward_hook(lambda mod, a, out: seen.update(tokens=out))
+    with torch.no_grad():
+        with tr.reduce(m, "vision.block.*=tome(r=2)") as h:
+            out = m(x)
+            size = h.adapter._pass.final.size
+        hook.remove()
+        assert "_global_pool" not in vars(m)  # the per-instance wrapper is gone with the reduction
+        head = lambda t: m._pool(t)[0] @ m.proj
+        assert torch.allclose(out, head(_expand_by_size(seen["tokens"], size)), atol=1e-5)
+        assert not torch.allclose(out, head(seen["tokens"]), atol=1e-4)
+
+
+def test_siglip_pooling_head_attends_to_merged_tokens_by_size():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = tf.SiglipVisionModel(tf.SiglipVisionConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                   intermediate_size=128, image_size=32, patch_size=8)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with tr.reduce(m, "vision.block.*=tome(r=2)") as h:
+            out = m(pixel_values=x)
+            size = h.adapter._pass.final.size
+        tokens = out.last_hidden_state
+        assert tokens.shape[1] == 16 - 6
+        # softmax over a token repeated k times = one token with log(k) on its logit
+        assert torch.allclose(out.pooler_output, m.head(_expand_by_size(tokens, size)), atol=1e-5)
+        assert not torch.allclose(out.pooler_output, m.head(tokens), atol=1e-4)
+
+
 def _tiny_timm(**kw):
     """a small timm VisionTransformer (the class vit_base_patch16_224 uses), seeded"""
     timm = pytest.importorskip("timm")
