@@ -31,6 +31,11 @@ Sampling conventions
   indices=[...]  exactly these (0 <= i < n), in the given order.
   nothing        every frame.
 
+Frame folders: a folder of images (.jpg / .jpeg / .png / .bmp / .webp, ordered by the numbers in
+their names, e.g. MVBench's TVQA clips) reads as a video, frame i being the i-th image, with the
+same sampling; its rate is not stored anywhere, so `frame_rate=` gives it (fps sampling and
+timestamps need it, uniform and index sampling do not).
+
 Errors: VideoDecodeError (a TokenReduceError and RuntimeError) names the path and every backend
 tried with what went wrong: a missing file, an unreadable / corrupt file, a file without a video
 stream or without a single decodable frame, an index out of range.
@@ -38,6 +43,7 @@ stream or without a single decodable frame, an index out of range.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +234,45 @@ class _PyAV(_Reader):
         self.container.close()
 
 
+FRAME_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _natural_key(name: str):
+    """frame_2.jpg before frame_10.jpg: digit runs compare as numbers"""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name.lower()) if t]
+
+
+class _Folder(_Reader):
+    """A folder of frame images, in natural name order, at a given frame rate."""
+    name = "frames"
+
+    def __init__(self, path, frame_rate):
+        self.path = str(path)
+        self.files = sorted((f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTS)
+                             and os.path.isfile(os.path.join(path, f))), key=_natural_key)
+        self.total = len(self.files)
+        self.fps = float(frame_rate or 0.0)
+
+    def timestamps(self):
+        return None  # frames sit at i / frame_rate
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        from PIL import Image
+        if len(idx) == 0:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        frames = {}
+        for i in dict.fromkeys(int(i) for i in idx):
+            with Image.open(os.path.join(self.path, self.files[i])) as im:
+                frames[i] = np.asarray(im.convert("RGB"))
+        sizes = {f.shape for f in frames.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"the frame images differ in size: {sorted(sizes)}")
+        return np.stack([frames[int(i)] for i in idx])
+
+    def close(self):
+        pass
+
+
 def packet_times(path, total: int, fps: float):
     """(total,) presentation times in seconds from the first frame: the video packets' pts in
     display order, read with PyAV (no decoding). None when PyAV is missing or the times are not
@@ -292,22 +337,25 @@ def _describe(exc: BaseException) -> str:
 
 
 def read_frames(path, num_frames: int | None = None, fps: float | None = None, indices=None,
-                backend: str = "auto"):
+                backend: str = "auto", frame_rate: float | None = None):
     """Decode frames of the video at `path`.
 
     Returns (frames, meta): frames is a (T, H, W, 3) uint8 RGB numpy array; meta is a dict
     with `indices` (the decoded frame indices), `fps` (the video's average frame rate),
     `total` (its frame count), `backend` ("decord" or "pyav"), `timestamps` (seconds) and
     `path`. backend: "auto" (decord, then PyAV if decord is missing or fails), "decord" or
-    "pyav".
+    "pyav". A folder of frame images reads as a video (backend "frames") at `frame_rate`
+    frames per second (ignored for files, whose rate is their own).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; choose one of: {choices(BACKENDS)}")
     path = Path(os.fspath(path))
     if not path.exists():
         raise VideoDecodeError(f"cannot read video {str(path)!r}: no such file")
+    if frame_rate is not None:
+        frame_rate = _check_fps(frame_rate)
     if path.is_dir():
-        raise VideoDecodeError(f"cannot read video {str(path)!r}: it is a directory")
+        return _read_folder(path, num_frames, fps, indices, frame_rate)
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"cannot read video {str(path)!r}: the file is empty (0 bytes)")
     order = available_backends() if backend == "auto" else [backend]
@@ -363,9 +411,30 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
     raise VideoDecodeError(f"video {str(path)!r} {what}; backends tried: " + "; ".join(errors))
 
 
-def video_info(path, backend: str = "auto") -> dict:
-    """Frame count, frame rate and backend of a video, without decoding its frames."""
-    frames, meta = read_frames(path, indices=[], backend=backend)
+def _read_folder(path: Path, num_frames, fps, indices, frame_rate):
+    reader = _Folder(path, frame_rate)
+    if reader.total == 0:
+        raise VideoDecodeError(f"cannot read video {str(path)!r}: it is a folder without frame images "
+                               f"({choices(FRAME_EXTS)})")
+    if fps is not None and not frame_rate:
+        raise VideoDecodeError(f"cannot read video {str(path)!r}: fps sampling of a frame folder needs its "
+                               "frame_rate (a folder stores none); pass frame_rate=, or use num_frames")
+    try:
+        idx = sample_indices(reader.total, reader.fps, num_frames=num_frames, fps=fps, indices=indices)
+    except (ValueError, IndexError) as exc:
+        raise VideoDecodeError(f"cannot read video {str(path)!r}: {exc}") from None
+    try:
+        frames = reader.get(idx)
+    except Exception as exc:  # noqa: BLE001 - PIL's error types vary; the message names the file
+        raise VideoDecodeError(f"cannot read frame folder {str(path)!r}: {_describe(exc)}") from None
+    times = (idx / reader.fps).tolist() if reader.fps else None
+    return frames, {"indices": idx.tolist(), "fps": reader.fps, "total": reader.total, "backend": reader.name,
+                    "timestamps": times, "path": str(path)}
+
+
+def video_info(path, backend: str = "auto", frame_rate: float | None = None) -> dict:
+    """Frame count, frame rate and backend of a video (or frame folder), without decoding its frames."""
+    frames, meta = read_frames(path, indices=[], backend=backend, frame_rate=frame_rate)
     del frames
     return {k: meta[k] for k in ("total", "fps", "backend", "path")}
 
@@ -375,5 +444,7 @@ def frame_times(path, backend: str = "auto", info: dict | None = None):
     None when the frames sit at i / average rate (then index arithmetic is exact) or the
     container gives no usable times. `info`: the video's `video_info`, when the caller has it."""
     info = info if info is not None else video_info(path, backend=backend)
+    if os.path.isdir(path):
+        return None  # a frame folder: frames at i / frame_rate
     ts = packet_times(path, info["total"], info["fps"])
     return None if ts is None or constant_rate(ts, info["fps"]) else ts

@@ -628,6 +628,12 @@ def _error_row(sample_id, error: str, **extra) -> dict:
     return {"id": sample_id, "error": error, **extra}
 
 
+def _frame_rate(rec: dict):
+    """meta.fps: the frame rate of a record whose video is a folder of frames (MVBench's TVQA
+    clips, 3 fps); a video file's own rate is read from the file"""
+    return (rec.get("meta") or {}).get("fps")
+
+
 def _clip_window(rec: dict):
     """(first, last) frame index of the record's meta.start / meta.end (seconds; MVBench's clip
     bounds), or None when it has none"""
@@ -637,8 +643,11 @@ def _clip_window(rec: dict):
     meta = rec.get("meta") or {}
     if meta.get("start") is None and meta.get("end") is None:
         return None
-    info = video_info(rec["video"])
+    info = video_info(rec["video"], frame_rate=_frame_rate(rec))
     total, fps = info["total"], info["fps"]
+    if not fps:
+        raise ValueError(f"meta start / end are in seconds, but the video reports no frame rate"
+                         + (" (a folder of frames: give its rate as meta.fps)" if info.get("backend") == "frames" else ""))
     start, end = float(meta.get("start") or 0.0), meta.get("end")
     ts = frame_times(rec["video"], info=info)
     if ts is not None:  # variable frame rate: the frames shown from start to end, by their own times
@@ -657,9 +666,10 @@ def _read_uniform(rec: dict, k: int, window) -> tuple:
     """k frames spread evenly over the clip (endpoints included), or over its window"""
     from .video import read_frames, uniform_indices
     if window is None:
-        return read_frames(rec["video"], num_frames=k)
+        return read_frames(rec["video"], num_frames=k, frame_rate=_frame_rate(rec))
     first, last = window
-    return read_frames(rec["video"], indices=(first + uniform_indices(last - first + 1, k)).tolist())
+    return read_frames(rec["video"], indices=(first + uniform_indices(last - first + 1, k)).tolist(),
+                       frame_rate=_frame_rate(rec))
 
 
 def _load_frames(rec: dict, cfg: EvalConfig, qa: QAModel, scorer, handle_ctl) -> tuple:
@@ -671,7 +681,7 @@ def _load_frames(rec: dict, cfg: EvalConfig, qa: QAModel, scorer, handle_ctl) ->
     if not cfg.frame_select:
         frames, meta = _read_uniform(rec, cfg.frames, window)
         return frames, {"indices": meta["indices"], "total": meta["total"], **bounds}
-    total = video_info(rec["video"])["total"]
+    total = video_info(rec["video"], frame_rate=_frame_rate(rec))["total"]
     span = total if window is None else window[1] - window[0] + 1
     n_cand = min(cfg.candidates or 4 * cfg.frames, span)
     if n_cand <= cfg.frames:  # nothing to choose from: uniform (repeating frames if the video is short)

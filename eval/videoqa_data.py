@@ -59,31 +59,42 @@ VIDEOMME_EXTS = (".mp4", ".MP4", ".mkv")
 NEXTQA_COLUMNS = ("video", "question", "a0", "a1", "a2", "a3", "a4", "answer", "qid", "type")
 VIDEOMME_COLUMNS = ("videoID", "question_id", "question", "options", "answer")
 
-# MVBench keeps each sub-task's clips in the folder of the dataset they were taken from; this is
-# the layout of the OpenGVLab/MVBench `video/` folder (the same table as lmms-eval's
-# tasks/mvbench/utils.py DATA_LIST). Selected with video_dirs="mvbench" / --video-map mvbench.
-MVBENCH_VIDEO_DIRS = {
-    "object_interaction": "star/Charades_segment",
-    "action_sequence": "star/Charades_segment",
-    "action_prediction": "star/Charades_segment",
-    "action_localization": "sta/sta_video_segment",
-    "moving_count": "clevrer/video_validation",
-    "fine_grained_pose": "nturgbd_convert",
-    "character_order": "perception/videos",
-    "object_shuffle": "perception/videos",
-    "egocentric_navigation": "vlnqa",
-    "moving_direction": "clevrer/video_validation",
-    "episodic_reasoning": "tvqa/video_fps3_hq_segment",
-    "fine_grained_action": "Moments_in_Time_Raw/videos",
-    "scene_transition": "scene_qa/video",
-    "state_change": "perception/videos",
-    "moving_attribute": "clevrer/video_validation",
-    "action_antonym": "ssv2_video_mp4",
-    "unexpected_action": "FunQA_test/test",
-    "counterfactual_inference": "clevrer/video_validation",
-    "object_existence": "clevrer/video_validation",
-    "action_count": "perception/videos",
+# MVBench keeps each sub-task's clips in the folder of the dataset they were taken from, under the
+# OpenGVLab/MVBench `video/` folder. Two layouts exist (select with video_dirs= / --video-map):
+#   "mvbench"        the dataset's main branch: the original videos, which the `json/` files
+#                    cut with start / end (seconds), and TVQA as folders of frames at 3 fps
+#                    (OpenGVLab Ask-Anything video_chat2/mvbench.ipynb, data_list);
+#   "mvbench-video"  its `video` revision, which lmms-eval reads (tasks/mvbench/utils.py
+#                    DATA_LIST): clips already cut to their segments, TVQA as videos.
+# Newer clips of the main branch sit under `video/data0613/<folder>/`; both are searched.
+MVBENCH_FRAME_FPS = 3.0  # TVQA's frame folders (frames_fps3_hq)
+MVBENCH_LAYOUTS = {
+    "mvbench": {
+        "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
+        "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
+        "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
+        "object_interaction": "star/Charades_v1_480", "object_shuffle": "perception/videos",
+        "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
+        "scene_transition": "scene_qa/video", "action_count": "perception/videos",
+        "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+        "state_change": "perception/videos", "fine_grained_pose": "nturgbd",
+        "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+        "episodic_reasoning": "tvqa/frames_fps3_hq", "counterfactual_inference": "clevrer/video_validation",
+    },
+    "mvbench-video": {
+        "object_interaction": "star/Charades_segment", "action_sequence": "star/Charades_segment",
+        "action_prediction": "star/Charades_segment", "action_localization": "sta/sta_video_segment",
+        "moving_count": "clevrer/video_validation", "fine_grained_pose": "nturgbd_convert",
+        "character_order": "perception/videos", "object_shuffle": "perception/videos",
+        "egocentric_navigation": "vlnqa", "moving_direction": "clevrer/video_validation",
+        "episodic_reasoning": "tvqa/video_fps3_hq_segment", "fine_grained_action": "Moments_in_Time_Raw/videos",
+        "scene_transition": "scene_qa/video", "state_change": "perception/videos",
+        "moving_attribute": "clevrer/video_validation", "action_antonym": "ssv2_video_mp4",
+        "unexpected_action": "FunQA_test/test", "counterfactual_inference": "clevrer/video_validation",
+        "object_existence": "clevrer/video_validation", "action_count": "perception/videos",
+    },
 }
+MVBENCH_FRAME_TASKS = {"mvbench": {"episodic_reasoning"}, "mvbench-video": set()}
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _LETTER_RE = re.compile(r"^\(?([A-J])[.)]?$")
@@ -255,7 +266,10 @@ def write_records(path, records, relative_to_file: bool = False) -> Path:
             raise ValueError(f"record {i} (id {rid!r}) is invalid: {err}")
         seen.add(norm["id"])
         if relative_to_file:
-            norm["video"] = os.path.relpath(resolve_video(norm["video"], Path.cwd()), path.resolve().parent)
+            # neither side resolved: with the output folder reached through a symlink, the path
+            # must stay inside the dataset's folder, not climb out through the link's target
+            norm["video"] = os.path.relpath(resolve_video(norm["video"], Path.cwd()),
+                                            os.path.dirname(os.path.abspath(path)))
         try:
             out.append(json.dumps({k: norm[k] for k in FIELDS}, ensure_ascii=False) + "\n")
         except (TypeError, ValueError) as exc:  # e.g. a set or another non-JSON object in meta
@@ -408,12 +422,17 @@ def convert_mvbench(src, video_root, video_dirs=None, skipped: list | None = Non
 
     src: one `<task>.json` or a folder of them (the task name is the file stem). Each file is a
     list of {video, question, candidates, answer (candidate text), start?, end?}. The clips of a
-    task are in `{video_root}/{video_dirs[task]}/` when video_dirs (a dict, a JSON file, or
-    "mvbench" for the standard layout MVBENCH_VIDEO_DIRS) names the task, else in
-    `{video_root}/{task}/`. id `mvbench-{task}-{index in file}`; meta: task, start/end (seconds).
-    Some MVBench tasks ship frame folders instead of videos: such a `video` path is a folder.
+    task are in `{video_root}/{video_dirs[task]}/` when video_dirs names the task (a dict, a JSON
+    file, or a standard layout: "mvbench" for the main branch's `json/` files, "mvbench-video"
+    for the pre-cut clips of its `video` revision, see MVBENCH_LAYOUTS), else in
+    `{video_root}/{task}/`; a clip missing there is looked for under `{video_root}/data0613/`.
+    id `mvbench-{task}-{index in file}`; meta: task, start / end (seconds; under "mvbench-video"
+    the clips are already cut, so they are kept as source_start / source_end and not applied),
+    and fps for the tasks stored as folders of frames (the `video` path is then that folder).
     """
-    vdirs = dict(MVBENCH_VIDEO_DIRS) if video_dirs == "mvbench" else _load_video_map(video_dirs)
+    layout = video_dirs if isinstance(video_dirs, str) and video_dirs in MVBENCH_LAYOUTS else None
+    vdirs = dict(MVBENCH_LAYOUTS[layout]) if layout else _load_video_map(video_dirs)
+    frame_tasks = MVBENCH_FRAME_TASKS[layout] if layout else set()
     src = Path(src)
     if src.is_dir():
         files = sorted(src.glob("*.json"))
@@ -430,37 +449,55 @@ def convert_mvbench(src, video_root, video_dirs=None, skipped: list | None = Non
         if not isinstance(items, list):
             raise ValueError(f"MVBench task file {str(file)!r} must hold a JSON list of "
                              f"{{video, question, candidates, answer}}, got {type(items).__name__}")
-        folder = os.path.join(video_root, vdirs.get(task, task))
+        sub = vdirs.get(task, task)
+        folder = os.path.join(video_root, sub)
         for i, it in enumerate(items):
             rid = f"mvbench-{task}-{i}"
             if not isinstance(it, dict) or any(k not in it for k in ("video", "question", "candidates", "answer")):
                 _skip(skipped, rid, "entry needs video, question, candidates and answer")
                 continue
+            bad = [k for k in ("video", "question") if not _is_text(it[k])]
+            if bad:  # str(None) would become the text "None"
+                _skip(skipped, rid, f"{' and '.join(bad)} must be text, got {[it[k] for k in bad]}")
+                continue
             cands = it["candidates"]
             if not isinstance(cands, list):
                 _skip(skipped, rid, f"candidates must be a list of option texts, got {type(cands).__name__}")
                 continue
-            bad = [k for k, c in enumerate(cands) if c is None or isinstance(c, (list, dict))]
-            if bad:  # str(None) would become the option text "None"
+            bad = [k for k, c in enumerate(cands) if not _is_text(c)]
+            if bad:
                 _skip(skipped, rid, f"candidate(s) {bad} are not texts: {[cands[k] for k in bad]}")
                 continue
-            if it["answer"] is None or isinstance(it["answer"], (list, dict)):
+            if not _is_text(it["answer"]):
                 _skip(skipped, rid, f"answer must be the text of one candidate, got {it['answer']!r}")
                 continue
             cands = [str(c) for c in cands]
             meta = {"task": task}
             for key in ("start", "end"):
                 if it.get(key) is not None:
-                    meta[key] = it[key]
+                    meta[key if layout != "mvbench-video" else f"source_{key}"] = it[key]
+            if task in frame_tasks:
+                meta["fps"] = MVBENCH_FRAME_FPS
             # the answer is a candidate's text: match it as text only (a candidate may be "A")
             hits = [k for k, c in enumerate(cands) if c.strip() == str(it["answer"]).strip()]
             if len(hits) != 1:
                 _skip(skipped, rid, f"answer {it['answer']!r} equals {len(hits)} of the candidates, not exactly one")
                 continue
-            rec = {"id": rid, "video": os.path.join(folder, str(it["video"])), "question": str(it["question"]),
+            video = os.path.join(folder, str(it["video"]))
+            later = os.path.join(video_root, "data0613", sub, str(it["video"]))
+            if not os.path.exists(video) and os.path.exists(later):
+                video = later
+            rec = {"id": rid, "video": video, "question": str(it["question"]),
                    "options": cands, "answer": hits[0], "meta": meta}
             _keep(rec, records, skipped)
     return records
+
+
+def _is_text(value) -> bool:
+    """a value that is meant as text (a str or a number), not None / NaN / a list or object"""
+    if isinstance(value, float):
+        return value == value
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def convert_videomme(parquet_path, video_dir, skipped: list | None = None) -> list:
@@ -492,6 +529,11 @@ def convert_videomme(parquet_path, video_dir, skipped: list | None = None) -> li
         opts = row["options"]
         if not isinstance(opts, list):
             _skip(skipped, rid, f"options must be a list of 'A. ...' strings, got {type(opts).__name__}")
+            continue
+        bad = [f"options[{k}]" for k, o in enumerate(opts) if not _is_text(o)] + \
+            [k for k in ("question", "videoID") if not _is_text(row[k])]
+        if bad:  # str(None) would become the text "None"
+            _skip(skipped, rid, f"{', '.join(bad)} must be text (got null / NaN / a list)")
             continue
         opts = [_OPTION_PREFIX_RE.sub("", str(o), count=1) for o in opts]
         meta = {k: row[k] for k in ("duration", "domain", "sub_category", "task_type") if row.get(k) is not None}
@@ -561,8 +603,10 @@ def _parser() -> argparse.ArgumentParser:
                                                 "only with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument("--answers", help="egoschema: answers JSON {q_uid: int} (e.g. subset_answers.json)")
-    p.add_argument("--video-map", help="nextqa: map_vid_vidorID.json; mvbench: JSON {task: folder under --videos} "
-                                       "or 'mvbench' for the standard MVBench layout")
+    p.add_argument("--video-map", help="nextqa: map_vid_vidorID.json; mvbench: JSON {task: folder under --videos}, "
+                                       "or a standard layout: 'mvbench' (the main branch's json/ files: original "
+                                       "videos cut by start/end, TVQA frame folders) or 'mvbench-video' (the "
+                                       "pre-cut clips of its `video` revision, as lmms-eval reads them)")
     p.add_argument("--limit", type=int, help="keep only the first N records")
     p.add_argument("--relative", action="store_true", help="write video paths relative to the output file's folder "
                                                           "(default: absolute)")
@@ -603,9 +647,17 @@ def _input_files(args) -> list:
         else [("SRC", src)]
     if args.answers is not None:
         found.append(("--answers", Path(args.answers)))
-    if args.video_map is not None and not (args.format == "mvbench" and args.video_map == "mvbench"):
+    if args.video_map is not None and not (args.format == "mvbench" and args.video_map in MVBENCH_LAYOUTS):
         found.append(("--video-map", Path(args.video_map)))
     return [(opt, p) for opt, p in found if p.is_file()]
+
+
+def _readable_video(path) -> bool:
+    """a video file, or a folder holding frame images (what read_frames reads)"""
+    from .video import FRAME_EXTS
+    if os.path.isdir(path):
+        return any(f.lower().endswith(FRAME_EXTS) for f in os.listdir(path))
+    return os.path.isfile(path)
 
 
 def _print_skipped(skipped: list, file) -> None:
@@ -680,7 +732,7 @@ def convert_main(argv=None) -> int:
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
         print(f"cannot write --out {args.out!r}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
-    found = sum(os.path.exists(r["video"]) for r in records)
+    found = sum(_readable_video(r["video"]) for r in records)
     print(f"wrote {len(records)} records to {args.out}"
           + (f" (of {total}; --limit {args.limit})" if len(records) < total else ""))
     print(f"videos found: {found}/{len(records)}")

@@ -233,3 +233,33 @@ def test_containers_whose_timestamps_decord_cannot_give_keep_the_index_arithmeti
         assert np.allclose(meta["timestamps"], np.arange(0, 40, 5) / 10), backend
     # a request far above the native rate takes every frame, without a huge index array
     assert read_frames(path, fps=1e9, indices=None, backend="pyav")[1]["indices"] == list(range(40))
+
+
+def test_a_folder_of_frame_images_reads_as_a_video(tmp_path):
+    """MVBench's TVQA clips are folders of JPEGs at 3 fps: frames in natural name order, the
+    usual sampling, fps sampling and timestamps from the rate the caller gives"""
+    from PIL import Image
+
+    from tokenreduce.eval.video import frame_times, video_info
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i in range(1, 13):  # frame_2 before frame_10
+        Image.fromarray(np.full((6, 10, 3), i * 10, np.uint8)).save(clip / f"frame_{i}.png")
+    (clip / "notes.txt").write_text("not a frame")
+    frames, meta = read_frames(clip, num_frames=4)
+    assert frames.shape == (4, 6, 10, 3) and meta["backend"] == "frames" and meta["total"] == 12
+    assert meta["indices"] == [0, 4, 7, 11] and frames[:, 0, 0, 0].tolist() == [10, 50, 80, 120]
+    frames, meta = read_frames(clip, fps=1, frame_rate=3)
+    assert meta["indices"] == [0, 3, 6, 9] and meta["timestamps"] == [0.0, 1.0, 2.0, 3.0]
+    assert video_info(clip, frame_rate=3) == {"total": 12, "fps": 3.0, "backend": "frames", "path": str(clip)}
+    assert frame_times(clip) is None
+    with pytest.raises(VideoDecodeError, match="needs its frame_rate"):
+        read_frames(clip, fps=1)
+    with pytest.raises(VideoDecodeError, match=r"out of range; the video has 12 frames"):
+        read_frames(clip, indices=[12])
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(clip / "frame_13.png")
+    with pytest.raises(VideoDecodeError, match="differ in size"):
+        read_frames(clip, indices=[0, 12])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoDecodeError, match=r"a folder without frame images \(.*\.jpg"):
+        read_frames(tmp_path / "empty", num_frames=2)

@@ -252,6 +252,76 @@ def test_convert_mvbench(tmp_path):
     assert recs[0]["video"] == "/v/mc/video_10001.mp4"
 
 
+def test_mvbench_layouts_main_branch_and_video_revision(tmp_path):
+    """'mvbench' (the main branch's json/: original videos cut by start/end, TVQA as 3 fps frame
+    folders, newer clips under data0613/) and 'mvbench-video' (lmms-eval's pre-cut clips: the
+    bounds are the source's, not applied again)"""
+    jdir = tmp_path / "json"
+    jdir.mkdir()
+    (jdir / "episodic_reasoning.json").write_text(json.dumps([
+        {"video": "castle_s07e04_seg02_clip_14", "question": "q", "candidates": ["a", "b"], "answer": "b",
+         "start": 2.0, "end": 9.0}]))
+    (jdir / "action_sequence.json").write_text(json.dumps([
+        {"video": "ZS9XR.mp4", "question": "q", "candidates": ["a", "b"], "answer": "a", "start": 11.1, "end": 19.6},
+        {"video": "EDXBD.mp4", "question": "q", "candidates": ["a", "b"], "answer": "a"}]))
+    (jdir / "fine_grained_pose.json").write_text(json.dumps([
+        {"video": "S001C001P001R001A001_rgb.avi", "question": "q", "candidates": ["a", "b"], "answer": "a"}]))
+    root = tmp_path / "video"
+    (root / "data0613" / "star" / "Charades_v1_480").mkdir(parents=True)
+    (root / "data0613" / "star" / "Charades_v1_480" / "EDXBD.mp4").write_bytes(b"x")
+    main = {r["id"]: r for r in vd.convert_mvbench(jdir, str(root), video_dirs="mvbench")}
+    er = main["mvbench-episodic_reasoning-0"]
+    assert er["video"] == str(root / "tvqa" / "frames_fps3_hq" / "castle_s07e04_seg02_clip_14")
+    assert er["meta"] == {"task": "episodic_reasoning", "start": 2.0, "end": 9.0, "fps": 3.0}
+    assert main["mvbench-action_sequence-0"]["video"] == str(root / "star" / "Charades_v1_480" / "ZS9XR.mp4")
+    assert main["mvbench-action_sequence-1"]["video"] == str(root / "data0613" / "star" / "Charades_v1_480" / "EDXBD.mp4")
+    assert main["mvbench-fine_grained_pose-0"]["video"] == str(root / "nturgbd" / "S001C001P001R001A001_rgb.avi")
+    cut = {r["id"]: r for r in vd.convert_mvbench(jdir, str(root), video_dirs="mvbench-video")}
+    assert cut["mvbench-action_sequence-0"]["video"] == str(root / "star" / "Charades_segment" / "ZS9XR.mp4")
+    assert cut["mvbench-action_sequence-0"]["meta"] == {"task": "action_sequence", "source_start": 11.1,
+                                                         "source_end": 19.6}
+    assert cut["mvbench-episodic_reasoning-0"]["video"].startswith(str(root / "tvqa" / "video_fps3_hq_segment"))
+    assert "fps" not in cut["mvbench-episodic_reasoning-0"]["meta"]
+    assert set(vd.MVBENCH_LAYOUTS["mvbench"]) == set(vd.MVBENCH_LAYOUTS["mvbench-video"])
+    assert len(vd.MVBENCH_LAYOUTS["mvbench"]) == 20
+
+
+def test_convert_counts_frame_folders_with_images_as_found_videos(tmp_path, capsys):
+    jdir = tmp_path / "json"
+    jdir.mkdir()
+    (jdir / "episodic_reasoning.json").write_text(json.dumps([
+        {"video": c, "question": "q", "candidates": ["a", "b"], "answer": "a"} for c in ("full", "empty")]))
+    frames = tmp_path / "video" / "tvqa" / "frames_fps3_hq"
+    (frames / "full").mkdir(parents=True)
+    (frames / "empty").mkdir()
+    (frames / "full" / "00001.jpg").write_bytes(b"x")
+    assert vd.convert_main(["mvbench", str(jdir), "--videos", str(tmp_path / "video"), "--video-map", "mvbench",
+                            "--out", str(tmp_path / "o.jsonl")]) == 0
+    assert "videos found: 1/2" in capsys.readouterr().out
+
+
+def test_null_texts_are_skipped_not_written_as_none(tmp_path):
+    jdir = tmp_path / "json"
+    jdir.mkdir()
+    (jdir / "state_change.json").write_text(json.dumps([
+        {"video": "a.mp4", "question": None, "candidates": ["x", "y"], "answer": "y"},
+        {"video": None, "question": "q", "candidates": ["x", "y"], "answer": "y"},
+        {"video": "a.mp4", "question": "q", "candidates": ["x", True], "answer": "x"}]))
+    skipped = []
+    assert vd.convert_mvbench(jdir, "/v", skipped=skipped) == []
+    assert [s["reason"] for s in skipped] == ["question must be text, got [None]", "video must be text, got [None]",
+                                              "candidate(s) [1] are not texts: [True]"]
+
+
+def test_relative_paths_stay_inside_a_dataset_folder_reached_through_a_symlink(tmp_path):
+    (tmp_path / "real" / "ds" / "videos").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    ds = tmp_path / "link" / "ds"
+    rec = {"id": "a", "video": str(ds / "videos" / "a.mp4"), "question": "q", "options": ["x", "y"], "answer": 0}
+    vd.write_records(ds / "d.jsonl", [rec], relative_to_file=True)
+    assert json.loads((ds / "d.jsonl").read_text())["video"] == os.path.join("videos", "a.mp4")
+
+
 def test_convert_videomme(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -275,6 +345,14 @@ def test_convert_videomme(tmp_path):
                                "task_type": "Counting Problem", "videoID": "fFjv93ACGo8"}
     assert len(skipped) == 1 and skipped[0]["id"] == "videomme-002-1"
     assert "out of range for 4 options" in skipped[0]["reason"]
+    # nulls (a pandas / pyarrow rewrite) are skipped, never written as the text "None"
+    nulls = dict(rows, options=[["A. 1", None, "C. 3", "D. 4"], ["A. x", "B. y", "C. z", "D. w"],
+                                ["A. x", "B. y", "C. z", "D. w"]],
+                 question=["q", None, "q"], videoID=["v", "v", None], answer=["A", "A", "A"])
+    pq.write_table(pa.table(nulls), tmp_path / "nulls.parquet")
+    skipped = []
+    assert vd.convert_videomme(tmp_path / "nulls.parquet", str(tmp_path / "data"), skipped=skipped) == []
+    assert [s["reason"].split(" must")[0] for s in skipped] == ["options[1]", "question", "videoID"]
     with pytest.raises(FileNotFoundError, match=r"no Video-MME parquet at '.*nonexist.parquet' \(no such file\)"):
         vd.convert_videomme(tmp_path / "nonexist.parquet", str(tmp_path))
     (tmp_path / "fake.parquet").write_text("not parquet")

@@ -224,6 +224,25 @@ def test_clip_bounds_in_meta_restrict_the_sampled_frames(tmp_path, data, model_d
         assert "error" not in row and row["frames"]["window"] == [1, 3]
         assert len(row["frames"]["indices"]) == FRAMES and set(row["frames"]["indices"]) <= {1, 2, 3}
 
+    # the same clip as a folder of frames (MVBench's TVQA layout) at its rate meta.fps: same frames, same scores
+    from PIL import Image
+
+    from tokenreduce.eval.video import read_frames
+    frames, _ = read_frames(rec["video"])
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{i + 1:05d}.png")
+    ds.write_text(json.dumps(dict(rec, video=str(folder), meta={**rec["meta"], "fps": 4})) + "\n")
+    run_eval(_cfg(ds, tmp_path / "folder", model_dir, scoring="loglik"), qa=qa)
+    row = read_results(tmp_path / "folder" / "results.jsonl")[0]
+    video_row = read_results(tmp_path / "out0" / "results.jsonl")[0]
+    assert row["frames"] == video_row["frames"] and row["loglik_scores"] == video_row["loglik_scores"]
+    # seconds without a rate are refused for that sample
+    ds.write_text(json.dumps(dict(rec, video=str(folder))) + "\n")
+    run_eval(_cfg(ds, tmp_path / "norate", model_dir, scoring="loglik"), qa=qa)
+    assert "give its rate as meta.fps" in read_results(tmp_path / "norate" / "results.jsonl")[0]["error"]
+
 
 def test_scores_match_a_direct_computation(data, qa, baseline_run):
     from tokenreduce.eval.video import read_frames
