@@ -58,6 +58,7 @@ timings are the batch's (with `batch_size` stored).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import numbers
 import os
@@ -422,7 +423,8 @@ def score_batch(qa: QAModel, items: list, cfg: EvalConfig, handle) -> list:
     finally:
         timer.remove()
     stats = handle.stats if handle is not None else {}
-    res = [{"batch_size": len(items), "prefill_ms": prefill_ms, "llm_prefill_ms": timer.ms,
+    # batch (the run's --batch) and device say which rows' timings compare (see summarise)
+    res = [{"batch_size": len(items), "batch": cfg.batch, "device": dev.type, "prefill_ms": prefill_ms, "llm_prefill_ms": timer.ms,
             "visual_tokens": visual_token_counts(stats, n_visual),
             "flops_fraction": stats.get("flops_fraction", 1.0)} for _ in items]
     if "loglik" in cfg.scoring:
@@ -566,11 +568,29 @@ def check_out_dir(cfg: EvalConfig) -> None:
     if not any(p.stat().st_size for p in out.glob("results*.jsonl")):
         return  # no results yet (e.g. a run that failed to start): nothing to protect
     ident = cfg.identity()
-    diff = [k for k in IDENTITY_KEYS if old.get(k) != ident.get(k)]
+    old_eff, now_eff = _effective(old), _effective(ident)
+    diff = [k for k in IDENTITY_KEYS if old_eff.get(k) != now_eff.get(k)]
     if diff:
         detail = "; ".join(f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in diff)
         raise ValueError(f"{str(out)!r} holds a run with another config ({detail}); use another --out, "
                          "or --overwrite to discard its results")
+
+
+def _effective(ident: dict) -> dict:
+    """A stored config as it ran: the model's default continuation spelled out (embedded: option,
+    hf: letter), settings the scoring does not use dropped, so spelling out a default or changing
+    an unused setting on a rerun is not "another config"."""
+    d = dict(ident)
+    scoring = d.get("scoring") or ()
+    if "loglik" in scoring:
+        if d.get("continuation") is None:
+            model = str(d.get("model") or "")
+            d["continuation"] = "letter" if model.startswith("hf:") else "option"
+    else:
+        d["continuation"] = None
+    if "generate" not in scoring:
+        d["max_new_tokens"] = None
+    return d
 
 
 def make_out_dir(out) -> Path:
@@ -619,7 +639,9 @@ def process_state(device: str = "cpu"):
     process. On CPU it must be told so (cpu=True), or it would not set up the gloo group."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
-        return PartialState(cpu=torch.device(device).type == "cpu")
+        # a long collective timeout: the final barrier waits for the slowest shard's samples (the
+        # default, 30 min for gloo / 10 for NCCL, would abort a long run before its summary)
+        return PartialState(cpu=torch.device(device).type == "cpu", timeout=datetime.timedelta(hours=24))
     return _LocalState()
 
 
@@ -803,13 +825,18 @@ def _run_locked(cfg: EvalConfig, qa, state, records: list, problems: list, fresh
     if cfg.limit is not None:
         records = records[:cfg.limit]
     order = [r["id"] for r in records] + [_problem_id(p) for p in problems]
-    mine = shard(records, rank, world)
     done = done_hashes(cfg.out)  # id -> the record hash its latest row was written for
     retry = error_ids(cfg.out) if cfg.retry_errors else set()  # records only: a malformed line stays malformed
-    todo = [r for r in mine if not is_done(done, r["id"], record_hash(r)) or r["id"] in retry]
-    my_problems = ([p for p in problems if not is_done(done, _problem_id(p), _problem_hash(p))]
-                   if state.is_main_process else [])
-    n_mine = len(mine) + (len(problems) if state.is_main_process else 0)
+    pending = [r for r in records if not is_done(done, r["id"], record_hash(r)) or r["id"] in retry]
+    pending_problems = [p for p in problems if not is_done(done, _problem_id(p), _problem_hash(p))]
+    # every process has read the same rows before any process writes one, so all split the same
+    # pending list: the work left is shared evenly (a resume after one shard died would otherwise
+    # leave all of it to that shard while the others wait at the final barrier)
+    state.wait_for_everyone()
+    todo = shard(pending, rank, world)
+    my_problems = pending_problems if state.is_main_process else []
+    n_total = len(records) + len(problems)
+    n_before = n_total - len(pending) - len(pending_problems)
     torch.manual_seed(cfg.seed)
     own = qa is None
     load_avg_start = os.getloadavg()
@@ -882,7 +909,8 @@ def _run_locked(cfg: EvalConfig, qa, state, records: list, problems: list, fresh
                     ctl.remove()
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
-            print(f"interrupted: {n_mine - len(todo) - len(my_problems) + written} of {n_mine} results written "
+            mine = "" if world == 1 else f" (this process's {written}; the others' not counted)"
+            print(f"interrupted: {n_before + written} of {n_total} results written{mine} "
                   f"to {cfg.out}; rerun the same command to resume", file=sys.stderr, flush=True)
         if fresh and written == 0:
             _remove_empty_run(Path(cfg.out), made_dir)

@@ -136,6 +136,14 @@ def answer_index(answer, options) -> int:
                      f"one of the options {list(options)}; valid: {valid}")
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def normalise_record(rec) -> tuple:
     """(normalised copy with `answer` an index and `meta` a dict, None) or (None, error message)."""
     if not isinstance(rec, dict):
@@ -160,6 +168,14 @@ def normalise_record(rec) -> tuple:
     bad = [i for i, o in enumerate(opts) if not isinstance(o, str) or not o.strip()]
     if bad:
         return None, f"options must be non-empty strings; option(s) {bad} are not: {[opts[i] for i in bad]}"
+    same = [(i, j) for i in range(len(opts)) for j in range(i) if opts[i].strip() == opts[j].strip()]
+    if same:  # equal options score equally: the answer could never be picked over its twin
+        i, j = same[0]
+        return None, f"options {j} and {i} are the same text {opts[i].strip()!r}; options must differ"
+    text = [rec["id"], rec["video"], rec["question"], *opts]
+    if any(_has_surrogate(t) for t in text):
+        return None, ("id, video, question or an option holds a lone UTF-16 surrogate (an escape such as "
+                      "\\udc80 without its pair): not valid Unicode text")
     meta = rec.get("meta")
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):

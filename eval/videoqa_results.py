@@ -61,8 +61,8 @@ def append_result(f, row: dict) -> None:
 
 
 def shard(items: list, rank: int, world: int) -> list:
-    """Process `rank` of `world` takes items rank::world (fixed by dataset order, so every process
-    computes the same split whatever is already done)."""
+    """Process `rank` of `world` takes items rank::world (every process splits the same list, the
+    samples not yet done, read before any process writes)."""
     return items[rank::world]
 
 
@@ -77,7 +77,9 @@ RECORD_KEYS = ("id", "video", "question", "options", "answer", "meta")
 def record_hash(rec: dict) -> str:
     """A short hash of an input record's id, video path, question, options, answer and meta."""
     blob = json.dumps({k: rec.get(k) for k in RECORD_KEYS}, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    # surrogatepass: a lone surrogate (an escaped half of a UTF-16 pair, valid JSON) must not
+    # stop the run while the to-do list is built; valid text hashes as before
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _shard_files(out) -> list:

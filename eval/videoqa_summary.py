@@ -26,6 +26,16 @@ def _accuracy(rows: list, scoring=("loglik", "generate")) -> dict:
     return out
 
 
+def _ran_like(row: dict, cfg) -> bool:
+    """whether a result row was timed with this run's --batch and device type (rows written before
+    rows recorded them: their batch size and memory kind)"""
+    import torch
+    batch = row.get("batch", row.get("batch_size"))
+    kind = row.get("peak_mem_kind") or ""
+    device = row.get("device") or ("cuda" if kind.startswith("cuda") else "cpu" if kind.startswith("cpu") else None)
+    return batch == cfg.batch and device in (None, torch.device(cfg.device).type)
+
+
 def summarise(rows: list, cfg, wall_s: float | None = None, loadavg_start=None) -> dict:
     ok = [r for r in rows if "error" not in r]
     summary = {"config": cfg.identity(), **_accuracy(rows, cfg.scoring)}
@@ -46,11 +56,17 @@ def summarise(rows: list, cfg, wall_s: float | None = None, loadavg_start=None) 
         "sites": {s: {m: _mean(v["sites"][s].get(m) for v in vt if s in v["sites"])
                       for m in ("visual_in", "visual_out", "frames_in", "frames_out")
                       if any(m in v["sites"].get(s, {}) for v in vt)} for s in site_names}}
-    for k in ("flops_fraction", "prefill_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_bytes"):
-        summary[k] = _mean(r.get(k) for r in ok)
-    peaks = [r["peak_mem_bytes"] for r in ok if r.get("peak_mem_bytes") is not None]
+    summary["flops_fraction"] = _mean(r.get("flops_fraction") for r in ok)
+    # times and memory only from rows run like this run: a resume with another --batch or device
+    # would mix per-batch with per-sample times, or CPU RSS with CUDA allocations
+    timed = [r for r in ok if _ran_like(r, cfg)]
+    summary["timed_rows"] = len(timed)
+    summary["timed_with"] = {"batch": cfg.batch, "device": str(cfg.device)}
+    for k in ("prefill_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_bytes"):
+        summary[k] = _mean(r.get(k) for r in timed)
+    peaks = [r["peak_mem_bytes"] for r in timed if r.get("peak_mem_bytes") is not None]
     summary["peak_mem_bytes"] = max(peaks) if peaks else None
-    summary["peak_mem_kind"] = next((r["peak_mem_kind"] for r in ok if r.get("peak_mem_kind")), None)
+    summary["peak_mem_kind"] = next((r["peak_mem_kind"] for r in timed if r.get("peak_mem_kind")), None)
     from .bench import machine
     summary["machine"] = machine()
     summary["loadavg_start"] = [round(v, 2) for v in loadavg_start] if loadavg_start else None
@@ -87,8 +103,14 @@ def format_summary(s: dict) -> str:
         for name, a in groups.items():
             lines.append(f"| {name} | {a['n']} | {a['errors']} | {_fmt(a['loglik'], '.1%')} | "
                          f"{_fmt(a['generated'], '.1%')} |")
+    scored = s.get("scored", s["n"] - s["errors"])
+    timed = s.get("timed_rows", scored)
+    w = s.get("timed_with") or {}
     lines += ["", f"load average {s['loadavg_start']} -> {s['loadavg_end']}; torch threads "
-                  f"{s['machine']['torch_threads']}; accuracy counts errors as wrong"]
+                  f"{s['machine']['torch_threads']}; accuracy counts errors as wrong"
+                  + (f"; times and memory over the {timed} of {scored} scored samples run with batch "
+                     f"{w.get('batch', '?')} on {w.get('device', '?')} (earlier runs of this directory used other "
+                     "settings)" if timed != scored else "")]
     return "\n".join(lines)
 
 

@@ -402,7 +402,7 @@ def test_sweep_is_locked_and_a_refused_rerun_keeps_the_finished_rows(tmp_path, d
     assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5") == 0
     capsys.readouterr()
     # the same run with another config is refused: exit 1, and its finished row stays in the table
-    assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5", "--max-new-tokens", "2") == 1
+    assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5", "--seed", "1") == 1
     assert "1 of 1 runs failed: random_b0.5" in capsys.readouterr().err
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["label"] for r in rows] == ["random_b0.5"] and "failed" not in rows[0] and rows[0]["n"] == 2
@@ -788,3 +788,89 @@ def test_a_redone_record_wins_over_a_stale_shard_when_the_process_count_changes(
     n = len(read_results(out / "results.jsonl"))
     run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
     assert len(read_results(out / "results.jsonl")) == n
+
+
+class _BarrierRank(_Rank):
+    """one rank of a sharded run in a thread: wait_for_everyone is a real barrier"""
+
+    def __init__(self, rank, world, barrier):
+        super().__init__(rank, world)
+        self.barrier = barrier
+
+    def wait_for_everyone(self):
+        self.barrier.wait(timeout=300)
+
+
+def test_a_sharded_resume_shares_the_work_left_evenly(tmp_path, data, model_dir, qa):
+    """rank 0 of a 2-process run finished its half, rank 1 died before writing: the resume splits
+    the two samples left between both ranks (it left both to rank 1, the other rank waiting at the
+    final barrier), and every sample ends with exactly one row"""
+    import threading
+    lines = Path(data).read_text().splitlines()[:4]
+    (tmp_path / "videos").symlink_to(Path(data).parent / "videos")
+    path = tmp_path / "four.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    cfg = _cfg(path, out, model_dir, scoring="loglik")
+    run_eval(cfg, qa=qa, state=_Rank(0, 2))
+    ids = [json.loads(x)["id"] for x in lines]
+    assert sorted(r["id"] for r in read_results(out / "results.jsonl")) == sorted(ids[0::2])
+    barrier = threading.Barrier(2)
+    failures = []
+    # a model per rank, loaded here: transformers' loading is not thread-safe
+    models = {0: qa, 1: load_qa_model(cfg.model, "cpu", "float32")}
+
+    def rank(i):
+        try:
+            run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=models[i], state=_BarrierRank(i, 2, barrier))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+            barrier.abort()
+    threads = [threading.Thread(target=rank, args=(i,)) for i in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    rows = read_results(out / "results.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert {r["id"]: r["rank"] for r in rows if r["id"] in ids[1::2]} == {ids[1]: 0, ids[3]: 1}
+
+
+def test_malformed_texts_are_per_line_problems(tmp_path, data, model_dir, qa):
+    """options that repeat a text (the answer could never win over its twin) and a lone surrogate
+    (valid JSON, not valid Unicode; it stopped the whole run) are reported per line"""
+    rec = json.loads(Path(data).read_text().splitlines()[0])
+    rec["video"] = str(Path(data).parent / rec["video"])
+    twin = dict(rec, id="twin", options=[rec["options"][0], rec["options"][0] + " ", *rec["options"][2:]])
+    ds = tmp_path / "d.jsonl"
+    ds.write_text(json.dumps(rec) + "\n" + json.dumps(twin) + "\n"
+                  + json.dumps(dict(rec, id="half")).replace('"question": "', '"question": "\\udc80', 1) + "\n")
+    summary = run_eval(_cfg(ds, tmp_path / "out", model_dir, scoring="loglik"), qa=qa)
+    rows = {r["id"]: r for r in read_results(tmp_path / "out" / "results.jsonl")}
+    assert summary["n"] == 3 and summary["errors"] == 2 and "error" not in rows[rec["id"]]
+    assert "options 0 and 1 are the same text" in rows["twin@line2"]["error"]
+    assert "lone UTF-16 surrogate" in rows["half@line3"]["error"]
+
+
+def test_resumed_with_another_batch_times_only_this_runs_rows(tmp_path, data, model_dir, qa):
+    """accuracy covers every row, but times and memory only the rows run with this --batch: a
+    batch-4 row holds the whole batch's prefill time"""
+    lines = Path(data).read_text().splitlines()[:6]
+    (tmp_path / "videos").symlink_to(Path(data).parent / "videos")
+    path = tmp_path / "six.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run_eval(_cfg(path, out, model_dir, scoring="loglik", limit=2, batch=2), qa=qa)
+    summary = run_eval(_cfg(path, out, model_dir, scoring="loglik"), qa=qa)
+    rows = read_results(out / "results.jsonl")
+    assert [r["batch"] for r in rows] == [2, 2, 1, 1, 1, 1] and summary["n"] == 6
+    assert summary["timed_rows"] == 4
+    assert summary["prefill_ms"] == pytest.approx(np.mean([r["prefill_ms"] for r in rows[2:]]))
+    assert "times and memory over the 4 of 6 scored samples run with batch 1 on cpu" in \
+        (out / "summary.md").read_text()
+    # spelling out the embedded model's default continuation, or a setting the scoring does not
+    # use, is the same config
+    run_eval(_cfg(path, out, model_dir, scoring="loglik", continuation="option", max_new_tokens=3), qa=qa)
+    with pytest.raises(ValueError, match="continuation: 'option' there, 'letter' now"):
+        check_out_dir(_cfg(path, out, model_dir, scoring="loglik", continuation="letter"))
