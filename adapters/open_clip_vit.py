@@ -8,7 +8,7 @@ from tokenreduce.errors import UnsupportedModelError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
-from .vit import BlockParts, ViTAdapter, padding_bias
+from .vit import BlockParts, ViTAdapter, padding_bias, size_weighted_mean
 
 _VT = "open_clip.transformer.VisionTransformer"
 
@@ -60,8 +60,7 @@ class OpenClipViTAdapter(ViTAdapter):
                 pooled, tokens = original(x)
                 size = self.merged_sizes(x)
                 if size is not None:
-                    w = size[:, 1:, None].to(x.dtype)
-                    pooled = (x[:, 1:] * w).sum(1) / w.sum(1)
+                    pooled = size_weighted_mean(x[:, 1:], size[:, 1:])
                 return pooled, tokens
             self.hooks.setattr(v, "_global_pool", _global_pool)
 

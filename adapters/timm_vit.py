@@ -9,7 +9,7 @@ from tokenreduce.errors import SiteError, UnsupportedModelError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
-from .vit import BlockParts, ViTAdapter, merge_bias
+from .vit import BlockParts, ViTAdapter, merge_bias, size_weighted_mean
 
 
 @register_adapter
@@ -112,8 +112,7 @@ class TimmViTAdapter(ViTAdapter):
         # prefix tokens (size 1) join the pool with pool_include_prefix
         start = 0 if getattr(self.model, "pool_include_prefix", False) else self.num_prefix
         t = tokens[:, start:]
-        w = size[:, start:, None].to(tokens.dtype)
-        mean, weighted = t.mean(1), (t * w).sum(1) / w.sum(1)
+        mean, weighted = t.mean(1), size_weighted_mean(t, size[:, start:])
         if self.model.global_pool == "avgmax":  # timm's global_pool_nlc, term for term
             peak = t.amax(1)
             mean, weighted = 0.5 * (peak + mean), 0.5 * (peak + weighted)

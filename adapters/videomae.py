@@ -45,7 +45,7 @@ from tokenreduce.registry import register_adapter
 
 from .base import is_a
 from .frames import FRAMES, frames_site_info, reduce_frames
-from .vit import BlockParts, ViTAdapter, merge_bias
+from .vit import BlockParts, ViTAdapter, merge_bias, size_weighted_mean
 
 _T = "transformers.models.videomae.modeling_videomae."
 MODEL = _T + "VideoMAEModel"
@@ -205,14 +205,11 @@ class VideoMAEAdapter(ViTAdapter):
 
     # -- pooling -------------------------------------------------------------------------------
     def _weighted_mean_pool(self, module, args):
-        final = self._pass.final
         tokens = self._final_x() if self._final_x is not None else None
-        if final is None or tokens is None or bool((final.size == 1).all()):
+        size = None if tokens is None else self.merged_sizes(tokens)
+        if size is None or tokens.shape[0] != args[0].shape[0]:
             return None
-        if tokens.shape[0] != args[0].shape[0]:
-            return None
-        w = final.size[:, :, None].to(tokens.dtype)
-        return ((tokens * w).sum(1) / w.sum(1),)
+        return (size_weighted_mean(tokens, size),)
 
     def _on_out(self, module, args, output):
         from .vit import read_tokens

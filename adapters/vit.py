@@ -73,6 +73,13 @@ def merge_bias(mask, bias, dtype):
     return mask + bias
 
 
+def size_weighted_mean(tokens, size):
+    """The mean over dim 1 of (B, N, C) tokens, each counted as the `size` (B, N) tokens it stands
+    for: the average pool of merged tokens (ToMe)."""
+    w = size[:, :, None].to(tokens.dtype)
+    return (tokens * w).sum(1) / w.sum(1)
+
+
 def padding_bias(mask, bias, dtype):
     """nn.MultiheadAttention's key_padding_mask (bool: True = ignore, or float logits) plus a
     float (B, N) bias (its bool convention is the opposite of merge_bias's)."""
