@@ -15,6 +15,7 @@ twice). The wrapper is inert for every module without a capture callback.
 from __future__ import annotations
 
 import sys
+import weakref
 from functools import partial
 
 import torch
@@ -64,6 +65,34 @@ def wrapped_attention_name(impl: str) -> str:
     if impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl])
     return name
+
+
+# id(config) -> {"ref", "old", "wrapped", "count"}: models built from one config object share it
+# (transformers does not copy it), so two reduced models wrap its attention once, and only the
+# last remove() puts the original back
+_WRAPPED_CONFIGS: dict = {}
+
+
+def _wrap_config_attention(cfg):
+    """Set cfg's attention implementation to its score-capturing wrapper; returns the undo."""
+    key = id(cfg)
+    entry = _WRAPPED_CONFIGS.get(key)
+    if entry is None or entry["ref"]() is not cfg or cfg._attn_implementation != entry["wrapped"]:
+        old = cfg._attn_implementation
+        entry = _WRAPPED_CONFIGS[key] = {"ref": weakref.ref(cfg), "old": old,
+                                         "wrapped": wrapped_attention_name(old), "count": 0}
+        cfg._attn_implementation = entry["wrapped"]
+    entry["count"] += 1
+
+    def restore():
+        entry["count"] -= 1
+        if entry["count"] > 0:
+            return  # another reduced model still runs on this config
+        if _WRAPPED_CONFIGS.get(key) is entry:
+            del _WRAPPED_CONFIGS[key]
+        if cfg._attn_implementation == entry["wrapped"]:  # unless the user set another one since
+            cfg._attn_implementation = entry["old"]
+    return restore
 
 
 def output_cache(output):
@@ -269,14 +298,7 @@ class LLMSites(PerThreadState):
         for j in range(self.first, self.depth):
             H.pre(self.layers[j], partial(self._layer_pre, j), with_kwargs=True)
         if capture:
-            cfg = self.lm.config
-            old = cfg._attn_implementation
-            wrapped = cfg._attn_implementation = wrapped_attention_name(old)
-
-            def restore():  # unless the user set another implementation since
-                if cfg._attn_implementation == wrapped:
-                    cfg._attn_implementation = old
-            H.on_remove(restore)
+            H.on_remove(_wrap_config_attention(self.lm.config))
             for j, sigs in capture.items():
                 attn = self.layers[j].self_attn
                 H.setattr(attn, CAPTURE_ATTR, partial(self._on_attention, j, sigs))

@@ -557,3 +557,23 @@ def test_two_threads_can_run_one_reduced_vlm(name, spec):
         want = [_generate(case.model, x).sequences for x in inputs]
         assert failures_in_threads(lambda x: _generate(case.model, x).sequences, inputs, want, torch.equal,
                                    reps=4) == []
+
+
+def test_two_models_on_one_config_object_keep_their_reductions_when_one_is_removed():
+    """transformers does not copy a config passed to a model: two models built from one config
+    share it, and removing one's reduction put the config's attention back under the other"""
+    import transformers as tf
+    c = V.llava()
+    torch.manual_seed(0)
+    other = tf.LlavaForConditionalGeneration(c.model.config).eval()
+    cfg = other.model.language_model.config
+    assert c.model.model.language_model.config is cfg and cfg._attn_implementation == "sdpa"
+    h1 = tr.reduce(c.model, "llm.layer.2=fastv(ratio=0.5)")
+    h2 = tr.reduce(other, "llm.layer.2=fastv(ratio=0.5)")
+    with torch.no_grad():
+        want = other(**c.batch).logits
+        h1.remove()
+        assert torch.equal(other(**c.batch).logits, want)
+        assert h2.stats["sites"]["llm.layer.2"]["tokens_out"] < h2.stats["sites"]["llm.layer.2"]["tokens_in"]
+    h2.remove()
+    assert cfg._attn_implementation == "sdpa"
