@@ -158,10 +158,12 @@ def load_model(spec: str, meta: bool = False, image: int | None = None):
         import torch
         with torch.device("meta"):
             return load_model(spec)
-    kind, _, name = spec.partition(":")
+    kind, colon, name = spec.partition(":")
     if kind == "embedded":
         return _load_embedded(name, meta)
-    bare = not name
+    if colon and not name:
+        raise ValueError(f"unknown model {spec!r}: no name after {kind + ':'!r}; valid forms: {MODEL_SPEC_FORMS}")
+    bare = not colon
     if bare:
         kind, name = "timm", spec
     if kind == "timm":

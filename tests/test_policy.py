@@ -343,3 +343,80 @@ def test_unknown_adapter_options_are_named(vit_case):
     with pytest.raises(TypeError, match="has no option\\(s\\) foo"):
         tr.sites(model, foo=1)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# -- bad inputs found by the core audit -------------------------------------------------------------
+def _timm_small():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10).eval()
+
+
+def test_any_int_seed_and_count_runs():
+    """a seed such as time.time_ns() overflowed the generator; a count beyond int64 overflowed the
+    budget: both raised raw errors in the forward"""
+    m = _timm_small()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for spec in ("vision.out=random(keep=3, seed=1795788636507652941)", "vision.out=random(keep=10**20)"):
+            spec = spec.replace("10**20", str(10 ** 20))
+            with tr.reduce(m, spec) as h:
+                m(x)
+                assert h.stats["sites"]["vision.out"]["tokens_out"] == (4 if "seed" in spec else 17)
+
+
+def test_a_method_that_is_not_a_name_is_a_policy_error():
+    for method in (["random"], {"name": "random"}):
+        with pytest.raises(UnknownMethodError, match=r"a method is named by a string.*valid methods: .*random"):
+            Policy.coerce({"stages": [{"site": "vision.out", "method": method}]})
+
+
+def test_register_reducer_refuses_classes_that_cannot_take_policy_parameters():
+    import dataclasses
+
+    from tokenreduce import Reducer, register_reducer
+
+    class NotDataclass(Reducer):
+        name = "not_a_dataclass_test"
+
+        def __init__(self, k=1):
+            self.k = k
+    with pytest.raises(TypeError, match="must be a dataclass"):
+        register_reducer(NotDataclass)
+    with pytest.raises(TypeError, match="not a subclass of tokenreduce.Reducer"):
+        register_reducer(type("Junk", (), {"name": "junk_test"}))
+    with pytest.raises(ValueError, match="e.g. '_1x'"):
+        register_reducer(dataclasses.dataclass(type("X", (Reducer,), {"name": "1x"})))
+    assert "not_a_dataclass_test" not in tr.registry.reducer_names()
+
+
+def test_a_plan_assigning_outside_the_kept_slots_is_refused():
+    from tokenreduce.stream import Plan, TokenStream, apply_plan
+    st = TokenStream.start(torch.randn(1, 5, 4))
+    assign = torch.tensor([[0, 1, 2, 7, -1]])
+    with pytest.raises(ValueError, match=r"plan.assign names slots outside -1..2"):
+        apply_plan(st, Plan(keep=torch.tensor([[0, 1, 2]]), assign=assign))
+
+
+@pytest.mark.parametrize("spec", ["tome(r=(13.9, -1))", "tome(r=('13', 0))", "tome(r=(True, 0))", "tome(r=(13, 'x'))",
+                                  "tome(inflection=True)"])
+def test_tome_tuple_form_is_checked_like_its_parts(spec):
+    with pytest.raises(PolicyError, match="tome: (r as a tuple must be|inflection must lie)"):
+        Policy.from_spec("vision.block.*=" + spec)
+
+
+def test_a_policy_holding_a_python_function_says_it_cannot_be_saved():
+    def my_scorer(frames, question, k):
+        return None
+    p = Policy([Stage("frames", make_reducer("frame_select", {"k": 2, "scorer": my_scorer}))])
+    for write in (p.to_spec, p.to_json, p.to_yaml):
+        with pytest.raises(PolicyError, match="cannot be written as a spec, JSON or YAML"):
+            write()
+    assert "frames=frame_select(" in str(p) and "my_scorer" in str(p)  # messages still show it
+
+
+def test_yaml_exponents_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 5e-1 as a string"""
+    f = tmp_path / "p.yaml"
+    f.write_text("stages:\n  - {site: vision.out, method: random, params: {keep: 25e-2, seed: 3}}\n")
+    assert Policy.coerce(str(f)).to_spec() == "vision.out=random(keep=0.25, seed=3)"

@@ -82,7 +82,7 @@ class Handle:
 
     def __repr__(self):
         state = "removed" if self.removed else "active"
-        return f"<tokenreduce.Handle {self.adapter.name} [{state}] {self.policy.to_spec() or 'no stages'}>"
+        return f"<tokenreduce.Handle {self.adapter.name} [{state}] {self.policy.to_spec(strict=False) or 'no stages'}>"
 
 
 def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
@@ -107,7 +107,7 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
         inner = any(m is other.model for m in model.modules())
         if inner or any(m is model for m in other.model.modules()):
             raise SiteError(f"{type(other.model).__name__} {'inside' if inner else 'around'} this "
-                            f"{type(model).__name__} is already reduced ({other.policy.to_spec() or 'no stages'}); "
+                            f"{type(model).__name__} is already reduced ({other.policy.to_spec(strict=False) or 'no stages'}); "
                             "remove that reduction first (handle.remove() or tokenreduce.unreduce(that module))")
     old = model.__dict__.get(_ATTR)
     if old is not None:

@@ -52,7 +52,16 @@ def format_value(v) -> str:
         return f"({inner},)" if isinstance(v, tuple) and len(v) == 1 else (f"({inner})" if isinstance(v, tuple) else f"[{inner}]")
     if isinstance(v, dict):
         return "{" + ", ".join(f"{format_value(k)}: {format_value(x)}" for k, x in v.items()) + "}"
+    _check_literal(v)
     return repr(v)
+
+
+def _check_literal(v) -> None:
+    """A value a saved policy can hold: None, a bool, number or string (lists, tuples and dicts
+    of them are checked item by item by the callers)."""
+    if v is not None and not isinstance(v, (bool, int, float, str)):
+        raise PolicyError(f"a policy holding {type(v).__name__} {v!r} cannot be written as a spec, JSON or "
+                          "YAML; use a value a policy file can hold (e.g. a registered scorer's name)")
 
 
 def format_call(method: str, params: dict) -> str:
@@ -61,10 +70,26 @@ def format_call(method: str, params: dict) -> str:
     return f"{method}(" + ", ".join(f"{k}={format_value(v)}" for k, v in params.items()) + ")"
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_exponents(v):
+    """Numbers such as 5e-1 as floats: YAML 1.1 (PyYAML) reads an exponent without a dot in the
+    mantissa, or without a sign, as a string"""
+    if isinstance(v, dict):
+        return {k: _yaml_exponents(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_yaml_exponents(x) for x in v]
+    return float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()) else v
+
+
 def _plain(v):
     """Tuples -> lists for JSON / YAML (reducers normalise them back)."""
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    _check_literal(v)
     return v
 
 
@@ -196,14 +221,28 @@ class Policy:
             raise PolicyError(f"policy file {str(path)!r} does not parse: {exc}") from None
         if isinstance(data, str):
             return parse_spec(data)
+        if path.suffix.lower() != ".json":
+            data = _yaml_exponents(data)
         return cls.from_dict(data)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"stages": [s.to_dict() for s in self.stages]}
 
-    def to_spec(self) -> str:
-        return "; ".join(s.spec() for s in self.stages)
+    def to_spec(self, strict: bool = True) -> str:
+        """The policy as one spec line. A parameter no spec can hold (e.g. a scorer passed as a
+        Python function) raises PolicyError; strict=False writes it as its repr instead (for
+        messages: that line does not parse back)."""
+        parts = []
+        for st in self.stages:
+            try:
+                parts.append(st.spec())
+            except PolicyError:
+                if strict:
+                    raise
+                params = ", ".join(f"{k}={v!r}" for k, v in st.reducer.params().items())
+                parts.append(f"{st.site}={st.reducer.name}({params})")
+        return "; ".join(parts)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -217,7 +256,7 @@ class Policy:
         path.write_text(self.to_json() if path.suffix.lower() == ".json" else self.to_yaml())
 
     def __str__(self) -> str:
-        return self.to_spec()
+        return self.to_spec(strict=False)
 
     def __len__(self) -> int:
         return len(self.stages)

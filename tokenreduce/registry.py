@@ -23,6 +23,11 @@ _adapters: dict = {}
 _loaded = {"reducers": False, "adapters": False}
 
 
+def _identifier(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return "_" + name if name[:1].isdigit() else name
+
+
 def _register(table: dict, kind: str, cls):
     """One rule for name clashes, whenever the modules load: a user's registration replaces a
     built-in (tokenreduce's own) class of the same name, a built-in never replaces a user's, and
@@ -32,7 +37,7 @@ def _register(table: dict, kind: str, cls):
     if kind == "reducer" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(cls.name)):
         # a policy spec names the method as an identifier: another name could not be written back
         raise ValueError(f"{cls.__name__}: reducer name {cls.name!r} must be an identifier (letters, digits and "
-                         f"'_', not starting with a digit), e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(cls.name))!r}")
+                         f"'_', not starting with a digit), e.g. {_identifier(str(cls.name))!r}")
     prev = table.get(cls.name)
     if prev is not None and prev is not cls and f"{prev.__module__}.{prev.__qualname__}" != \
             f"{cls.__module__}.{cls.__qualname__}":
@@ -48,7 +53,17 @@ def _register(table: dict, kind: str, cls):
 
 
 def register_reducer(cls):
-    """Class decorator / function: make a reducer available by its `name`."""
+    """Class decorator / function: make a reducer available by its `name`. The class must be a
+    dataclass subclass of tokenreduce.Reducer (its fields are the parameters a policy may set)."""
+    import dataclasses
+
+    from .reducers.base import Reducer
+    if not (isinstance(cls, type) and issubclass(cls, Reducer)):
+        raise TypeError(f"register_reducer: {cls!r} is not a subclass of tokenreduce.Reducer")
+    if not dataclasses.is_dataclass(cls) or ("__init__" in vars(cls) and "__dataclass_fields__" not in vars(cls)):
+        # an own __init__ outside @dataclass: its arguments are not the fields a policy can set
+        raise TypeError(f"register_reducer: {cls.__name__} must be a dataclass (decorate it with @dataclass under "
+                        "@register_reducer): its fields are the parameters a policy may set")
     return _register(_reducers, "reducer", cls)
 
 
@@ -102,6 +117,9 @@ def reducer_names() -> list:
 
 def reducer_class(name: str):
     _load_reducers()
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"a method is named by a string, got {type(name).__name__} {name!r}; "
+                                 f"valid methods: {choices(reducer_names())}")
     if name not in _reducers or name.startswith("__"):
         failed = _reducers.get("__failed__", {})
         why = f" ({name} is installed but failed to load: {failed[name]})" if name in failed else ""

@@ -205,7 +205,9 @@ class TokenStream:
         if isinstance(keep, bool) or not isinstance(keep, (int, float)):
             raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
         nv = self.num_visual()
-        k = torch.round(nv.double() * keep).long() if isinstance(keep, float) else torch.full_like(nv, int(keep))
+        # a count beyond any sequence (even beyond int64) keeps everything
+        k = torch.round(nv.double() * keep).long() if isinstance(keep, float) else \
+            torch.full_like(nv, min(int(keep), 2 ** 62))
         return torch.minimum(k.clamp(min=0), nv)
 
     def signal(self, name: str, layer: int | None = None) -> Tensor:
@@ -334,6 +336,13 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         if assign.shape != (B, N):
             raise ValueError(f"plan.assign must be (B={B}, N={N}), got {tuple(assign.shape)}")
         assign = assign.to(torch.long).clone()
+        K = keep.shape[1]
+        outside = ((assign < -1) | (assign >= K)).any()
+        if on_cpu and bool(outside):
+            raise ValueError(f"plan.assign names slots outside -1..{K - 1}: each token folds into a kept token's "
+                             f"slot (0..{K - 1}, the order of plan.keep) or is dropped (-1)")
+        elif not on_cpu:
+            torch._assert_async(~outside, "tokenreduce: plan.assign names a slot outside -1..K-1")
         # a kept token always folds into its own slot (padding slots of a ragged plan claim nothing)
         src = torch.arange(keep.shape[1], device=keep.device).expand(B, -1)
         if plan.valid is not None:

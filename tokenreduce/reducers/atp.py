@@ -60,7 +60,7 @@ class ATPThresholds(nn.Module):
         key = str(int(layer))
         if key not in self.heads:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1009 + int(layer))
+                torch.manual_seed((self.seed * 1009 + int(layer)) % 2 ** 63)
                 head = nn.Sequential(nn.Linear(self.n_features, self.hidden), nn.GELU(), nn.Linear(self.hidden, 2))
             nn.init.zeros_(head[2].weight)
             nn.init.zeros_(head[2].bias)

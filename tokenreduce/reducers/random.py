@@ -46,8 +46,9 @@ class RandomPrune(Reducer):
         if bool((k >= stream.num_visual()).all()):
             return None
         # the site's name, hashed (not its length: vision.layer.K and vision.block.K would collide)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + (stream.layer or 0) * 7919
-                                          + zlib.crc32(stream.site.encode()))
+        # modulo 2**63: any int seed (e.g. time.time_ns()) stays in the generator's range
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + (stream.layer or 0) * 7919
+                                           + zlib.crc32(stream.site.encode())) % 2 ** 63)
         if self.shared:
             table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
             rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)

@@ -49,13 +49,18 @@ class ToMe(Reducer):
             if self.inflection != 0.0 and self.inflection != self.r[1]:  # 0.0: the default, not given
                 raise PolicyError(f"tome: r={self.r!r} already gives the inflection; got inflection="
                                   f"{self.inflection!r} too, give one")
-            self.r, self.inflection = int(self.r[0]), float(self.r[1])
+            r, infl = self.r
+            if isinstance(r, bool) or not isinstance(r, int) or isinstance(infl, bool) or \
+                    not isinstance(infl, (int, float)):
+                raise PolicyError(f"tome: r as a tuple must be (int r >= 0, inflection in [-1, 1]), got {self.r!r}")
+            self.r, self.inflection = r, infl
         if isinstance(self.r, list):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.r):
                 raise PolicyError(f"tome: r as a list must hold ints >= 0 (one per block), got {self.r!r}")
         elif isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise PolicyError(f"tome: r must be an int >= 0, an (r, inflection) tuple or a list per block, got {self.r!r}")
-        if not isinstance(self.inflection, (int, float)) or not -1.0 <= self.inflection <= 1.0:
+        if isinstance(self.inflection, bool) or not isinstance(self.inflection, (int, float)) or \
+                not -1.0 <= self.inflection <= 1.0:
             raise PolicyError(f"tome: inflection must lie in [-1, 1], got {self.inflection!r}")
         self.inflection = float(self.inflection)
 
