@@ -48,10 +48,14 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-# DyCoke keeps frame 0 of every 4-frame window whole and prunes `ratio` of the other three, so
-# keeping b of all tokens needs ratio = (1 - b) * 4/3 (reachable down to b = 1/4)
-def _dycoke(b, _frames):
-    return f"projector.out=dycoke_ttm(ratio={_r(min(1.0, (1.0 - b) * 4.0 / 3.0))})"
+# DyCoke keeps frame 0 of every 4-frame window (a trailing partial window too) whole and prunes
+# `ratio` of the others' tokens, so with T frames, w = ceil(T / 4) of them whole, keeping b of
+# all tokens needs ratio = (1 - b) * T / (T - w) (reachable down to b = w / T: 1/4 at 8 frames)
+def _dycoke(b, frames):
+    frames = int(frames)
+    whole = -(-frames // 4)
+    ratio = 0.0 if frames <= whole else min(1.0, (1.0 - b) * frames / (frames - whole))
+    return f"projector.out=dycoke_ttm(ratio={_r(ratio)})"
 
 
 # ATP's fixed rule keeps the visual tokens whose standardised log redundancy score z exceeds
@@ -72,7 +76,8 @@ SWEEP_METHODS = {
     "uniform": SweepMethod(lambda b, f: f"projector.out=uniform(keep={_r(b)})",
                            "a spatially even lattice per frame after the projector"),
     "dycoke_ttm": SweepMethod(_dycoke, "DyCoke TTM (Tao et al., CVPR 2025) after the projector; budgets below "
-                                       "0.25 are not reachable (frame 0 of each 4-frame window stays)"),
+                                       "ceil(T/4)/T are not reachable (frame 0 of each 4-frame window stays; "
+                                       "0.25 at 8 frames)"),
     "framefusion": SweepMethod(lambda b, f: f"llm.layer.*=framefusion(cost={_r(b)})",
                                "FrameFusion (Fu et al., ICCV 2025): the budget is its compute `cost` "
                                "(fraction of LLM FLOPs), which it meets by merging and pruning tokens"),
@@ -212,7 +217,8 @@ def _run_all(base_cfg, runs, out, qa, state) -> list:
 def _summary_fields(s: dict) -> dict:
     """A sweep row's numbers from a run's summary (run_eval's return value / summary.json)."""
     vt = s["visual_tokens"]
-    return dict(n=s["n"], errors=s["errors"], acc_loglik=s["loglik"], acc_generated=s["generated"],
+    run = s.get("config") or {}
+    return dict(data=run.get("data"), frames=run.get("frames"), n=s["n"], errors=s["errors"], acc_loglik=s["loglik"], acc_generated=s["generated"],
                 visual_tokens_llm_input=vt["llm_input"], visual_tokens_final=vt["final"],
                 flops_fraction=s["flops_fraction"], prefill_ms=s["prefill_ms"], ttft_ms=s["ttft_ms"],
                 decode_ms_per_token=s["decode_ms_per_token"], loadavg=s["loadavg_end"])
@@ -223,20 +229,38 @@ def _f(v, spec):
 
 
 def format_table(rows: list) -> str:
-    lines = ["| method | budget | acc loglik | acc generated | visual tokens LLM in | visual tokens final | "
+    lines = ["| method | budget | n | acc loglik | acc generated | visual tokens LLM in | visual tokens final | "
              "FLOPs frac | prefill ms | TTFT ms | errors | policy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | failed: {r['failed']} | | | | | | | | "
+            lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | | failed: {r['failed']} | | | | | | | | "
                          f"`{r['policy']}` |")
             continue
-        lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | {_f(r.get('acc_loglik'), '.1%')} | "
+        lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | {r.get('n', '-')} | {_f(r.get('acc_loglik'), '.1%')} | "
                      f"{_f(r.get('acc_generated'), '.1%')} | {_f(r.get('visual_tokens_llm_input'), '.1f')} | "
                      f"{_f(r.get('visual_tokens_final'), '.1f')} | {_f(r.get('flops_fraction'), '.3f')} | "
                      f"{_f(r.get('prefill_ms'), '.1f')} | {_f(r.get('ttft_ms'), '.1f')} | {r.get('errors', '-')} | "
                      f"`{r['policy'] or 'none'}` |")
+    mixed = mixed_runs(rows)
+    if mixed:
+        lines += ["", f"Note: these runs are not on the same samples, so their numbers do not compare: {mixed}."]
     return "\n".join(lines)
+
+
+def mixed_runs(rows: list) -> str:
+    """'' when every finished row ran on the same data, frames and number of samples; else which
+    differ (an earlier sweep into the same --out with other settings left its runs there)"""
+    ok = [r for r in rows if "failed" not in r]
+    parts = []
+    for key in ("data", "frames", "n"):
+        seen = {}
+        for r in ok:
+            if r.get(key) is not None:
+                seen.setdefault(str(r[key]), []).append(str(r["label"]))
+        if len(seen) > 1:
+            parts.append(f"{key}: " + "; ".join(f"{v} ({', '.join(labels)})" for v, labels in seen.items()))
+    return " / ".join(parts)
 
 
 def _line_of(method: str) -> str:
@@ -281,7 +305,11 @@ def plot(rows: list, out) -> list:
         labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
         if labelled:
             labelled[0].legend(fontsize=8)
+        failed = [str(r["label"]) for r in rows if "failed" in r]
         fig.tight_layout()
+        if failed:  # not drawn: say so, rather than let a method vanish
+            fig.subplots_adjust(bottom=0.2)
+            fig.text(0.01, 0.01, "failed, not drawn: " + ", ".join(failed), fontsize=8, color="firebrick")
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         paths.append(out / name)
@@ -370,26 +398,39 @@ def earlier_rows(out, skip=()) -> list:
             print(f"sweep: ignoring the unreadable {listed} ({exc}); its runs are read from their directories")
             old = []
         for r in old if isinstance(old, list) else []:
-            if isinstance(r, dict) and "label" in r and (out / _dirname(str(r["label"]))).is_dir():
-                rows.append(r)
+            if not (isinstance(r, dict) and "label" in r):
+                continue
+            run = out / _dirname(str(r["label"]))
+            if (run / "summary.json").is_file():
+                # its numbers from the run's own summary: the run may have been extended or
+                # redone since (e.g. a larger --limit) and the listed row be stale
+                row = _row_of_run(run, r["label"], r.get("method"), r.get("budget"))
+                if row is not None:
+                    rows.append(row)
+            elif run.is_dir():
+                rows.append(r)  # a failed row: its directory holds no summary
     dirs = {_dirname(str(r["label"])) for r in rows} | set(skip)
     for summary in sorted(out.glob("*/summary.json")):
         name = summary.parent.name
-        if name in dirs:
-            continue
-        try:
-            s = json.loads(summary.read_text())
-            run_cfg = json.loads((summary.parent / "run.json").read_text()).get("config", {}) \
-                if (summary.parent / "run.json").is_file() else {}
-            method, budget = _label_of_dir(name)
-            row = {"label": name, "method": method, "budget": budget,
-                   "policy": run_cfg.get("policy", s.get("policy", ""))}
-            row.update(_summary_fields(s))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            print(f"sweep: {summary.parent} is not a finished run ({type(exc).__name__}: {exc}); left out of the table")
-            continue
-        rows.append(row)
+        if name not in dirs:
+            row = _row_of_run(summary.parent, name, *_label_of_dir(name))
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def _row_of_run(run: Path, label: str, method, budget) -> dict | None:
+    """A table row from a finished run directory (summary.json, run.json), or None (with a note)
+    when it is not one."""
+    try:
+        s = json.loads((run / "summary.json").read_text())
+        run_cfg = json.loads((run / "run.json").read_text()).get("config", {}) if (run / "run.json").is_file() else {}
+        row = {"label": label, "method": method, "budget": budget, "policy": run_cfg.get("policy", s.get("policy", ""))}
+        row.update(_summary_fields(s))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        print(f"sweep: {run} is not a finished run ({type(exc).__name__}: {exc}); left out of the table")
+        return None
+    return row
 
 
 def merge_rows(old: list, new: list, finished=lambda label: False) -> list:
@@ -422,5 +463,8 @@ def write_outputs(rows: list, out) -> list:
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     paths = plot(rows, out)
     print(table)
+    if mixed_runs(rows):
+        print("sweep: warning: the runs under this --out differ in data, frames or samples (see the note "
+              "under the table); use a new --out to compare methods", file=sys.stderr)
     print(f"wrote {out / 'sweep.md'}, " + ", ".join(str(p) for p in paths))
     return rows

@@ -874,3 +874,28 @@ def test_resumed_with_another_batch_times_only_this_runs_rows(tmp_path, data, mo
     run_eval(_cfg(path, out, model_dir, scoring="loglik", continuation="option", max_new_tokens=3), qa=qa)
     with pytest.raises(ValueError, match="continuation: 'option' there, 'letter' now"):
         check_out_dir(_cfg(path, out, model_dir, scoring="loglik", continuation="letter"))
+
+
+def test_sweep_rows_come_from_each_runs_summary_and_mixed_runs_are_flagged(tmp_path, data, model_dir, capsys):
+    """a run extended after its sweep (a larger --limit) shows its new numbers in the next sweep's
+    table; runs on different numbers of samples are flagged under the table"""
+    out = tmp_path / "sweep"
+    assert _sweep(model_dir, data, out, "--methods", "random", "--budgets", "0.5") == 0
+    run_eval(_cfg(data, out / "random_b0.5", model_dir, scoring="loglik", limit=3, policy="projector.out=random"))
+    capsys.readouterr()
+    assert _sweep(model_dir, data, out, "--methods", "uniform", "--budgets", "0.5") == 0
+    rows = {r["label"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert rows["random_b0.5"]["n"] == 3 and rows["uniform_b0.5"]["n"] == 2
+    table = (out / "sweep.md").read_text()
+    assert "| random | 0.5 | 3 |" in table
+    assert "not on the same samples" in table and "n: 3 (random_b0.5); 2 (uniform_b0.5)" in table
+    assert "differ in data, frames or samples" in capsys.readouterr().err
+
+
+def test_dycoke_budget_rule_counts_the_whole_frames_of_any_frame_count():
+    from tokenreduce.eval.sweep import SWEEP_METHODS
+    spec = SWEEP_METHODS["dycoke_ttm"].spec
+    assert spec(0.5, 8) == "projector.out=dycoke_ttm(ratio=0.6667)"   # 2 of 8 frames whole: (1-b) * 4/3
+    assert spec(0.5, 6) == "projector.out=dycoke_ttm(ratio=0.75)"     # 2 of 6 whole: (1-b) * 6/4
+    assert spec(0.3, 6) == "projector.out=dycoke_ttm(ratio=1.0)"      # below 2/6: not reachable, all pruned
+    assert spec(0.5, 1) == "projector.out=dycoke_ttm(ratio=0.0)"      # one frame: nothing to prune
