@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import torch
@@ -165,14 +166,18 @@ def continuation_logprob(model, inputs: dict, cont_ids) -> tuple:
 
 @torch.inference_mode()
 def generate_text(model, processor, inputs: dict, gen_kwargs: dict | None = None, default_max_new_tokens: int = 32) -> str:
-    """Greedy (or sampled, when temperature > 0) generation, cut at the first `until` string."""
+    """Greedy or sampled generation, cut at the first `until` string. A task's `do_sample`
+    decides (tasks such as mmvet give temperature 0.2 with do_sample false: greedy); without it,
+    temperature > 0 samples."""
     gk = dict(gen_kwargs or {})
     until = gk.pop("until", None)
     until = [until] if isinstance(until, str) else list(until or [])
     temperature = float(gk.get("temperature", 0) or 0)
-    kw = dict(max_new_tokens=int(gk.get("max_new_tokens", default_max_new_tokens)), do_sample=temperature > 0)
-    if temperature > 0:
-        kw["temperature"] = temperature
+    sample = bool(gk["do_sample"]) if gk.get("do_sample") is not None else temperature > 0
+    kw = dict(max_new_tokens=int(gk.get("max_new_tokens", default_max_new_tokens)), do_sample=sample)
+    if sample:
+        if temperature > 0:
+            kw["temperature"] = temperature
         if gk.get("top_p") is not None:
             kw["top_p"] = float(gk["top_p"])
     tok = _tokenizer(processor)
@@ -350,7 +355,8 @@ def _build_lmms_class():
             if str(batch_size).strip() not in ("1", "1.0"):  # "auto" and the like included
                 raise ValueError(f"the tokenreduce model runs one request at a time: batch_size must be 1, "
                                  f"got {batch_size!r}")
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if device is None:  # under accelerate launch each process takes its own GPU
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
             model, processor = load_model(pretrained, device=device, dtype=dtype)
             self.runner = ReducedVLM(model, processor, _strip_quotes(policy), num_frames=num_frames,
                                      max_new_tokens=max_new_tokens)

@@ -663,3 +663,27 @@ def test_plugin_task_functions_for_jsonl_datasets():
     mme = ["Apples.", "Candles.", "Berries.", "Same."]  # Video-MME's options end in a full stop
     assert [parse_choice(p, mme) for p in ("Berries.", "berries", "The answer is Berries.", "Apples or Berries.",
                                           "Sameness")] == [2, 2, 2, None, None]
+
+
+def test_plugin_generation_follows_the_tasks_do_sample():
+    """lmms-eval tasks such as mmvet give temperature 0.2 with do_sample false (greedy)"""
+    from tokenreduce.eval.lmms_plugin import generate_text
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "B. two"
+
+    class Model:
+        def generate(self, **kw):
+            self.kw = kw
+            return torch.zeros(1, 4, dtype=torch.long)
+    inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long)}
+    seen = {}
+    for gen_kwargs in ({"temperature": 0.2, "do_sample": False}, {"do_sample": True}, {"temperature": 0.7},
+                       {"temperature": 0}):
+        m = Model()
+        assert generate_text(m, types.SimpleNamespace(tokenizer=Tok()), inputs, gen_kwargs) == "B. two"
+        seen[str(gen_kwargs)] = (m.kw["do_sample"], m.kw.get("temperature"))
+    assert list(seen.values()) == [(False, None), (True, None), (True, 0.7), (False, None)]
