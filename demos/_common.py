@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import html
 import io
 import os
+import re
 import statistics
 import threading
 import time
@@ -90,8 +92,12 @@ def launch(demo, args) -> None:
 
 
 def error_markdown(exc: BaseException) -> str:
-    """The text of the page's status area for an error."""
-    return f"**Error:** {exc}"
+    """The text of the page's status area for an error: the message escaped, so the names it
+    quotes (a spec with `*`, a word like `<video>`, a file `__init__.mp4`) show as typed, not as
+    Markdown or HTML."""
+    text = html.escape(str(exc), quote=False)
+    text = re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", text)
+    return f"**Error:** {text}"
 
 
 def check_upload_size(path: str, max_bytes: int | None) -> None:

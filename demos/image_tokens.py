@@ -118,7 +118,9 @@ def load_image(path: str, max_bytes: int | None = None) -> np.ndarray:
                 raise DemoInputError(f"{name} is {w} x {h} pixels; the limit is {MAX_PIXELS // 10**6} megapixels")
             im.load()
             # as a browser shows it: a phone photo's EXIF orientation applied, so overlays line up
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            rgb = _eight_bit(ImageOps.exif_transpose(im)).convert("RGB")
+    except DemoInputError:
+        raise
     except UnidentifiedImageError:
         raise DemoInputError(f"{name} is not an image this demo can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -127,6 +129,20 @@ def load_image(path: str, max_bytes: int | None = None) -> np.ndarray:
     if min(arr.shape[:2]) < 8:
         raise DemoInputError(f"{name} is {arr.shape[1]} x {arr.shape[0]} pixels; need at least 8 x 8")
     return arr
+
+
+def _eight_bit(im):
+    """16-bit and float images scaled to 8 bits as a browser shows them (PIL's convert("RGB")
+    clips them: a 16-bit PNG turns white, a 0..1 float TIFF black)"""
+    from PIL import Image
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float32)
+    if im.mode == "F" and float(a.max(initial=0.0)) <= 1.0:
+        a = a * 255.0
+    elif float(a.max(initial=0.0)) > 255.0:
+        a = a / 257.0  # 16-bit: 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
 def center_crop(img: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:

@@ -43,6 +43,9 @@ DEFAULT_FRAMES = 8                        # the embedded model is trained on 8-f
 MAX_FRAMES_READ = 32
 DEFAULT_MAX_SECONDS = 120.0
 DEFAULT_MAX_TOTAL_FRAMES = 3600
+MAX_FRAME_PIXELS = 3840 * 2160       # one frame: up to 4K UHD
+MAX_DECODED_PIXELS = 100_000_000     # all frames read at once (about 300 MB as RGB)
+MAX_QUESTION_CHARS = 300
 SAMPLE_SEED = 2024
 VIDEO_METHODS = ("none", "uniform", "random", "dycoke_ttm", "fastv", "framefusion", "atp")
 METHOD_HELP = {
@@ -54,7 +57,8 @@ METHOD_HELP = {
     "fastv": "llm.layer.2: drop the visual tokens the last token attends to least",
     "framefusion": "llm.layer.* (every layer, as the paper): merge similar tokens of consecutive frames, then "
                    "prune; budget = cost",
-    "atp": "llm.layer.2: adaptive thresholds (budget ignored)",
+    "atp": "llm.layer.2: adaptive thresholds; the budget sets alpha = Phi^-1(1 - budget), so about that "
+           "fraction is kept",
 }
 FRAME_SELECTION = ("off", "uniform", "vlm")
 
@@ -133,11 +137,32 @@ def load_video(path: str, num_frames: int, max_bytes: int | None = None, max_sec
         length = f"{total} frames" + (f" ({seconds:.1f} s)" if seconds is not None else "")
         raise DemoInputError(f"{name} is too long: {length}; this demo takes videos of at most {max_seconds:g} s "
                              f"and {max_total_frames} frames")
+    size = _frame_size(path)
+    n = min(int(num_frames), total) if total else int(num_frames)  # a short clip: its own frames, not repeats
+    if size is not None:
+        w, h = size
+        if w * h > MAX_FRAME_PIXELS or n * w * h > MAX_DECODED_PIXELS:
+            raise DemoInputError(f"{name} is {w} x {h} pixels per frame; this demo takes frames of at most "
+                                 f"{MAX_FRAME_PIXELS / 1e6:.1f} megapixels and {MAX_DECODED_PIXELS // 10**6} "
+                                 f"megapixels over all frames read ({n} here); the model sees 64 x 64")
     try:
-        frames, meta = read_frames(path, num_frames=int(num_frames))
+        frames, meta = read_frames(path, num_frames=n)
     except VideoDecodeError as exc:
         raise DemoInputError(f"{name} could not be decoded: {_short(str(exc), path)}") from None
     return frames, meta
+
+
+def _frame_size(path: str):
+    """(width, height) of the video's frames from its stream header (nothing decoded), or None"""
+    try:
+        import av
+
+        from tokenreduce.eval.video import _video_stream
+        with av.open(path) as c:
+            st = _video_stream(c)
+            return int(st.codec_context.width), int(st.codec_context.height)
+    except Exception:  # noqa: BLE001 - the decoder reports unreadable files itself
+        return None
 
 
 def _short(message: str, path: str) -> str:
@@ -150,6 +175,9 @@ def parse_options(text, vocabulary: set) -> list:
     opts = [o.strip() for o in (text if isinstance(text, list) else str(text or "").split(",")) if o.strip()]
     if not 2 <= len(opts) <= 5:
         raise DemoInputError(f"give 2 to 5 answer options separated by commas, got {len(opts)}")
+    twice = [o for o in dict.fromkeys(opts) if opts.count(o) > 1]
+    if twice:  # equal options score equally: the answer could never be picked over its twin
+        raise DemoInputError(f"option(s) {', '.join(map(repr, twice))} given twice; options must differ")
     unknown = [o for o in opts if o not in vocabulary]
     if unknown:
         from tokenreduce.eval.synthetic import COLOR_NAMES, NUMBERS, QUADRANTS
@@ -165,6 +193,8 @@ def parse_question(text, tokenizer) -> str:
     q = str(text or "").strip().lower()
     if not q:
         raise DemoInputError("type a question")
+    if len(q) > MAX_QUESTION_CHARS:  # the model's questions are a few words; a long one only blocks the queue
+        raise DemoInputError(f"the question is {len(q)} characters; this demo takes at most {MAX_QUESTION_CHARS}")
     enc = tokenizer(q, add_special_tokens=False, return_offsets_mapping=True)
     unknown = [q[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == tokenizer.unk_token_id]
     specials = [t for t in ("<video>", "<image>") if t in q]

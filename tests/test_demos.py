@@ -274,6 +274,40 @@ def test_video_inputs_say_what_is_wrong(tmp_path, tiny_vqa):
         vq.parse_question("where is the <video> ?", tok)
 
 
+def test_demo_inputs_found_by_the_browser_audit(tmp_path, tiny_vqa, monkeypatch):
+    """repeated options, a question far longer than the model's, a 1-frame clip shown as 8 repeats,
+    frames too large to decode at once, and an error message the page rendered as Markdown"""
+    from PIL import Image
+
+    from _common import error_markdown
+    from tokenreduce.eval.synthetic import write_video
+    with pytest.raises(DemoInputError, match="'red' given twice"):
+        vq.parse_options("red, green, red", tiny_vqa.vocabulary)
+    with pytest.raises(DemoInputError, match="at most 300"):
+        vq.parse_question("how many circles are there ? " * 20, tiny_vqa.processor.tokenizer)
+    one = tmp_path / "one.mp4"
+    write_video(one, np.zeros((1, 16, 16, 3), np.uint8), fps=4)
+    frames, meta = vq.load_video(str(one), 8)
+    assert frames.shape[0] == 1 and meta["indices"] == [0]
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, np.zeros((8, 32, 48, 3), np.uint8), fps=4)
+    monkeypatch.setattr(vq, "MAX_DECODED_PIXELS", 8 * 32 * 48 - 1)
+    with pytest.raises(DemoInputError, match=r"clip.mp4 is 48 x 32 pixels per frame"):
+        vq.load_video(str(clip), 8)
+    assert vq.load_video(str(clip), 7)[0].shape == (7, 32, 48, 3)
+    # as typed on the page: no Markdown emphasis, no HTML tag swallowing the rest
+    md = error_markdown(ValueError("does not know '<video>'; bad policy 'vision.block.*=tome(r=' in __init__.mp4"))
+    assert "&lt;video&gt;" in md and "vision.block.\\*=tome\\(r=" in md and "\\_\\_init\\_\\_" in md
+    # a 16-bit PNG is scaled to 8 bits (convert("RGB") clipped it to white), and a refusal keeps its words
+    g16 = tmp_path / "gray16.png"
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))).save(g16)
+    img = it.load_image(str(g16))
+    assert img[0, 0, 0] == 0 and img[0, -1, 0] == 255 and 100 < img[0, 32, 0] < 160
+    monkeypatch.setattr(it, "MAX_PIXELS", 100)
+    with pytest.raises(DemoInputError, match=r"^gray16.png is 64 x 64 pixels; the limit"):
+        it.load_image(str(g16))
+
+
 # -- both apps in a headless browser ------------------------------------------------------------
 CHROMIUM = "/usr/bin/chromium"
 browser_reason = None
