@@ -278,10 +278,23 @@ def main(argv=None) -> int:
         return 130
     except Exception as exc:  # show a user error as one line, not a traceback
         from tokenreduce.errors import TokenReduceError
+        if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith("tokenreduce"):
+            extra = _EXTRAS.get(exc.name.split(".")[0])
+            hint = f"pip install 'tokenreduce[{extra}]'" if extra else f"pip install {exc.name.split('.')[0]}"
+            print(f"tokenreduce: error: this command needs {exc.name.split('.')[0]}, which is not installed "
+                  f"({hint}; 'tokenreduce[all]' has every extra)", file=sys.stderr)
+            return 2
         if isinstance(exc, (TokenReduceError, ValueError, OSError)):
             print(f"tokenreduce: error: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+# an optional dependency's module -> the extra (pyproject.toml) that installs it
+_EXTRAS = {"transformers": "hf", "timm": "timm", "torchvision": "timm", "open_clip": "clip", "decord": "video",
+           "av": "video", "gradio": "demo", "PIL": "demo", "accelerate": "eval", "matplotlib": "eval",
+           "tqdm": "eval", "sklearn": "eval", "skimage": "eval", "pandas": "eval", "pyarrow": "eval",
+           "onnxruntime": "eval", "lmms_eval": "lmms"}
 
 
 if __name__ == "__main__":

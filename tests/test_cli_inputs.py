@@ -325,3 +325,18 @@ def test_bench_and_quality_refuse_bad_outputs_and_inputs_before_running(capsys, 
 def test_bench_vit_names_the_benchmark_a_vlm_belongs_to(capsys):
     err = _error(capsys, ["bench", "vit", "--model", "hf:tiny-llava", "--runs", "1", "--warmup", "0", "--batch", "1"])
     assert "bench vit times an image encoder" in err and "use bench vlm" in err
+
+
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    """a base install without transformers printed a ModuleNotFoundError traceback"""
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    def inner(args):  # our own module missing (a broken install) stays a traceback: no extra fixes it
+        raise ModuleNotFoundError("No module named 'tokenreduce.adapters'", name="tokenreduce.adapters")
+    monkeypatch.setattr(cli, "cmd_methods", missing)
+    assert main(["methods"]) == 2
+    assert "needs transformers, which is not installed (pip install 'tokenreduce[hf]'" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_methods", inner)
+    with pytest.raises(ModuleNotFoundError):
+        main(["methods"])
