@@ -80,6 +80,14 @@ def build_config(tokenizer, **sizes):
                                 tie_word_embeddings=True)
 
 
+def config_sizes(config) -> dict:
+    """The DEFAULT_SIZES keys of a built (or loaded) model's config"""
+    v, t = config.vision_config, config.text_config
+    return dict(image_size=v.image_size, patch_size=v.patch_size, vision_hidden=v.hidden_size,
+                vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads, text_hidden=t.hidden_size,
+                text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads, text_kv_heads=t.num_key_value_heads)
+
+
 def tokens_per_frame(config) -> int:
     g = config.vision_config.image_size // config.vision_config.patch_size
     return (-(-g // 2)) ** 2  # LLaVA-OneVision pools each frame 2x2 (bilinear) before the LLM

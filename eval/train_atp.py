@@ -155,7 +155,7 @@ def train_on_embedded(steps: int = 150, out: str | Path | None = None, *, budget
     if out is not None and accelerator.is_main_process:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        weights = out / "atp_thresholds.safetensors"
+        weights = (out / "atp_thresholds.safetensors").resolve()  # the policy works from any folder
         reducer.save_thresholds(weights)
         log["weights"] = str(weights)
         log["policy"] = f"llm.layer.{layer}=atp(thresholds='learned', weights={str(weights)!r}, alpha={alpha})"
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train_atp", description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
                     help="tiny: a random tiny LLaVA (pipeline check); embedded: the shipped video-QA model")
-    ap.add_argument("--budget", type=float_in(0, 1, low_open=True), default=0.3,
+    ap.add_argument("--budget", type=float_in(0, 1, low_open=True), default=None,
                     help="--model embedded: the kept fraction of visual tokens to train toward, in (0, 1]")
     ap.add_argument("--steps", type=int_at_least(1), default=30)
     ap.add_argument("--out", required=True, help="folder for atp_thresholds.safetensors and train_log.json")
@@ -222,6 +222,12 @@ def main(argv=None) -> int:
     if a.model == "embedded" and (a.target is not None or a.depth != 4):
         ap.error("--target and --depth belong to --model tiny; with --model embedded give --budget (the kept "
                  "fraction) and the embedded model's own depth is used")
+    if a.model == "tiny" and a.budget is not None:
+        ap.error("--budget belongs to --model embedded; with --model tiny give --target (the kept fraction)")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        ap.error(f"--out {a.out}: a file is in the way; give a folder path")  # before training, not after it
+    a.budget = 0.3 if a.budget is None else a.budget
     threads = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -4,7 +4,7 @@
         --qtype-weights start_end=1.5,region_color=1.3 --position-aux 0.2 --frame-aux 0.2 --attention-aux 1
     python -m tokenreduce.eval.train_embedded --out eval/assets/embedded_videoqa --init /tmp/stage1 \
         --minutes 14 --lr 3e-4 --warmup 20 --qtype-weights count=2.5,start_end=1.5,region_color=1.3 \
-        --position-aux 0.2 --frame-aux 0.2 --attention-aux 1 \
+        --position-aux 0.2 --frame-aux 0.2 --attention-aux 1 --eval-every 280 \
         --attention-aux-types region_color,first_color,start_end,brief_color
 
 (the shipped weights: 79 minutes on a 2-core CPU; stage 2 oversamples counting and stops
@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .embedded import (DEFAULT_SIZES, RELEVANCE_PROMPT, EmbeddedProcessor, build_config, build_model,
-                       build_tokenizer)
+                       build_tokenizer, config_sizes)
 from .synthetic import COLOR_CLASSES, QTYPES, SHAPE_CLASSES, VideoQAGenerator, patch_labels
 
 
@@ -266,6 +267,39 @@ def training_totals(init, info: dict) -> dict:
                 total_samples_seen=sum(int(st["samples_seen"] or 0) for st in stages))
 
 
+MIN_IMAGE_SIZE = 48  # the generator's counting scenes need room for their objects (radius 7)
+
+
+def parse_qtype_weights(text: str) -> dict | None:
+    """'count=2.5,start_end=1.5' -> a weight per question type (1 for the others); ValueError
+    naming the valid form"""
+    if not text:
+        return None
+    weights = {q: 1.0 for q in QTYPES}
+    for item in text.split(","):
+        k, eq, v = (x.strip() for x in item.partition("="))
+        if k not in QTYPES:
+            raise ValueError(f"--qtype-weights: unknown question type {k!r}; valid: {', '.join(QTYPES)}")
+        try:
+            weights[k] = float(v)
+        except ValueError:
+            raise ValueError(f"--qtype-weights: {item.strip()!r} needs a number, e.g. {k}=2.5") from None
+        if not eq or not math.isfinite(weights[k]) or weights[k] < 0:
+            raise ValueError(f"--qtype-weights: {item.strip()!r}: the weight must be a number >= 0, e.g. {k}=2.5")
+    if not sum(weights.values()) > 0:
+        raise ValueError("--qtype-weights: at least one question type needs a weight > 0")
+    return weights
+
+
+def check_layers(error, args, layers: int, where: str) -> None:
+    """the auxiliary losses' LLM layers within the model's `layers` (`where`: which flag says so)"""
+    if args.frame_aux and args.frame_aux_layer > layers:
+        error(f"--frame-aux-layer {args.frame_aux_layer}: the LLM has {layers} layers ({where}); give 0..{layers}")
+    if args.attention_aux and not -layers <= args.attention_aux_layer < layers:
+        error(f"--attention-aux-layer {args.attention_aux_layer}: the LLM has {layers} layers ({where}); give "
+              f"{-layers}..{layers - 1} (-1 = the last)")
+
+
 def check_flags(parser, args):
     """the checks that span flags, before any model is built (parser.error: exit 2)"""
     for whole, part in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads"),
@@ -273,16 +307,27 @@ def check_flags(parser, args):
         if getattr(args, whole) % getattr(args, part):
             parser.error(f"--{whole.replace('_', '-')} {getattr(args, whole)} must be a multiple of "
                          f"--{part.replace('_', '-')} {getattr(args, part)}")
-    if args.patch_size > args.image_size:
-        parser.error(f"--patch-size {args.patch_size} is larger than --image-size {args.image_size}")
-    if args.init:  # the layer count is the checkpoint's (its sizes must match the size flags anyway)
+    if args.image_size < MIN_IMAGE_SIZE:
+        parser.error(f"--image-size {args.image_size}: the clips need at least {MIN_IMAGE_SIZE} pixels "
+                     "(room for the counting scenes' objects)")
+    if args.image_size % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} must divide --image-size {args.image_size} "
+                     "(the patch labels tile the frame)")
+    try:
+        args.qtype_weight_map = parse_qtype_weights(args.qtype_weights)
+    except ValueError as exc:
+        parser.error(str(exc))
+    unknown = sorted({q.strip() for q in args.attention_aux_types.split(",") if q.strip()} - set(QTYPES))
+    if unknown:
+        parser.error(f"--attention-aux-types: unknown {unknown}; valid: {', '.join(QTYPES)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        parser.error(f"--out {args.out}: a file is in the way; give a folder path")
+    if args.init:  # the checkpoint's own sizes and depth are checked once it is loaded
+        if not (Path(args.init) / "config.json").is_file():
+            parser.error(f"--init {args.init}: not a trained model folder (no config.json); give a previous --out")
         return
-    layers = args.text_layers
-    if args.frame_aux and args.frame_aux_layer > layers:
-        parser.error(f"--frame-aux-layer {args.frame_aux_layer}: the LLM has --text-layers {layers}; give 0..{layers}")
-    if args.attention_aux and not -layers <= args.attention_aux_layer < layers:
-        parser.error(f"--attention-aux-layer {args.attention_aux_layer}: the LLM has --text-layers {layers}; give "
-                     f"{-layers}..{layers - 1} (-1 = the last)")
+    check_layers(parser.error, args, args.text_layers, "--text-layers")
 
 
 def main(argv=None):
@@ -347,14 +392,17 @@ def main(argv=None):
         # from_pretrained, not a raw state dict: save_pretrained writes the checkpoint's legacy key names
         from transformers import LlavaOnevisionForConditionalGeneration
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
-        if model.config.to_dict()["text_config"]["hidden_size"] != cfg.text_config.hidden_size:
-            raise ValueError(f"--init {args.init}: its sizes differ from this run's; pass the same size flags")
+        have = config_sizes(model.config)
+        differ = [k for k in DEFAULT_SIZES if have[k] != getattr(args, k)]
+        if differ:
+            p.error(f"--init {args.init}: the checkpoint's sizes differ from this run's size flags ("
+                    + ", ".join(f"{k} {have[k]} there, {getattr(args, k)} here" for k in differ)
+                    + "); pass " + " ".join(f"--{k.replace('_', '-')} {have[k]}" for k in differ))
+        check_layers(p.error, args, have["text_layers"], f"--init {args.init}")
         cfg = model.config
         print(f"continuing from {args.init}", flush=True)
     att_layer = args.attention_aux_layer % cfg.text_config.num_hidden_layers
     att_types = [q.strip() for q in args.attention_aux_types.split(",") if q.strip()]
-    if set(att_types) - set(QTYPES):
-        raise ValueError(f"--attention-aux-types: unknown {sorted(set(att_types) - set(QTYPES))}; valid: {', '.join(QTYPES)}")
     # eager attention returns the probabilities --attention-aux supervises
     model.config.text_config._attn_implementation = "eager" if args.attention_aux else "sdpa"
     proc = EmbeddedProcessor(tok, cfg)
@@ -374,14 +422,7 @@ def main(argv=None):
         module.to(device)
     params = [*model.parameters(), *color_head.parameters(), *shape_head.parameters(), *position_head.parameters(),
               *frame_head.parameters()]
-    weights = None
-    if args.qtype_weights:
-        weights = {q: 1.0 for q in QTYPES}
-        for item in args.qtype_weights.split(","):
-            k, _, v = item.partition("=")
-            if k.strip() not in QTYPES:
-                raise ValueError(f"--qtype-weights: unknown question type {k!r}; valid: {', '.join(QTYPES)}")
-            weights[k.strip()] = float(v)
+    weights = args.qtype_weight_map
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     gen = VideoQAGenerator(frames=args.frames, size=args.image_size, seed=args.seed)
@@ -400,7 +441,10 @@ def main(argv=None):
         elapsed = time.time() - t0
         if elapsed > budget or (args.max_steps and step >= args.max_steps):
             break
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
+        # the cosine runs over the time budget, or over --max-steps when that comes first (a
+        # step-based schedule: the same steps on any machine give the same weights)
+        progress = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         for g in opt.param_groups:
             g["lr"] = lr
         samples, inputs, answers, _, (cols, shps), cmaps = make_batch(gen, proc, args.batch, weights=weights)
@@ -469,10 +513,11 @@ def main(argv=None):
     model.to("cpu").save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     info = dict(params=n_params, steps=step, samples_seen=seen, train_seconds=round(train_seconds),
-                threads=torch.get_num_threads(), device=str(device), load_average=os.getloadavg(), args=vars(args), held_out=acc,
+                threads=torch.get_num_threads(), device=str(device), load_average=os.getloadavg(), args={k: v for k, v in vars(args).items() if k != "qtype_weight_map"}, held_out=acc,
                 held_out_samples=args.eval_samples, held_out_seed=12345, log=log)
     info.update(training_totals(args.init, info))
     (out / "training.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the interval copy: superseded by the final weights
     print(f"saved {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)", flush=True)
     return 0
 

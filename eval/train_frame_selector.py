@@ -98,7 +98,10 @@ def train(steps: int = 400, batch: int = 32, frames: int = 32, lr: float = 2e-3,
     torch.manual_seed(seed)
     head = FrameSelectorHead(frame_dim=27, text_dim=64, width=width, depth=depth)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    # OneCycleLR divides by each phase's length: the warm-up must end at step >= 1 and before the
+    # last (steps=20 made it 0); 5% from 40 steps on, as before
+    pct = 0.75 if steps <= 2 else max(0.05, 2.0 / steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct)
     g = torch.Generator().manual_seed(seed + 1)
     history = []
     t0 = time.perf_counter()

@@ -258,3 +258,11 @@ def test_vlm_scorer_sums_both_spellings_of_true_and_false():
     p = logits[0, 0, [5, 6, 7, 8]].softmax(-1)
     want = float((p[0] + p[1]) / p.sum())
     assert sc.score_frame(np.zeros((4, 4, 3), np.uint8), "what is red?") == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_selector_trains_for_any_number_of_steps(steps):
+    """OneCycleLR divided by a zero-length warm-up at steps=20 (5% of 20 = 1 step ends at 0)"""
+    from tokenreduce.eval.train_frame_selector import train
+    _, hist = train(steps=steps, batch=2, frames=8, log_every=1, verbose=False)
+    assert len(hist) >= 1

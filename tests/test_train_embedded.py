@@ -115,13 +115,14 @@ def test_background_dropout_hides_clutter_only_and_equals_removing_those_tokens(
             torch.testing.assert_close(model.lm_head(out.last_hidden_state[:, -1])[0], masked[b], atol=1e-4, rtol=1e-4)
 
 
-def test_two_training_steps_write_a_loadable_model(tmp_path):
+def test_two_training_steps_write_a_loadable_model(tmp_path, capsys):
     from tokenreduce.eval.embedded import load_embedded
     out = tmp_path / "run"
     assert main(["--out", str(out), "--max-steps", "2", "--batch", "4", "--eval-samples", "5", "--frames", "4",
                  "--threads", "1", "--relevance-every", "2", "--position-aux", "0.2", "--frame-aux", "0.2",
-                 "--attention-aux", "1"]) == 0
+                 "--attention-aux", "1", "--eval-every", "0.001"]) == 0
     info = json.loads((out / "training.json").read_text())
+    assert len(info["log"]) > 1 and not (out / "checkpoint").exists()  # interval copies removed at the end
     assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert info["steps"] == 2 and info["samples_seen"] == 8 and set(info["held_out"]) == set(QTYPES) | {"all"}
     model, proc = load_embedded(out)
@@ -138,9 +139,36 @@ def test_two_training_steps_write_a_loadable_model(tmp_path):
     assert [st["steps"] for st in info2["stages"]] == [2, 1]
     assert info2["total_samples_seen"] == 12
     assert info2["total_train_seconds"] == info["train_seconds"] + info2["train_seconds"]
-    with pytest.raises(ValueError, match="valid: " + ", ".join(QTYPES)):
-        main(["--out", str(tmp_path / "bad"), "--max-steps", "1", "--attention-aux", "1",
-              "--attention-aux-types", "region_colour"])
+    # a continuation runs on the checkpoint's own sizes: flags that say otherwise are refused, not ignored
+    for extra, expect in ((["--text-layers", "2"], "text_layers 4 there, 2 here); pass --text-layers 4"),
+                          (["--frame-aux", "1", "--frame-aux-layer", "7"], "the LLM has 4 layers (--init")):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "bad"), "--init", str(out), "--max-steps", "1", *extra])
+        assert e.value.code == 2 and expect in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--attention-aux", "1", "--attention-aux-types", "region_colour"], "valid: " + ", ".join(QTYPES)),
+    (["--qtype-weights", "count"], "'count' needs a number, e.g. count=2.5"),
+    (["--qtype-weights", "count=-1"], "the weight must be a number >= 0"),
+    (["--patch-size", "7"], "--patch-size 7 must divide --image-size 64"),
+    (["--image-size", "32"], "--image-size 32: the clips need at least 48 pixels"),
+    (["--init", "nowhere"], "--init nowhere: not a trained model folder"),
+])
+def test_flags_that_failed_mid_run_are_refused_up_front(tmp_path, capsys, argv, expect):
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--max-steps", "1", *argv])
+    assert e.value.code == 2 and expect in capsys.readouterr().err and not out.parent.exists()
+
+
+def test_an_output_path_under_a_file_is_refused_before_training(tmp_path, capsys):
+    from tokenreduce.eval import train_atp
+    (tmp_path / "afile").write_text("x")
+    for script, argv in ((main, ["--max-steps", "1"]), (train_atp.main, ["--steps", "1"])):
+        with pytest.raises(SystemExit) as e:
+            script(["--out", str(tmp_path / "afile" / "x"), *argv])
+        assert e.value.code == 2 and "a file is in the way" in capsys.readouterr().err
 
 
 def test_bad_device_names_the_valid_choices(tmp_path):

@@ -53,6 +53,7 @@ def _refused(capsys, main, argv) -> str:
     (train_atp, "train", ["--batch", "two"], "argument --batch: expected a whole number >= 1, got 'two'"),
     (train_atp, "train_on_embedded", ["--model", "embedded", "--target", "0.5"], "--target and --depth belong to --model tiny"),
     (train_atp, "train_on_embedded", ["--model", "embedded", "--budget", "0"], "argument --budget: must be in (0, 1]"),
+    (train_atp, "train", ["--budget", "0.5"], "--budget belongs to --model embedded"),
     (train_frame_selector, "train", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
     (train_frame_selector, "train", ["--frames", "0"], "argument --frames: must be >= 1"),
     (train_frame_selector, "train", ["--k", "0"], "argument --k: must be >= 1"),
