@@ -90,6 +90,9 @@ class TimmViTAdapter(ViTAdapter):
         # ('avgmax' averages too; its max is unaffected by sizes)
         if getattr(m, "attn_pool", None) is None and getattr(m, "global_pool", "") in ("avg", "avgmax"):
             self.hooks.pre(m.fc_norm, self._weighted_avg_pool)
+        if getattr(m, "attn_pool", None) is not None and callable(getattr(m.attn_pool, "forward", None)):
+            # 'map' (attention pooling, timm's SigLIP): log(size) on each key, as the HF SigLIP head
+            self.hooks.pre(m.attn_pool, self._sized_attention_pool, with_kwargs=True)
         self.check_intermediates(m)  # get_intermediate_layers calls forward_intermediates too
         if any(n.startswith(("vision.block.", "vision.layer.")) for n in self._by_site):
             self.hooks.pre(m.blocks[0], self._refuse_attn_mask, with_kwargs=True)
@@ -121,6 +124,21 @@ class TimmViTAdapter(ViTAdapter):
         if tokens.shape[0] != x.shape[0] or not torch.equal(mean, x):
             return None
         return (weighted,)
+
+    def _sized_attention_pool(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        tokens = self._final_x() if self._final_x is not None else None
+        size = None if tokens is None or x is None else self.merged_sizes(tokens)
+        if size is None or tokens.shape[0] != x.shape[0]:
+            return None
+        start = tokens.shape[1] - x.shape[1]  # the pool sees the tokens after the prefix, or all of them
+        # only the pool of this forward's own tokens: forward_head(other features) pools as given
+        if start not in (0, self.num_prefix) or not torch.equal(tokens[:, start:], x):
+            return None
+        bias = size[:, start:].log()[:, None, None, :]
+        kwargs = dict(kwargs)
+        kwargs["attn_mask"] = merge_bias(kwargs.get("attn_mask"), bias, x.dtype)
+        return (x,), kwargs
 
     def _on_out(self, module, args, output):
         p = self._pass

@@ -142,7 +142,8 @@ def _expand_by_size(tokens, size):
     return torch.stack([t.repeat_interleave(c, dim=0) for t, c in zip(tokens, counts)])
 
 
-@pytest.mark.parametrize("pool, include_prefix", [("avg", False), ("avg", True), ("avgmax", False)])
+@pytest.mark.parametrize("pool, include_prefix", [("avg", False), ("avg", True), ("avgmax", False), ("map", False),
+                                                   ("map", True)])
 def test_timm_pools_merged_tokens_as_the_tokens_they_stand_for(pool, include_prefix):
     m = _tiny_timm(img_size=64, embed_dim=32, depth=2, num_heads=2, global_pool=pool,
                    pool_include_prefix=include_prefix)
