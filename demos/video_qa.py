@@ -176,7 +176,7 @@ def parse_options(text, vocabulary: set) -> list:
     if not 2 <= len(opts) <= 5:
         raise DemoInputError(f"give 2 to 5 answer options separated by commas, got {len(opts)}")
     twice = [o for o in dict.fromkeys(opts) if opts.count(o) > 1]
-    if twice:  # equal options score equally: the answer could never be picked over its twin
+    if twice:  # equal options score equally: which twin "wins" would be the order, not the model
         raise DemoInputError(f"option(s) {', '.join(map(repr, twice))} given twice; options must differ")
     unknown = [o for o in opts if o not in vocabulary]
     if unknown:

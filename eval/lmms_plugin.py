@@ -357,10 +357,15 @@ def _build_lmms_class():
                                  f"got {batch_size!r}")
             if device is None:  # under accelerate launch each process takes its own GPU
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            self._device = torch.device(device)
             model, processor = load_model(pretrained, device=device, dtype=dtype)
             self.runner = ReducedVLM(model, processor, _strip_quotes(policy), num_frames=num_frames,
                                      max_new_tokens=max_new_tokens)
             self.failures: list = []
+
+        @property
+        def device(self):  # lmms-eval's evaluator reads it when WORLD_SIZE > 1
+            return self._device
 
         def _visuals(self, doc_to_visual, doc_id, task, split):
             return doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []

@@ -382,7 +382,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer()
     cfg = build_config(tok, **{k: getattr(args, k) for k in DEFAULT_SIZES})
@@ -401,6 +400,7 @@ def main(argv=None):
         check_layers(p.error, args, have["text_layers"], f"--init {args.init}")
         cfg = model.config
         print(f"continuing from {args.init}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder
     att_layer = args.attention_aux_layer % cfg.text_config.num_hidden_layers
     att_types = [q.strip() for q in args.attention_aux_types.split(",") if q.strip()]
     # eager attention returns the probabilities --attention-aux supervises
@@ -441,9 +441,9 @@ def main(argv=None):
         elapsed = time.time() - t0
         if elapsed > budget or (args.max_steps and step >= args.max_steps):
             break
-        # the cosine runs over the time budget, or over --max-steps when that comes first (a
-        # step-based schedule: the same steps on any machine give the same weights)
-        progress = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
+        # the cosine runs over --max-steps when given (the same steps give the same weights on any
+        # machine; the time budget still stops the run), else over the time budget
+        progress = step / args.max_steps if args.max_steps else elapsed / budget
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         for g in opt.param_groups:
             g["lr"] = lr

@@ -352,9 +352,11 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
     path = Path(os.fspath(path))
     if not path.exists():
         raise VideoDecodeError(f"cannot read video {str(path)!r}: no such file")
-    if frame_rate is not None:
-        frame_rate = _check_fps(frame_rate)
     if path.is_dir():
+        try:  # checked for folders only: a file's rate is its own, frame_rate is ignored there
+            frame_rate = None if frame_rate is None else _check_fps(frame_rate)
+        except ValueError as exc:
+            raise VideoDecodeError(f"cannot read frame folder {str(path)!r}: frame_rate: {exc}") from None
         return _read_folder(path, num_frames, fps, indices, frame_rate)
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"cannot read video {str(path)!r}: the file is empty (0 bytes)")

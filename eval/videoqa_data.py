@@ -169,12 +169,13 @@ def normalise_record(rec) -> tuple:
     if bad:
         return None, f"options must be non-empty strings; option(s) {bad} are not: {[opts[i] for i in bad]}"
     same = [(i, j) for i in range(len(opts)) for j in range(i) if opts[i].strip() == opts[j].strip()]
-    if same:  # equal options score equally: the answer could never be picked over its twin
+    if same:  # equal options score equally: which twin "wins" would be the order, not the model
         i, j = same[0]
-        return None, f"options {j} and {i} are the same text {opts[i].strip()!r}; options must differ"
-    text = [rec["id"], rec["video"], rec["question"], *opts]
+        return None, (f"options {j} and {i} are the same text {opts[i].strip()!r}, so no model can tell them "
+                      "apart; options must differ")
+    text = [rec["id"], rec["video"], rec["question"], *opts, json.dumps(rec.get("meta"), ensure_ascii=False, default=str)]
     if any(_has_surrogate(t) for t in text):
-        return None, ("id, video, question or an option holds a lone UTF-16 surrogate (an escape such as "
+        return None, ("id, video, question, an option or meta holds a lone UTF-16 surrogate (an escape such as "
                       "\\udc80 without its pair): not valid Unicode text")
     meta = rec.get("meta")
     meta = {} if meta is None else meta
@@ -282,10 +283,10 @@ def write_records(path, records, relative_to_file: bool = False) -> Path:
             raise ValueError(f"record {i} (id {rid!r}) is invalid: {err}")
         seen.add(norm["id"])
         if relative_to_file:
-            # neither side resolved: with the output folder reached through a symlink, the path
-            # must stay inside the dataset's folder, not climb out through the link's target
-            norm["video"] = os.path.relpath(resolve_video(norm["video"], Path.cwd()),
-                                            os.path.dirname(os.path.abspath(path)))
+            # both sides resolved, as load_records reads them back (from the file's real folder):
+            # through a symlinked folder the path must not climb out past the link's target
+            norm["video"] = os.path.relpath(os.path.realpath(resolve_video(norm["video"], Path.cwd())),
+                                            path.resolve().parent)
         try:
             out.append(json.dumps({k: norm[k] for k in FIELDS}, ensure_ascii=False) + "\n")
         except (TypeError, ValueError) as exc:  # e.g. a set or another non-JSON object in meta

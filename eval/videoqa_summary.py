@@ -27,13 +27,12 @@ def _accuracy(rows: list, scoring=("loglik", "generate")) -> dict:
 
 
 def _ran_like(row: dict, cfg) -> bool:
-    """whether a result row was timed with this run's --batch and device type (rows written before
-    rows recorded them: their batch size and memory kind)"""
+    """whether a result row was timed with this run's --batch and device type (a row written before
+    rows recorded them: its memory kind says the device; its --batch is unknown, so it counts)"""
     import torch
-    batch = row.get("batch", row.get("batch_size"))
     kind = row.get("peak_mem_kind") or ""
     device = row.get("device") or ("cuda" if kind.startswith("cuda") else "cpu" if kind.startswith("cpu") else None)
-    return batch == cfg.batch and device in (None, torch.device(cfg.device).type)
+    return row.get("batch", cfg.batch) == cfg.batch and device in (None, torch.device(cfg.device).type)
 
 
 def summarise(rows: list, cfg, wall_s: float | None = None, loadavg_start=None) -> dict:

@@ -144,7 +144,7 @@ def test_two_training_steps_write_a_loadable_model(tmp_path, capsys):
                           (["--frame-aux", "1", "--frame-aux-layer", "7"], "the LLM has 4 layers (--init")):
         with pytest.raises(SystemExit) as e:
             main(["--out", str(tmp_path / "bad"), "--init", str(out), "--max-steps", "1", *extra])
-        assert e.value.code == 2 and expect in capsys.readouterr().err
+        assert e.value.code == 2 and expect in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("argv, expect", [
@@ -177,3 +177,24 @@ def test_bad_device_names_the_valid_choices(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             main(["--out", str(tmp_path / "bad"), "--max-steps", "1", "--device", "cuda"])
+
+
+def test_max_steps_schedule_follows_the_steps_not_the_clock(monkeypatch, tmp_path):
+    """with --max-steps the learning-rate cosine is step-based: a slow machine (the clock far ahead)
+    gives the same rates, so the same seed and steps give the same weights"""
+    import tokenreduce.eval.train_embedded as te
+    rates = {}
+    real = torch.optim.AdamW.step
+    for label, speed in (("fast", 1e-6), ("slow", 1.0)):  # seconds per clock reading; the budget is 60 s
+        clock = iter(range(10 ** 6))
+        monkeypatch.setattr(te.time, "time", lambda: next(clock) * speed)
+        seen = []
+
+        def spy(opt, *a, **kw):
+            seen.append(opt.param_groups[0]["lr"])
+            return real(opt, *a, **kw)
+        monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+        main(["--out", str(tmp_path / label), "--max-steps", "3", "--minutes", "1", "--batch", "2",
+              "--eval-samples", "5", "--frames", "4", "--threads", "1", "--relevance-every", "0", "--warmup", "1"])
+        rates[label] = seen
+    assert rates["fast"] == rates["slow"] and len(rates["fast"]) == 3 and rates["fast"][0] > rates["fast"][-1]

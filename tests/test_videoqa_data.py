@@ -320,6 +320,15 @@ def test_relative_paths_stay_inside_a_dataset_folder_reached_through_a_symlink(t
     rec = {"id": "a", "video": str(ds / "videos" / "a.mp4"), "question": "q", "options": ["x", "y"], "answer": 0}
     vd.write_records(ds / "d.jsonl", [rec], relative_to_file=True)
     assert json.loads((ds / "d.jsonl").read_text())["video"] == os.path.join("videos", "a.mp4")
+    # videos outside the linked folder: written relative to the folder load_records reads from
+    (tmp_path / "data" / "videos").mkdir(parents=True)
+    (tmp_path / "data" / "videos" / "b.mp4").write_bytes(b"x")
+    (tmp_path / "deep" / "er").mkdir(parents=True)  # the link one level deeper than its target
+    (tmp_path / "deep" / "er" / "x").symlink_to(tmp_path / "real" / "ds")
+    rec = dict(rec, video=str(tmp_path / "data" / "videos" / "b.mp4"))
+    vd.write_records(tmp_path / "deep" / "er" / "x" / "e.jsonl", [rec], relative_to_file=True)
+    recs, problems = vd.load_records(tmp_path / "deep" / "er" / "x" / "e.jsonl")
+    assert not problems and os.path.exists(recs[0]["video"])
 
 
 def test_convert_videomme(tmp_path):
@@ -618,6 +627,7 @@ def test_plugin_lmms_class_handles_requests(monkeypatch, clip):
             cls(pretrained="embedded-random", conv_template="x")
         lm = cls(pretrained="embedded-random", policy="'llm.layer.1=fastv(ratio=0.5)'", num_frames=4, device="cpu",
                  batch_size=1)
+        assert lm.device == torch.device("cpu")  # lmms-eval's evaluator reads it when WORLD_SIZE > 1
         path, s = clip
         lm.task_dict = {"t": {"test": [{"video": path, "q": s["question"]}, {"video": "/no/such.mp4", "q": "x"}]}}
         to_visual = lambda doc: [doc["video"]]

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,10 @@ def test_clip_bounds_in_meta_restrict_the_sampled_frames(tmp_path, data, model_d
     row = read_results(tmp_path / "folder" / "results.jsonl")[0]
     video_row = read_results(tmp_path / "out0" / "results.jsonl")[0]
     assert row["frames"] == video_row["frames"] and row["loglik_scores"] == video_row["loglik_scores"]
+    # meta.fps is a frame folder's rate; on a video file it is ignored (free-form meta may carry one)
+    ds.write_text(json.dumps(dict(rec, meta={**rec["meta"], "fps": "30"})) + "\n")
+    run_eval(_cfg(ds, tmp_path / "filefps", model_dir, scoring="loglik"), qa=qa)
+    assert "error" not in read_results(tmp_path / "filefps" / "results.jsonl")[0]
     # seconds without a rate are refused for that sample
     ds.write_text(json.dumps(dict(rec, video=str(folder))) + "\n")
     run_eval(_cfg(ds, tmp_path / "norate", model_dir, scoring="loglik"), qa=qa)
@@ -845,12 +850,15 @@ def test_malformed_texts_are_per_line_problems(tmp_path, data, model_dir, qa):
     twin = dict(rec, id="twin", options=[rec["options"][0], rec["options"][0] + " ", *rec["options"][2:]])
     ds = tmp_path / "d.jsonl"
     ds.write_text(json.dumps(rec) + "\n" + json.dumps(twin) + "\n"
-                  + json.dumps(dict(rec, id="half")).replace('"question": "', '"question": "\\udc80', 1) + "\n")
+                  + json.dumps(dict(rec, id="half")).replace('"question": "', '"question": "\\udc80', 1) + "\n"
+                  + json.dumps(dict(rec, id="meta_half", meta={"qtype": "x"})).replace('"x"', '"\\udc80"') + "\n")
     summary = run_eval(_cfg(ds, tmp_path / "out", model_dir, scoring="loglik"), qa=qa)
     rows = {r["id"]: r for r in read_results(tmp_path / "out" / "results.jsonl")}
-    assert summary["n"] == 3 and summary["errors"] == 2 and "error" not in rows[rec["id"]]
+    assert summary["n"] == 4 and summary["errors"] == 3 and "error" not in rows[rec["id"]]
     assert "options 0 and 1 are the same text" in rows["twin@line2"]["error"]
     assert "lone UTF-16 surrogate" in rows["half@line3"]["error"]
+    assert "lone UTF-16 surrogate" in rows["meta_half@line4"]["error"]  # it broke writing summary.md
+    assert (tmp_path / "out" / "summary.md").stat().st_size > 0
 
 
 def test_resumed_with_another_batch_times_only_this_runs_rows(tmp_path, data, model_dir, qa):
@@ -869,6 +877,11 @@ def test_resumed_with_another_batch_times_only_this_runs_rows(tmp_path, data, mo
     assert summary["prefill_ms"] == pytest.approx(np.mean([r["prefill_ms"] for r in rows[2:]]))
     assert "times and memory over the 4 of 6 scored samples run with batch 1 on cpu" in \
         (out / "summary.md").read_text()
+    # rows written before rows recorded their --batch count (their batch is unknown)
+    from tokenreduce.eval.videoqa_summary import _ran_like
+    legacy = {"batch_size": 3, "peak_mem_kind": "cpu_max_rss"}
+    assert _ran_like(legacy, types.SimpleNamespace(batch=4, device="cpu"))
+    assert not _ran_like(legacy, types.SimpleNamespace(batch=4, device="cuda"))
     # spelling out the embedded model's default continuation, or a setting the scoring does not
     # use, is the same config
     run_eval(_cfg(path, out, model_dir, scoring="loglik", continuation="option", max_new_tokens=3), qa=qa)
