@@ -198,7 +198,7 @@ def _train_embedded_steps(model, proc, reducer, accelerator, steps, *, budget, b
 
 
 def main(argv=None) -> int:
-    from .cli import THREADS, float_in, int_at_least
+    from .cli import THREADS, check_writable, float_in, int_at_least
     ap = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train_atp", description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
                     help="tiny: a random tiny LLaVA (pipeline check); embedded: the shipped video-QA model")
@@ -224,9 +224,10 @@ def main(argv=None) -> int:
                  "fraction) and the embedded model's own depth is used")
     if a.model == "tiny" and a.budget is not None:
         ap.error("--budget belongs to --model embedded; with --model tiny give --target (the kept fraction)")
-    out = Path(a.out)
-    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
-        ap.error(f"--out {a.out}: a file is in the way; give a folder path")  # before training, not after it
+    try:
+        check_writable(a.out, "--out", folder=True)  # before training, not after it
+    except ValueError as exc:
+        ap.error(str(exc))
     a.budget = 0.3 if a.budget is None else a.budget
     threads = torch.get_num_threads()
     if a.threads:

@@ -320,9 +320,11 @@ def check_flags(parser, args):
     unknown = sorted({q.strip() for q in args.attention_aux_types.split(",") if q.strip()} - set(QTYPES))
     if unknown:
         parser.error(f"--attention-aux-types: unknown {unknown}; valid: {', '.join(QTYPES)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
-        parser.error(f"--out {args.out}: a file is in the way; give a folder path")
+    from .cli import check_writable
+    try:
+        check_writable(args.out, "--out", folder=True)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.init:  # the checkpoint's own sizes and depth are checked once it is loaded
         if not (Path(args.init) / "config.json").is_file():
             parser.error(f"--init {args.init}: not a trained model folder (no config.json); give a previous --out")

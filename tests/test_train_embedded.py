@@ -168,7 +168,7 @@ def test_an_output_path_under_a_file_is_refused_before_training(tmp_path, capsys
     for script, argv in ((main, ["--max-steps", "1"]), (train_atp.main, ["--steps", "1"])):
         with pytest.raises(SystemExit) as e:
             script(["--out", str(tmp_path / "afile" / "x"), *argv])
-        assert e.value.code == 2 and "a file is in the way" in capsys.readouterr().err
+        assert e.value.code == 2 and "afile' is a file, not a folder" in capsys.readouterr().err
 
 
 def test_bad_device_names_the_valid_choices(tmp_path):
