@@ -912,3 +912,24 @@ def test_dycoke_budget_rule_counts_the_whole_frames_of_any_frame_count():
     assert spec(0.5, 6) == "projector.out=dycoke_ttm(ratio=0.75)"     # 2 of 6 whole: (1-b) * 6/4
     assert spec(0.3, 6) == "projector.out=dycoke_ttm(ratio=1.0)"      # below 2/6: not reachable, all pruned
     assert spec(0.5, 1) == "projector.out=dycoke_ttm(ratio=0.0)"      # one frame: nothing to prune
+
+
+def test_plots_name_the_failed_runs_they_cannot_draw(tmp_path, monkeypatch):
+    """a failed method vanished from the plots silently (the table marks it)"""
+    import matplotlib.figure
+
+    from tokenreduce.eval.sweep import plot
+    texts = []
+    real = matplotlib.figure.Figure.text
+    monkeypatch.setattr(matplotlib.figure.Figure, "text",
+                        lambda fig, x, y, s, *a, **kw: texts.append(s) or real(fig, x, y, s, *a, **kw))
+    ok = {"label": "random_b0.5", "method": "random", "budget": 0.5, "policy": "projector.out=random",
+          "visual_tokens_final": 65.0, "acc_loglik": 0.5, "acc_generated": 0.5, "ttft_ms": 10.0, "prefill_ms": 9.0}
+    failed = {"label": "fastv_b0.5", "method": "fastv", "budget": 0.5, "policy": "llm.layer.2=fastv",
+              "failed": "ValueError: x"}
+    paths = plot([ok, failed], tmp_path)
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    assert texts == ["failed, not drawn: fastv_b0.5"] * 2
+    texts.clear()
+    plot([ok], tmp_path)
+    assert texts == []
