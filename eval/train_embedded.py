@@ -401,6 +401,7 @@ def main(argv=None):
                     + "); pass " + " ".join(f"--{k.replace('_', '-')} {have[k]}" for k in differ))
         check_layers(p.error, args, have["text_layers"], f"--init {args.init}")
         cfg = model.config
+        torch.manual_seed(args.seed)  # the auxiliary heads below: seeded as after build_model
         print(f"continuing from {args.init}", flush=True)
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder
     att_layer = args.attention_aux_layer % cfg.text_config.num_hidden_layers

@@ -571,15 +571,15 @@ def check_out_dir(cfg: EvalConfig) -> None:
     old_eff, now_eff = _effective(old), _effective(ident)
     diff = [k for k in IDENTITY_KEYS if old_eff.get(k) != now_eff.get(k)]
     if diff:
-        detail = "; ".join(f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in diff)
+        detail = "; ".join(f"{k}: {old_eff.get(k)!r} there, {now_eff.get(k)!r} now" for k in diff)
         raise ValueError(f"{str(out)!r} holds a run with another config ({detail}); use another --out, "
                          "or --overwrite to discard its results")
 
 
 def _effective(ident: dict) -> dict:
-    """A stored config as it ran: the model's default continuation spelled out (embedded: option,
-    hf: letter), settings the scoring does not use dropped, so spelling out a default or changing
-    an unused setting on a rerun is not "another config"."""
+    """A stored config as it ran: the defaults of --continuation (embedded: option, hf: letter) and
+    --candidates (4 x --frames) spelled out, settings the scoring does not use dropped, so spelling
+    out a default or changing an unused setting on a rerun is not "another config"."""
     d = dict(ident)
     scoring = d.get("scoring") or ()
     if "loglik" in scoring:
@@ -590,6 +590,8 @@ def _effective(ident: dict) -> dict:
         d["continuation"] = None
     if "generate" not in scoring:
         d["max_new_tokens"] = None
+    if d.get("frame_select") and d.get("candidates") is None and isinstance(d.get("frames"), int):
+        d["candidates"] = 4 * d["frames"]  # --candidates' default
     return d
 
 

@@ -136,6 +136,14 @@ def test_two_training_steps_write_a_loadable_model(tmp_path, capsys):
                  "--frames", "4", "--threads", "1", "--attention-aux", "1",
                  "--attention-aux-types", "region_color,start_end", "--background-dropout", "1"]) == 0
     info2 = json.loads((out2 / "training.json").read_text())
+    # a continuation is as deterministic as a fresh run (its auxiliary heads were drawn unseeded)
+    out3 = tmp_path / "run3"
+    assert main(["--out", str(out3), "--init", str(out), "--max-steps", "1", "--batch", "4", "--eval-samples", "5",
+                 "--frames", "4", "--threads", "1", "--attention-aux", "1",
+                 "--attention-aux-types", "region_color,start_end", "--background-dropout", "1"]) == 0
+    from safetensors.torch import load_file
+    a, b = load_file(out2 / "model.safetensors"), load_file(out3 / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert [st["steps"] for st in info2["stages"]] == [2, 1]
     assert info2["total_samples_seen"] == 12
     assert info2["total_train_seconds"] == info["train_seconds"] + info2["train_seconds"]

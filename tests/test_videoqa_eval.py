@@ -887,6 +887,13 @@ def test_resumed_with_another_batch_times_only_this_runs_rows(tmp_path, data, mo
     run_eval(_cfg(path, out, model_dir, scoring="loglik", continuation="option", max_new_tokens=3), qa=qa)
     with pytest.raises(ValueError, match="continuation: 'option' there, 'letter' now"):
         check_out_dir(_cfg(path, out, model_dir, scoring="loglik", continuation="letter"))
+    # --candidates' default (4 x --frames) spelled out on a frame-selection rerun
+    sel = tmp_path / "sel"
+    run_eval(_cfg(path, sel, model_dir, scoring="loglik", limit=1, frame_select="uniform"), qa=qa)
+    check_out_dir(_cfg(path, sel, model_dir, scoring="loglik", limit=1, frame_select="uniform",
+                       candidates=4 * FRAMES))
+    with pytest.raises(ValueError, match=f"candidates: {4 * FRAMES} there, {4 * FRAMES + 1} now"):
+        check_out_dir(_cfg(path, sel, model_dir, scoring="loglik", frame_select="uniform", candidates=4 * FRAMES + 1))
 
 
 def test_sweep_rows_come_from_each_runs_summary_and_mixed_runs_are_flagged(tmp_path, data, model_dir, capsys):
