@@ -218,7 +218,8 @@ def _summary_fields(s: dict) -> dict:
     """A sweep row's numbers from a run's summary (run_eval's return value / summary.json)."""
     vt = s["visual_tokens"]
     run = s.get("config") or {}
-    return dict(data=run.get("data"), frames=run.get("frames"), n=s["n"], errors=s["errors"], acc_loglik=s["loglik"], acc_generated=s["generated"],
+    return dict(data=run.get("data"), frames=run.get("frames"), n=s["n"], errors=s["errors"],
+                acc_loglik=s["loglik"], acc_generated=s["generated"],
                 visual_tokens_llm_input=vt["llm_input"], visual_tokens_final=vt["final"],
                 flops_fraction=s["flops_fraction"], prefill_ms=s["prefill_ms"], ttft_ms=s["ttft_ms"],
                 decode_ms_per_token=s["decode_ms_per_token"], loadavg=s["loadavg_end"])
@@ -237,7 +238,8 @@ def format_table(rows: list) -> str:
             lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | | failed: {r['failed']} | | | | | | | | "
                          f"`{r['policy']}` |")
             continue
-        lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | {r.get('n', '-')} | {_f(r.get('acc_loglik'), '.1%')} | "
+        lines.append(f"| {r['method']} | {_f(r['budget'], 'g')} | {r.get('n', '-')} | "
+                     f"{_f(r.get('acc_loglik'), '.1%')} | "
                      f"{_f(r.get('acc_generated'), '.1%')} | {_f(r.get('visual_tokens_llm_input'), '.1f')} | "
                      f"{_f(r.get('visual_tokens_final'), '.1f')} | {_f(r.get('flops_fraction'), '.3f')} | "
                      f"{_f(r.get('prefill_ms'), '.1f')} | {_f(r.get('ttft_ms'), '.1f')} | {r.get('errors', '-')} | "
@@ -425,7 +427,8 @@ def _row_of_run(run: Path, label: str, method, budget) -> dict | None:
     try:
         s = json.loads((run / "summary.json").read_text())
         run_cfg = json.loads((run / "run.json").read_text()).get("config", {}) if (run / "run.json").is_file() else {}
-        row = {"label": label, "method": method, "budget": budget, "policy": run_cfg.get("policy", s.get("policy", ""))}
+        row = {"label": label, "method": method, "budget": budget,
+               "policy": run_cfg.get("policy", s.get("policy", ""))}
         row.update(_summary_fields(s))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         print(f"sweep: {run} is not a finished run ({type(exc).__name__}: {exc}); left out of the table")

@@ -242,14 +242,19 @@ def _natural_key(name: str):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name.lower()) if t]
 
 
+def frame_files(folder) -> list:
+    """The frame images of a folder (FRAME_EXTS), in natural name order: the frames read_frames reads"""
+    return sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTS)
+                   and os.path.isfile(os.path.join(folder, f))), key=_natural_key)
+
+
 class _Folder(_Reader):
     """A folder of frame images, in natural name order, at a given frame rate."""
     name = "frames"
 
     def __init__(self, path, frame_rate):
         self.path = str(path)
-        self.files = sorted((f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTS)
-                             and os.path.isfile(os.path.join(path, f))), key=_natural_key)
+        self.files = frame_files(path)
         self.total = len(self.files)
         self.fps = float(frame_rate or 0.0)
 

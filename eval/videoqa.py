@@ -424,8 +424,8 @@ def score_batch(qa: QAModel, items: list, cfg: EvalConfig, handle) -> list:
         timer.remove()
     stats = handle.stats if handle is not None else {}
     # batch (the run's --batch) and device say which rows' timings compare (see summarise)
-    res = [{"batch_size": len(items), "batch": cfg.batch, "device": dev.type, "prefill_ms": prefill_ms, "llm_prefill_ms": timer.ms,
-            "visual_tokens": visual_token_counts(stats, n_visual),
+    res = [{"batch_size": len(items), "batch": cfg.batch, "device": dev.type, "prefill_ms": prefill_ms,
+            "llm_prefill_ms": timer.ms, "visual_tokens": visual_token_counts(stats, n_visual),
             "flops_fraction": stats.get("flops_fraction", 1.0)} for _ in items]
     if "loglik" in cfg.scoring:
         conts = [[qa.continuation(it["options"], j, how) for j in range(len(it["options"]))] for it in items]
@@ -576,6 +576,11 @@ def check_out_dir(cfg: EvalConfig) -> None:
                          "or --overwrite to discard its results")
 
 
+def default_candidates(frames: int) -> int:
+    """--candidates' default: 4 x --frames uniform frames to select from"""
+    return 4 * frames
+
+
 def _effective(ident: dict) -> dict:
     """A stored config as it ran: the defaults of --continuation (embedded: option, hf: letter) and
     --candidates (4 x --frames) spelled out, settings the scoring does not use dropped, so spelling
@@ -584,14 +589,14 @@ def _effective(ident: dict) -> dict:
     scoring = d.get("scoring") or ()
     if "loglik" in scoring:
         if d.get("continuation") is None:
-            model = str(d.get("model") or "")
-            d["continuation"] = "letter" if model.startswith("hf:") else "option"
+            qa_class = HFQA if str(d.get("model") or "").startswith("hf:") else EmbeddedQA
+            d["continuation"] = qa_class.default_continuation
     else:
         d["continuation"] = None
     if "generate" not in scoring:
         d["max_new_tokens"] = None
     if d.get("frame_select") and d.get("candidates") is None and isinstance(d.get("frames"), int):
-        d["candidates"] = 4 * d["frames"]  # --candidates' default
+        d["candidates"] = default_candidates(d["frames"])
     return d
 
 
@@ -670,8 +675,9 @@ def _clip_window(rec: dict):
     info = video_info(rec["video"], frame_rate=_frame_rate(rec))
     total, fps = info["total"], info["fps"]
     if not fps:
-        raise ValueError(f"meta start / end are in seconds, but the video reports no frame rate"
-                         + (" (a folder of frames: give its rate as meta.fps)" if info.get("backend") == "frames" else ""))
+        folder = info.get("backend") == "frames"
+        raise ValueError("meta start / end are in seconds, but the video reports no frame rate"
+                         + (" (a folder of frames: give its rate as meta.fps)" if folder else ""))
     start, end = float(meta.get("start") or 0.0), meta.get("end")
     ts = frame_times(rec["video"], info=info)
     if ts is not None:  # variable frame rate: the frames shown from start to end, by their own times
@@ -707,7 +713,7 @@ def _load_frames(rec: dict, cfg: EvalConfig, qa: QAModel, scorer, handle_ctl) ->
         return frames, {"indices": meta["indices"], "total": meta["total"], **bounds}
     total = video_info(rec["video"], frame_rate=_frame_rate(rec))["total"]
     span = total if window is None else window[1] - window[0] + 1
-    n_cand = min(cfg.candidates or 4 * cfg.frames, span)
+    n_cand = min(cfg.candidates or default_candidates(cfg.frames), span)
     if n_cand <= cfg.frames:  # nothing to choose from: uniform (repeating frames if the video is short)
         frames, meta = _read_uniform(rec, cfg.frames, window)
         return frames, {"indices": meta["indices"], "total": total, "selected_by": "uniform (too few frames)",

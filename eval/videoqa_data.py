@@ -173,7 +173,8 @@ def normalise_record(rec) -> tuple:
         i, j = same[0]
         return None, (f"options {j} and {i} are the same text {opts[i].strip()!r}, so no model can tell them "
                       "apart; options must differ")
-    text = [rec["id"], rec["video"], rec["question"], *opts, json.dumps(rec.get("meta"), ensure_ascii=False, default=str)]
+    meta_text = json.dumps(rec.get("meta"), ensure_ascii=False, default=str)
+    text = [rec["id"], rec["video"], rec["question"], *opts, meta_text]
     if any(_has_surrogate(t) for t in text):
         return None, ("id, video, question, an option or meta holds a lone UTF-16 surrogate (an escape such as "
                       "\\udc80 without its pair): not valid Unicode text")
@@ -671,10 +672,8 @@ def _input_files(args) -> list:
 
 def _readable_video(path) -> bool:
     """a video file, or a folder holding frame images (what read_frames reads)"""
-    from .video import FRAME_EXTS
-    if os.path.isdir(path):
-        return any(f.lower().endswith(FRAME_EXTS) for f in os.listdir(path))
-    return os.path.isfile(path)
+    from .video import frame_files
+    return bool(frame_files(path)) if os.path.isdir(path) else os.path.isfile(path)
 
 
 def _print_skipped(skipped: list, file) -> None:
