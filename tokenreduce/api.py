@@ -106,8 +106,9 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
             continue
         inner = any(m is other.model for m in model.modules())
         if inner or any(m is model for m in other.model.modules()):
+            spec = other.policy.to_spec(strict=False) or "no stages"
             raise SiteError(f"{type(other.model).__name__} {'inside' if inner else 'around'} this "
-                            f"{type(model).__name__} is already reduced ({other.policy.to_spec(strict=False) or 'no stages'}); "
+                            f"{type(model).__name__} is already reduced ({spec}); "
                             "remove that reduction first (handle.remove() or tokenreduce.unreduce(that module))")
     old = model.__dict__.get(_ATTR)
     if old is not None:
