@@ -68,31 +68,26 @@ VIDEOMME_COLUMNS = ("videoID", "question_id", "question", "options", "answer")
 #                    DATA_LIST): clips already cut to their segments, TVQA as videos.
 # Newer clips of the main branch sit under `video/data0613/<folder>/`; both are searched.
 MVBENCH_FRAME_FPS = 3.0  # TVQA's frame folders (frames_fps3_hq)
+_MVBENCH_MAIN = {
+    "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
+    "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
+    "object_interaction": "star/Charades_v1_480", "object_shuffle": "perception/videos",
+    "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
+    "scene_transition": "scene_qa/video", "action_count": "perception/videos",
+    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+    "state_change": "perception/videos", "fine_grained_pose": "nturgbd",
+    "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/frames_fps3_hq", "counterfactual_inference": "clevrer/video_validation",
+}
 MVBENCH_LAYOUTS = {
-    "mvbench": {
-        "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
-        "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
-        "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
-        "object_interaction": "star/Charades_v1_480", "object_shuffle": "perception/videos",
-        "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
-        "scene_transition": "scene_qa/video", "action_count": "perception/videos",
-        "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
-        "state_change": "perception/videos", "fine_grained_pose": "nturgbd",
-        "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
-        "episodic_reasoning": "tvqa/frames_fps3_hq", "counterfactual_inference": "clevrer/video_validation",
-    },
-    "mvbench-video": {
-        "object_interaction": "star/Charades_segment", "action_sequence": "star/Charades_segment",
-        "action_prediction": "star/Charades_segment", "action_localization": "sta/sta_video_segment",
-        "moving_count": "clevrer/video_validation", "fine_grained_pose": "nturgbd_convert",
-        "character_order": "perception/videos", "object_shuffle": "perception/videos",
-        "egocentric_navigation": "vlnqa", "moving_direction": "clevrer/video_validation",
-        "episodic_reasoning": "tvqa/video_fps3_hq_segment", "fine_grained_action": "Moments_in_Time_Raw/videos",
-        "scene_transition": "scene_qa/video", "state_change": "perception/videos",
-        "moving_attribute": "clevrer/video_validation", "action_antonym": "ssv2_video_mp4",
-        "unexpected_action": "FunQA_test/test", "counterfactual_inference": "clevrer/video_validation",
-        "object_existence": "clevrer/video_validation", "action_count": "perception/videos",
-    },
+    "mvbench": _MVBENCH_MAIN,
+    # the `video` revision differs in the 7 tasks whose clips it ships cut to their segments
+    "mvbench-video": {**_MVBENCH_MAIN,
+                      "object_interaction": "star/Charades_segment", "action_sequence": "star/Charades_segment",
+                      "action_prediction": "star/Charades_segment", "action_localization": "sta/sta_video_segment",
+                      "fine_grained_pose": "nturgbd_convert", "episodic_reasoning": "tvqa/video_fps3_hq_segment",
+                      "action_antonym": "ssv2_video_mp4"},
 }
 MVBENCH_FRAME_TASKS = {"mvbench": {"episodic_reasoning"}, "mvbench-video": set()}
 
