@@ -11,6 +11,7 @@ import threading
 import weakref
 from typing import ClassVar
 
+from tokenreduce.context import ThreadContext
 from tokenreduce.hooks import HookSet, Recorder
 from tokenreduce.reducers.base import SiteInfo
 
@@ -97,8 +98,8 @@ class Adapter:
         self.hooks = HookSet()
         self.recorder: Recorder | None = None
         # per-call inputs a reducer may need that the model's forward does not carry (e.g. the
-        # question text for frame selection); the Handle shares its `context` dict here
-        self.context: dict = {}
+        # question text for frame selection), per thread; the Handle shares it as `context`
+        self.context = ThreadContext()
 
     @classmethod
     def matches(cls, model) -> bool:  # pragma: no cover - abstract

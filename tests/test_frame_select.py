@@ -266,3 +266,75 @@ def test_selector_trains_for_any_number_of_steps(steps):
     from tokenreduce.eval.train_frame_selector import train
     _, hist = train(steps=steps, batch=2, frames=8, log_every=1, verbose=False)
     assert len(hist) >= 1
+
+
+# -- handle.context per thread -------------------------------------------------------------------------------
+def _question_scorer(pixels, questions, k=None):
+    """Frame t scores high when the question names t: the kept frames say which question a forward saw."""
+    T = pixels.shape[1]
+    want = [{int(w) for w in q.split() if w.isdigit()} for q in questions]
+    return torch.tensor([[1.0 if t in w else 0.0 for t in range(T)] for w in want])
+
+
+def test_threads_give_their_own_question_to_their_own_forward():
+    """Two threads set handle.context['question'] and run one reduced model at once: each forward
+    selects the frames its own thread asked for (a shared dict let one thread's question reach the
+    other's forward)."""
+    from concurrency import failures_in_threads
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+    torch.manual_seed(0)
+    m = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[8, 7, 7],
+                          stochastic_depth_prob=0.0, num_classes=10).eval()
+    x = torch.rand(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(2))
+    questions = ["frames 0 2 4 6", "frames 9 11 13 15"]
+    with torch.no_grad():
+        want = [m(x[:, :, [int(w) for w in q.split()[1:]]]) for q in questions]
+    with tokenreduce.reduce(m, Policy([Stage("frames", FrameSelect(k=4, scorer=_question_scorer))])) as h:
+        h.context["question"] = "frames 1 3 5 7"  # the creating thread's default, which each thread overrides
+
+        def run(q):
+            h.context["question"] = q
+            with torch.no_grad():
+                return m(x)
+        assert failures_in_threads(run, questions, want, torch.equal, reps=8) == []
+        assert h.context["question"] == "frames 1 3 5 7"  # the threads' questions stayed theirs
+
+
+def test_context_is_a_dict_per_thread_with_the_creators_defaults():
+    import threading
+    from tokenreduce.context import ThreadContext
+    ctx = ThreadContext({"question": "main", "lang": "en"})
+    seen = {}
+
+    def worker():
+        seen["start"] = dict(ctx)             # the creating thread's values are the defaults
+        ctx["question"] = "mine"
+        del ctx["lang"]                       # hidden for this thread only
+        seen["after"] = dict(ctx)
+        with pytest.raises(KeyError):
+            del ctx["lang"]
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"start": {"question": "main", "lang": "en"}, "after": {"question": "mine"}}
+    assert dict(ctx) == {"question": "main", "lang": "en"} and len(ctx) == 2
+    ctx.replace({"question": "new"})
+    assert dict(ctx) == {"question": "new"} and "lang" not in ctx and ctx.get("lang") is None
+
+
+def test_assigning_handle_context_reaches_the_reducer():
+    """`handle.context = {...}` replaces the values the hooks read (a new dict on the handle alone
+    would have been ignored)."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+    torch.manual_seed(0)
+    m = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[8, 7, 7],
+                          stochastic_depth_prob=0.0, num_classes=10).eval()
+    x = torch.rand(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(2))
+    with tokenreduce.reduce(m, Policy([Stage("frames", FrameSelect(k=2, scorer=_question_scorer))])) as h:
+        h.context = {"question": "frames 3 12"}
+        with torch.no_grad():
+            m(x)
+        assert h.stats["kept_frames"][0].tolist() == [3, 12]
+        with pytest.raises(TypeError, match="mapping"):
+            h.context = "frames 3 12"
+        assert h.context["question"] == "frames 3 12"

@@ -27,9 +27,18 @@ class Handle:
         self.stages = stages
         self.recorder = Recorder()
         self.removed = False
-        #: inputs for reducers that the model's forward does not carry, e.g.
-        #: handle.context["question"] = ["what colour ..."] for frame selection
-        self.context: dict = adapter.context
+
+    @property
+    def context(self):
+        """Inputs for reducers that the model's forward does not carry, e.g.
+        handle.context["question"] = ["what colour ..."] for frame selection. Per thread: what
+        the thread that called reduce() sets is every thread's default; what another thread sets
+        is its own (tokenreduce.context.ThreadContext)."""
+        return self.adapter.context
+
+    @context.setter
+    def context(self, values) -> None:
+        self.adapter.context.replace(values)  # in place: the adapter's hooks hold this object
 
     # -- information --------------------------------------------------------------------------
     @property
