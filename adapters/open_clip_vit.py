@@ -20,7 +20,8 @@ class OpenClipViTAdapter(ViTAdapter):
     nn.MultiheadAttention exposes no q/k submodules, so keys (and the CLS query) are recomputed
     from `in_proj_weight` when a reducer asks for them: one extra N x C x C matmul per layer
     that needs it (~8% of a block). After merging, the average pool of 'avg' models weights
-    each token by its size, as ToMe's reference does.
+    each token by its size, as ToMe's reference does, and CoCa's attentional pooler counts each
+    key as the tokens it stands for.
     """
 
     name = "open_clip_vit"
@@ -63,6 +64,24 @@ class OpenClipViTAdapter(ViTAdapter):
                     pooled = size_weighted_mean(x[:, 1:], size[:, 1:])
                 return pooled, tokens
             self.hooks.setattr(v, "_global_pool", _global_pool)
+        # CoCa's attentional pooler: a merged token is as many keys as it stands for, i.e. log(size)
+        # on its logit (as timm's 'map' pool). The contrastive pooler of 'cascade' reads the first
+        # pooler's queries, not the tokens, so it keeps its plain keys.
+        poolers = [getattr(v, "attn_pool", None)]
+        if getattr(v, "attn_pool_type", "") == "parallel":
+            poolers.append(getattr(v, "attn_pool_contrastive", None))
+        for pooler in poolers:
+            if isinstance(getattr(pooler, "attn", None), nn.MultiheadAttention):
+                self.hooks.pre(pooler.attn, self._sized_pool_keys, with_kwargs=True)
+
+    def _sized_pool_keys(self, module, args, kwargs):
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        size = None if key is None else self.merged_sizes(key)
+        if size is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
+        return args, kwargs
 
     def intermediates_refusal(self, arguments):
         # with intermediates_only there is no final output, so no vision.out result to miss

@@ -181,6 +181,33 @@ def test_open_clip_average_pool_weights_merged_tokens_by_size():
         assert not torch.allclose(out, head(seen["tokens"]), atol=1e-4)
 
 
+@pytest.mark.parametrize("attentional_pool", [True, "parallel", "cascade"])
+def test_open_clip_attentional_pooler_counts_merged_tokens_by_size(attentional_pool):
+    """CoCa's attentional pooler (and the 'parallel' contrastive one) over merged tokens is the
+    pooler over the tokens repeated by their sizes; 'cascade' pools the first pooler's queries"""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    # output_dim == width: open_clip's parallel / cascade poolers apply ln_post(output_dim) to the tokens
+    m = VisionTransformer(image_size=64, patch_size=16, width=64, layers=3, heads=4, mlp_ratio=4.0,
+                          output_dim=64, attentional_pool=attentional_pool, attn_pooler_queries=4,
+                          attn_pooler_heads=4, pool_type="tok", output_tokens=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}
+    hook = m.transformer.register_forward_hook(lambda mod, a, out: seen.update(tokens=out))
+    with torch.no_grad():
+        with tr.reduce(m, "vision.block.*=tome(r=2)") as h:
+            pooled, tokens = m(x)
+            size = h.adapter._pass.final.size
+        hook.remove()
+        assert seen["tokens"].shape[1] == 17 - 6
+        want_pooled, want_tokens = m._pool(_expand_by_size(seen["tokens"], size))
+        plain_pooled, plain_tokens = m._pool(seen["tokens"])
+    assert torch.allclose(tokens, want_tokens, atol=1e-5) and not torch.allclose(tokens, plain_tokens, atol=1e-4)
+    assert torch.allclose(pooled, want_pooled @ m.proj, atol=1e-5)
+    assert not torch.allclose(pooled, plain_pooled @ m.proj, atol=1e-4)
+
+
 def test_siglip_pooling_head_attends_to_merged_tokens_by_size():
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
