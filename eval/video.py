@@ -16,8 +16,13 @@ with reordered B-frames and mishandles rotation), and both backends read the bes
 Variable frame rate: where a video's frame times stray more than half a frame from
 i / average rate, `fps=f` takes the frame shown at each multiple of 1/f seconds and `timestamps`
 are the frames' own presentation times (for constant-rate video both are the index arithmetic
-below). A stream that starts on a non-key frame (a stream-copied cut) may list
-more frames than decode; asking for those names how many did.
+below). Frames never shown are not counted: a stream whose first packet is not a keyframe (a
+cut made by stream copy mid-GOP) loses the frames shown before its first keyframe, and an MP4
+edit list hides leading frames (packets marked discard). For such a stream (told from its first
+GOP's packets, with PyAV) the frames are the shown ones, indexed and timed from the first;
+"auto" decodes it with PyAV, and decord reads it in order from the start (its frame count
+includes the lost frames, its tail repeated the last frame and its seeks land off by their
+number, differently after different reads).
 
 Sampling conventions
   num_frames=k   uniform over the whole video, endpoints included: round(linspace(0, n-1, k))
@@ -161,6 +166,7 @@ class _Reader:
     path: str
     total: int
     fps: float
+    lead_lost = False  # the container lists leading frames that are never shown (shown_frames)
 
     def timestamps(self):
         # from the packets' pts, read with PyAV, for both backends: decord reports AV_NOPTS or
@@ -175,13 +181,26 @@ class _Decord(_Reader):
         import decord
         self.path = str(path)
         self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        self.total = len(self.vr)
         self.fps = float(self.vr.get_avg_fps() or 0.0)
+        shown = shown_frames(path)
+        # len(vr) also counts leading frames never shown, and decord's seeks count frames from a
+        # keyframe, so the same index gives different frames after different reads: then only
+        # reading from the start, frame after frame, gives frame i as the i-th shown
+        self.in_order = self.lead_lost = shown is not None
+        self.total = len(self.vr) if shown is None else shown[0]
 
     def get(self, idx: np.ndarray) -> np.ndarray:
         if len(idx) == 0:
             return np.zeros((0, 0, 0, 3), np.uint8)
-        return self.vr.get_batch([int(i) for i in idx]).asnumpy()
+        if not self.in_order:
+            return self.vr.get_batch([int(i) for i in idx]).asnumpy()
+        want = set(int(i) for i in idx)  # freshly opened: next() starts at the first decoded frame
+        got = {}
+        for i in range(max(want) + 1):
+            frame = self.vr.next()
+            if i in want:
+                got[i] = frame.asnumpy()
+        return np.stack([got[int(i)] for i in idx])
 
     def close(self):
         del self.vr
@@ -205,7 +224,10 @@ class _PyAV(_Reader):
             total = sum(1 for p in self.container.demux(st) if p.size)
             self.container.close()
             self.container = av.open(self.path)
-        self.total = total
+        shown = shown_frames(path)  # the container's count also lists leading frames never shown
+        self.total = total if shown is None else shown[0]
+        self.first_pts = None if shown is None else shown[1]
+        self.lead_lost = shown is not None
 
     def get(self, idx: np.ndarray) -> np.ndarray:
         """Decode sequentially up to the largest index (exact: no keyframe-seek rounding)."""
@@ -218,7 +240,10 @@ class _PyAV(_Reader):
         st = _video_stream(c)
         st.thread_type = "AUTO"
         decoded = 0
-        for i, frame in enumerate(c.decode(st)):
+        frames = c.decode(st)
+        if self.first_pts is not None:  # a lost lead: frames made without their references are not shown
+            frames = (f for f in frames if f.pts is None or f.pts >= self.first_pts)
+        for i, frame in enumerate(frames):
             decoded = i + 1
             if i in want:
                 got[i] = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
@@ -278,17 +303,71 @@ class _Folder(_Reader):
         pass
 
 
+def _packet_info(container, st):
+    """(pts, keyframe, discard) of the stream's packets, in decode order, without decoding"""
+    return ((p.pts, p.is_keyframe, p.is_discard) for p in container.demux(st) if p.size)
+
+
+def _lead_lost(packets) -> bool:
+    """Whether some leading frames are never shown: the first packet is not a keyframe (a cut
+    made by stream copy from mid-GOP), or a packet of the first GOP is marked discard (an MP4
+    edit list hides it; the mov demuxer starts at the keyframe before the edit). Reads packets
+    up to the second keyframe only."""
+    for k, (_, key, discard) in enumerate(packets):
+        if discard or (k == 0 and not key):
+            return True
+        if key and k > 0:
+            return False
+    return False
+
+
+def _shown_pts(packets: list):
+    """(pts of the frames shown, the pts they start from or None) for a stream's packets: all of
+    them, unless the lead is lost (_lead_lost); then neither the discarded ones (the decoder
+    drops their frames, using them only as references) nor those shown before the first keyframe
+    (their references are not in the file: FFmpeg drops them, or for MPEG-4 Part 2 makes them
+    from a grey picture; decord's and PyAV's FFmpeg differ there). A stream without a single
+    keyframe flag counts whole here (shown_frames tells a container that flags none from a cut
+    that holds none)."""
+    first_key = next((p for p, key, _ in packets if key), None)
+    if first_key is None or not _lead_lost(iter(packets)):
+        return [p for p, _, _ in packets], None
+    return [p for p, _, discard in packets if not discard and (p is None or p >= first_key)], first_key
+
+
+def shown_frames(path):
+    """(count, first pts) of the frames shown where the container's frame count also lists
+    leading frames that are never shown (_shown_pts), from the packets, nothing decoded ((0, None)
+    for a cut without a keyframe: nothing decodes). None when it lists none (the common case,
+    told from the first GOP's packets) or PyAV cannot tell (missing, or the file unreadable)."""
+    try:
+        import av
+        with av.open(str(path)) as c:
+            if not _lead_lost(_packet_info(c, _video_stream(c))):
+                return None
+        with av.open(str(path)) as c:
+            pts, first = _shown_pts(list(_packet_info(c, _video_stream(c))))
+        if first is None:  # no keyframe flag: a container that flags none, or a cut holding none
+            with av.open(str(path)) as c:
+                return None if next(c.decode(_video_stream(c)), None) is not None else (0, None)
+        return len(pts), first
+    except Exception:  # noqa: BLE001 - unreadable here: the decoder reports that itself
+        return None
+
+
 def packet_times(path, total: int, fps: float):
-    """(total,) presentation times in seconds from the first frame: the video packets' pts in
-    display order, read with PyAV (no decoding). None when PyAV is missing or the times are not
-    usable (a packet without pts, a count that differs from `total`, times that do not increase,
-    or a span far beyond total / fps): then the average rate serves."""
+    """(total,) presentation times in seconds from the first frame: the pts of the video packets
+    whose frames are shown (_shown_pts), in display order, read with PyAV. None when PyAV is
+    missing or the times are not usable (a packet without pts, a count that differs from
+    `total`, times that do not increase, or a span far beyond total / fps): then the average
+    rate serves."""
     try:
         import av
         with av.open(str(path)) as c:
             st = _video_stream(c)
-            pts = [p.pts for p in c.demux(st) if p.size]
+            packets = list(_packet_info(c, st))
             base = float(st.time_base)
+        pts = _shown_pts(packets)[0]
     except Exception:  # noqa: BLE001 - unreadable here: the decoder reports that itself
         return None
     if len(pts) != total or total == 0 or any(p is None for p in pts):
@@ -317,7 +396,9 @@ def upright(frame: np.ndarray, rotation) -> np.ndarray:
 
 def _pyav_first(path) -> str | None:
     """Why "auto" should decode this file with PyAV rather than decord, or None: decord returns
-    shifted frames for MPEG-TS with reordered (B-) frames and ignores or mangles rotation."""
+    shifted frames for MPEG-TS with reordered (B-) frames and ignores or mangles rotation. A lost
+    lead (shown_frames) decord reads in order from the start, right only where its decoder drops
+    the frames made without their references; PyAV sees their times and skips them."""
     try:
         import av
         with av.open(str(path)) as c:
@@ -327,6 +408,8 @@ def _pyav_first(path) -> str | None:
             frame = next(c.decode(st), None) if st is not None else None
             if frame is not None and int(round(float(getattr(frame, "rotation", 0) or 0))) % 360:
                 return "rotated"
+        if st is not None and shown_frames(path) is not None:
+            return "leading frames not shown"
     except Exception:  # noqa: BLE001 - the backends report unreadable files themselves
         return None
     return None
@@ -383,7 +466,10 @@ def read_frames(path, num_frames: int | None = None, fps: float | None = None, i
             continue
         try:
             if reader.total <= 0:
-                errors.append(f"{name}: the video stream has no frames")
+                errors.append(f"{name}: the video stream has no frames" + (
+                    " that can be shown: it starts on a non-key frame and holds no keyframe, or an edit list "
+                    "hides every frame (a cut made by stream copy?); re-encode the clip, or cut it at a keyframe"
+                    if reader.lead_lost else ""))
                 continue
             # the frames' own times (both backends: one demux pass, no decoding), read when fps
             # sampling or the decoded frames' timestamps need them (video_info decodes none)

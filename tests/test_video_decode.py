@@ -263,3 +263,111 @@ def test_a_folder_of_frame_images_reads_as_a_video(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoDecodeError, match=r"a folder without frame images \(.*\.jpg"):
         read_frames(tmp_path / "empty", num_frames=2)
+
+
+def _gop_source(path, codec, bf=0, n=40):
+    """n frames at 10 fps, a keyframe every 10 frames exactly (no scene-cut keyframes)"""
+    options = {"g": "10", "bf": str(bf)} | ({"sc_threshold": "0"} if codec == "libx264" else {})
+    return write_video(path, synth_frames(n=n), codec, "yuv420p", fps=10, options=options)
+
+
+def _copy_packets(src, dst, first, hide=0):
+    """dst: src's video packets copied as they are (no re-encoding, as `ffmpeg -c copy` does) from
+    the `first`-th in decode order on; `hide` > 0 moves the times back so that the first `hide`
+    frames shown fall before t = 0, which an MP4 muxer writes as an edit list hiding them"""
+    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
+        ist = i.streams.video[0]
+        ost = o.add_stream_from_template(ist)
+        packets = [p for p in i.demux(ist) if p.size][first:]
+        off = sorted(p.pts for p in packets)[hide] if hide else 0
+        for p in packets:
+            p.pts, p.dts, p.stream = p.pts - off, p.dts - off, ost
+            o.mux(p)
+    return dst
+
+
+def _closest(decoded, source):
+    """the source frame each decoded frame is closest to (lossy coding: on the smooth channels)"""
+    d = np.abs(decoded[:, None, ..., :2].astype(np.int16) - source[None, ..., :2]).mean(axis=(2, 3, 4))
+    return d.argmin(1).tolist()
+
+
+def _backends():
+    return ["pyav", "auto"] + (["decord"] if HAS_DECORD else [])
+
+
+@pytest.mark.parametrize("codec,ext,bf", [("libx264", "mp4", 2), ("libx264", "mkv", 0), ("mpeg4", "mkv", 0)])
+def test_a_cut_starting_on_a_non_key_frame_reads_the_frames_shown(tmp_path, codec, ext, bf):
+    """a stream-copied cut that starts 3 packets into a 10-frame GOP lists 37 frames, but the 7
+    before the next keyframe lack their references (FFmpeg drops them; for MPEG-4 PyAV's makes
+    them from grey, decord's drops them): 30 frames (source 10..39) are shown. They are the
+    video, indexed and timed from the first, by both backends. Before, both counted 37: PyAV
+    refused the last 7 indices, and decord's indices mixed two counts (frames decoded from the
+    start, its frame table after a seek): num_frames=5 gave source [10, 12, 21, 30, 39]."""
+    source = synth_frames(n=40)
+    src = _gop_source(tmp_path / "src.mp4", codec, bf)
+    cut = _copy_packets(src, tmp_path / f"cut.{ext}", 3)
+    with av.open(str(cut)) as c:  # the file really is such a cut: 37 packets, the first not a keyframe
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+    assert len(packets) == 37 and not packets[0].is_keyframe
+    for backend in _backends():
+        assert video_info(cut, backend=backend)["total"] == 30, backend
+        fr, meta = read_frames(cut, num_frames=6, backend=backend)
+        assert meta["total"] == 30 and meta["indices"] == [0, 6, 12, 17, 23, 29], backend
+        assert _closest(fr, source) == [10 + i for i in meta["indices"]], backend
+        assert np.allclose(meta["timestamps"], np.array(meta["indices"]) / 10), backend
+        assert meta["backend"] == ("pyav" if backend == "auto" else backend)
+        # a later read after a seek-sized jump, and out of order: still frame 10 + i
+        fr, meta = read_frames(cut, indices=[25, 3, 29], backend=backend)
+        assert _closest(fr, source) == [35, 13, 39], backend
+        with pytest.raises(VideoDecodeError, match="the video has 30 frames"):
+            read_frames(cut, indices=[30], backend=backend)
+    if HAS_DECORD:
+        assert np.array_equal(read_frames(cut, backend="decord")[0], read_frames(cut, backend="pyav")[0])
+
+
+@pytest.mark.parametrize("bf", [0, 2])
+def test_an_mp4_edit_list_hiding_leading_frames_reads_the_frames_shown(tmp_path, bf):
+    """30 packets from a keyframe on, whose first 3 frames an edit list hides (what `ffmpeg -ss
+    -c copy` writes for a cut between keyframes): 27 frames (source 13..39) are shown, indexed and
+    timed from the first. Before, both backends counted 30: PyAV refused indices 27..29, and
+    decord's were off by 3 or not depending on the seek (num_frames=5: source [13, 20, 24, 32,
+    39]; read in order it repeated the last frame)."""
+    source = synth_frames(n=40)
+    src = _gop_source(tmp_path / "src.mp4", "libx264", bf)
+    clip = _copy_packets(src, tmp_path / "edit.mp4", 10, hide=3)
+    with av.open(str(clip)) as c:  # the file really holds 3 hidden frames: the mov demuxer marks them discard
+        st = c.streams.video[0]
+        packets = [p for p in c.demux(st) if p.size]
+    assert st.frames == 30 and sum(p.is_discard for p in packets) == 3
+    for backend in _backends():
+        assert video_info(clip, backend=backend)["total"] == 27, backend
+        fr, meta = read_frames(clip, num_frames=5, backend=backend)
+        assert meta["indices"] == [0, 6, 13, 20, 26], backend
+        assert _closest(fr, source) == [13 + i for i in meta["indices"]], backend
+        assert np.allclose(meta["timestamps"], np.array(meta["indices"]) / 10), backend
+        fr, meta = read_frames(clip, fps=2, backend=backend)
+        assert meta["indices"] == list(range(0, 27, 5)), backend
+        assert _closest(fr, source) == list(range(13, 40, 5)), backend
+        fr, _ = read_frames(clip, indices=[5], backend=backend)  # alone: decord's seek from the start
+        assert _closest(fr, source) == [18], backend
+    if HAS_DECORD:
+        assert np.array_equal(read_frames(clip, backend="decord")[0], read_frames(clip, backend="pyav")[0])
+
+
+def test_a_cut_without_a_keyframe_is_refused_saying_what_to_do(tmp_path):
+    """packets 11..17 of a 10-frame GOP: no keyframe, so nothing decodes (before: 'could not be
+    decoded (missing codec or corrupt file?)' after decoding, and video_info reported 7 frames)"""
+    src = _gop_source(tmp_path / "src.mp4", "libx264")
+    with av.open(str(src)) as i, av.open(str(tmp_path / "nokey.mkv"), "w") as o:
+        ist = i.streams.video[0]
+        ost = o.add_stream_from_template(ist)
+        for p in [p for p in i.demux(ist) if p.size][11:18]:
+            p.stream = ost
+            o.mux(p)
+    for backend in _backends():
+        for call in (lambda: video_info(tmp_path / "nokey.mkv", backend=backend),
+                     lambda: read_frames(tmp_path / "nokey.mkv", num_frames=2, backend=backend)):
+            with pytest.raises(VideoDecodeError, match="no decodable video frames") as e:
+                call()
+            assert "holds no keyframe" in str(e.value) and "cut it at a keyframe" in str(e.value), backend
