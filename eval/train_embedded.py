@@ -40,6 +40,14 @@ falls from 64% to 52%), but the unreduced accuracy on the report set fell to 89.
 
 The learning rate follows a warm-up and a cosine over the time budget; held-out accuracy per
 question type is printed as it trains and saved in training.json next to the weights.
+
+At each evaluation (and every --checkpoint-every steps) the run writes --out/checkpoint/: the
+model, the auxiliary heads, AdamW's state, the random states of the data and of torch, the step,
+samples seen and training time, and the flags. --resume (the same command plus --resume) goes on
+with a killed run from there: with --max-steps it ends with the weights of a run never stopped,
+bit for bit on the same device and --threads. Explicit, not automatic: a run over an --out that
+holds a checkpoint is refused instead of silently resuming or overwriting it. --init is something
+else: a new stage (fresh warm-up, schedule and optimizer) from a finished model.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -267,6 +276,95 @@ def training_totals(init, info: dict) -> dict:
                 total_samples_seen=sum(int(st["samples_seen"] or 0) for st in stages))
 
 
+CHECKPOINT = "checkpoint"
+TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
+TRAINING_STATE = "training_state.pt"
+# flags that say where and how the run is carried out and reported, not what it trains: a resumed run
+# may give others (--threads and --device can change the last bits of the sums: for bit-exact weights
+# keep them too); every other flag must be the checkpoint's
+RESUME_MAY_CHANGE = ("out", "resume", "threads", "device", "eval_every", "checkpoint_every")
+
+
+def run_args(args) -> dict:
+    """the flags as recorded in training.json and in a checkpoint's trainer_state.json"""
+    return {k: v for k, v in vars(args).items() if k != "qtype_weight_map"}
+
+
+def find_checkpoint(out) -> Path | None:
+    """the complete interval checkpoint in `out`, or None. `checkpoint.prev` is the one before,
+    kept only while its successor is renamed into place: a kill then leaves it as the newest."""
+    for name in (CHECKPOINT, CHECKPOINT + ".prev"):
+        if (Path(out) / name / TRAINER_STATE).is_file():
+            return Path(out) / name
+    return None
+
+
+def save_checkpoint(out: Path, model, tok, heads: dict, opt, state: dict) -> None:
+    """the interval checkpoint: the model and tokenizer (a loadable --init folder) and what --resume
+    needs to go on as if never stopped (the auxiliary heads, AdamW's moments, the random states, the
+    step, samples seen, training time and the flags). Written beside the last one and renamed into
+    place, so a kill while writing leaves the previous checkpoint whole."""
+    tmp, final, prev = (out / (CHECKPOINT + s) for s in (".tmp", "", ".prev"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    rng = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(dict(optimizer=opt.state_dict(), heads={k: h.state_dict() for k, h in heads.items()}, rng=rng),
+               tmp / TRAINING_STATE)
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+    os.replace(tmp, final)
+    shutil.rmtree(prev, ignore_errors=True)
+
+
+MISSING = "(not recorded)"
+
+
+def resume_conflicts(args, recorded: dict) -> list:
+    """(flag, the checkpoint's value, this run's value) for every flag that changes what is trained
+    and differs from the one the checkpoint was written with"""
+    here = json.loads(json.dumps(run_args(args)))  # as a JSON round trip gives them back
+    return [(k, recorded.get(k, MISSING), here.get(k, MISSING)) for k in sorted(set(here) | set(recorded))
+            if k not in RESUME_MAY_CHANGE and recorded.get(k, MISSING) != here.get(k, MISSING)]
+
+
+def check_resume(parser, args) -> None:
+    """--resume needs a checkpoint written with the same flags; a run without --resume into an --out
+    holding one is refused too: its first interval would overwrite the killed run's progress"""
+    ckpt = find_checkpoint(args.out)
+    if not args.resume:
+        if ckpt is not None:
+            step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
+            parser.error(f"--out {args.out}: holds {ckpt.name}/ of a run stopped at step {step}; pass --resume "
+                         f"to go on with it, or remove {ckpt} to start afresh")
+        return
+    if ckpt is None:
+        old = (Path(args.out) / CHECKPOINT / "config.json").is_file()
+        parser.error(f"--resume: --out {args.out} holds no checkpoint to resume ("
+                     + ("its checkpoint/ has weights only, from an earlier version of this script: start a new "
+                        f"stage from them with --init {Path(args.out) / CHECKPOINT}" if old else
+                        "a finished run removes it: --init starts a new stage from a finished model")
+                     + "); drop --resume for a new run")
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    differ = resume_conflicts(args, state["args"])
+    if differ:
+        def name(k):
+            return "--" + k.replace("_", "-")
+
+        def shown(v):
+            return "not given" if v is None else shlex.quote(str(v))
+        fix = [f"{name(k)} {shown(a)}" if a is not None else f"drop {name(k)}" for k, a, _ in differ if a != MISSING]
+        parser.error(f"--resume: {ckpt} was written with other flags ("
+                     + ", ".join(f"{name(k)} {shown(a)} there, {shown(b)} here" for k, a, b in differ) + ")"
+                     + ("; resume with the checkpoint's: " + " ".join(fix) if fix else "")
+                     + f" (only {', '.join(name(k) for k in RESUME_MAY_CHANGE if k not in ('out', 'resume'))} "
+                       "may change)")
+
+
 MIN_IMAGE_SIZE = 48  # the generator's counting scenes need room for their objects (radius 7)
 
 
@@ -325,6 +423,7 @@ def check_flags(parser, args):
         check_writable(args.out, "--out", folder=True)
     except ValueError as exc:
         parser.error(str(exc))
+    check_resume(parser, args)
     if args.init:  # the checkpoint's own sizes and depth are checked once it is loaded
         if not (Path(args.init) / "config.json").is_file():
             parser.error(f"--init {args.init}: not a trained model folder (no config.json); give a previous --out")
@@ -351,7 +450,16 @@ def main(argv=None):
     p.add_argument("--aux-weight", type=weight, default=0.5)
     p.add_argument("--relevance-every", type=nonneg, default=4, help="steps between relevance batches (0 = none)")
     p.add_argument("--max-steps", type=nonneg, default=0, help="stop after this many steps (0 = time budget only)")
-    p.add_argument("--init", default=None, help="continue from the weights in this directory (a previous --out)")
+    p.add_argument("--init", default=None,
+                   help="start a new stage from the weights in this directory (a previous --out): a fresh warm-up "
+                        "and schedule; --resume goes on with a killed run instead")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the run killed in --out from its checkpoint/ (the same flags: weights, optimizer, "
+                        "schedule, step, time spent and data stream as they were; with --max-steps the same final "
+                        "weights as a run never stopped)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=nonneg, default=0,
+                   help="also write the --out/checkpoint/ that --resume reads every this many steps (0 = only at "
+                        "each evaluation, every --eval-every seconds)")
     p.add_argument("--warmup", type=pos, default=100, help="warm-up steps")
     p.add_argument("--qtype-weights", dest="qtype_weights", default="",
                    help="oversample question types, e.g. start_end=3,region_color=2 (others 1)")
@@ -387,7 +495,12 @@ def main(argv=None):
 
     tok = build_tokenizer()
     cfg = build_config(tok, **{k: getattr(args, k) for k in DEFAULT_SIZES})
-    if not args.init:
+    ckpt = find_checkpoint(out) if args.resume else None  # check_flags found it and its flags the same
+    if ckpt is not None:
+        from transformers import LlavaOnevisionForConditionalGeneration
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(ckpt), attn_implementation="sdpa")
+        cfg = model.config
+    elif not args.init:
         model = build_model(cfg, seed=args.seed)
     else:
         # from_pretrained, not a raw state dict: save_pretrained writes the checkpoint's legacy key names
@@ -423,6 +536,7 @@ def main(argv=None):
     frame_head = torch.nn.Linear(D, args.frames)
     for module in (model, color_head, shape_head, position_head, frame_head):
         module.to(device)
+    heads = dict(color=color_head, shape=shape_head, position=position_head, frame=frame_head)
     params = [*model.parameters(), *color_head.parameters(), *shape_head.parameters(), *position_head.parameters(),
               *frame_head.parameters()]
     weights = args.qtype_weight_map
@@ -439,6 +553,23 @@ def main(argv=None):
     t0 = time.time()
     last_eval = 0.0
     ema = {}
+    resumed_at = []
+    if ckpt is not None:
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        saved = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=True)
+        for name, head in heads.items():
+            head.load_state_dict(saved["heads"][name])
+        opt.load_state_dict(saved["optimizer"])  # AdamW's moments and step counts, on the parameters' device
+        gen.rng.bit_generator.state = state["data_rng"]  # the clips the killed run would have drawn next
+        log, step, seen, ema, last_eval = state["log"], state["step"], state["seen"], state["ema"], state["last_eval"]
+        resumed_at = state["resumed_at"] + [step]
+        t0 -= state["train_seconds"]  # the --minutes budget and a time-based schedule go on where they were
+        # last, as building the heads above drew from torch's generator; no step draws from it today (the
+        # model has no dropout), so this keeps a loss that will draw exact too
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        print(f"resuming {ckpt} at step {step} ({state['train_seconds']:.0f}s of training)", flush=True)
     model.train()
     while True:
         elapsed = time.time() - t0
@@ -497,16 +628,21 @@ def main(argv=None):
         if step % 25 == 0:
             print(f"step {step} t={time.time() - t0:.0f}s lr={lr:.2e} " +
                   " ".join(f"{k}={v:.3f}" for k, v in ema.items()), flush=True)
-        if time.time() - t0 - last_eval > args.eval_every:
-            te = time.time()
+        te = time.time()
+        evaluating = te - t0 - last_eval > args.eval_every
+        if evaluating:
             acc = evaluate(model, proc, eval_samples, eval_videos)
             last_eval = te - t0
             print(f"EVAL t={last_eval:.0f}s step={step} seen={seen} " + json.dumps({k: round(v, 3) for k, v in acc.items()}),
                   flush=True)
             log.append(dict(t=round(last_eval), step=step, seen=seen, **{k: round(v, 4) for k, v in ema.items()}, acc=acc))
-            model.save_pretrained(str(out / "checkpoint"), safe_serialization=True)  # a kill loses at most one interval
-            tok.save_pretrained(str(out / "checkpoint"))
-            t0 += time.time() - te  # evaluation time is not training time
+        if evaluating or (args.checkpoint_every and step % args.checkpoint_every == 0):
+            # a kill loses at most one interval; the state is the one after this step, so --resume
+            # starts with the step an uninterrupted run would take next
+            save_checkpoint(out, model, tok, heads, opt, dict(
+                step=step, seen=seen, train_seconds=te - t0, last_eval=last_eval, ema=ema, log=log,
+                resumed_at=resumed_at, data_rng=gen.rng.bit_generator.state, args=run_args(args)))
+            t0 += time.time() - te  # evaluation and checkpoint writing are not training time
     hook.remove()
     train_seconds = time.time() - t0
     acc = evaluate(model, proc, eval_samples, eval_videos)
@@ -516,11 +652,12 @@ def main(argv=None):
     model.to("cpu").save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     info = dict(params=n_params, steps=step, samples_seen=seen, train_seconds=round(train_seconds),
-                threads=torch.get_num_threads(), device=str(device), load_average=os.getloadavg(), args={k: v for k, v in vars(args).items() if k != "qtype_weight_map"}, held_out=acc,
-                held_out_samples=args.eval_samples, held_out_seed=12345, log=log)
+                threads=torch.get_num_threads(), device=str(device), load_average=os.getloadavg(), args=run_args(args),
+                held_out=acc, held_out_samples=args.eval_samples, held_out_seed=12345, log=log, resumed_at=resumed_at)
     info.update(training_totals(args.init, info))
     (out / "training.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the interval copy: superseded by the final weights
+    for name in (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".prev"):  # superseded by the final weights
+        shutil.rmtree(out / name, ignore_errors=True)
     print(f"saved {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)", flush=True)
     return 0
 

@@ -206,3 +206,93 @@ def test_max_steps_schedule_follows_the_steps_not_the_clock(monkeypatch, tmp_pat
               "--eval-samples", "5", "--frames", "4", "--threads", "1", "--relevance-every", "0", "--warmup", "1"])
         rates[label] = seen
     assert rates["fast"] == rates["slow"] and len(rates["fast"]) == 3 and rates["fast"][0] > rates["fast"][-1]
+
+
+# a model small enough that a few steps take a second; every loss and random draw of the trainer on
+TINY = ["--image-size", "48", "--vision-hidden", "16", "--vision-layers", "1", "--vision-heads", "2",
+        "--text-hidden", "16", "--text-layers", "2", "--text-heads", "2", "--text-kv-heads", "1", "--frames", "4",
+        "--batch", "2", "--eval-samples", "5", "--threads", "1", "--warmup", "2", "--relevance-every", "3",
+        "--qtype-weights", "count=2", "--background-dropout", "0.5", "--position-aux", "0.2", "--frame-aux", "0.2",
+        "--attention-aux", "1"]
+
+
+class Killed(BaseException):
+    """what a kill does to the process: it ends mid-step, past its last checkpoint"""
+
+
+def _killed_run(monkeypatch, out, flags, after_steps):
+    """run main until `after_steps` steps are done (the next batch is being drawn), then die"""
+    import tokenreduce.eval.train_embedded as te
+    real, calls = te.make_batch, []
+
+    def make_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) > after_steps:
+            raise Killed
+        return real(*a, **kw)
+    monkeypatch.setattr(te, "make_batch", make_batch)
+    with pytest.raises(Killed):
+        main(["--out", str(out), *flags])
+    monkeypatch.setattr(te, "make_batch", real)
+
+
+def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    flags = ["--max-steps", "5", "--checkpoint-every", "2", *TINY]
+    whole = tmp_path / "whole"
+    assert main(["--out", str(whole), *flags]) == 0
+    out = tmp_path / "killed"
+    _killed_run(monkeypatch, out, flags, after_steps=3)  # checkpoint at step 2; step 3's update is lost
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and not (out / "model.safetensors").exists()
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    # refused up front (exit 2), the checkpoint untouched: a new run over it, other flags, nothing to resume
+    for argv, expect in (
+            ([*flags], "holds checkpoint/ of a run stopped at step 2; pass --resume"),
+            ([*flags, "--resume", "--lr", "2e-3", "--seed", "3"],
+             "(--lr 0.0015 there, 0.002 here, --seed 1 there, 3 here); "
+             "resume with the checkpoint's: --lr 0.0015 --seed 1"),
+            ([*flags, "--resume", "--init", str(whole)],
+             f"--init not given there, {whole} here); resume with the checkpoint's: drop --init"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(out), *argv])
+        assert e.value.code == 2 and expect in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(whole), *flags, "--resume"])  # a finished run removed its checkpoint
+    assert e.value.code == 2 and "holds no checkpoint to resume" in capsys.readouterr().err
+    # a new process: nothing of the killed run's memory (torch's and numpy's global generators scrambled)
+    torch.manual_seed(999)
+    np.random.seed(999)
+    assert main(["--out", str(out), *flags, "--resume", "--eval-every", "1000"]) == 0  # reporting may change
+    assert "resuming" in capsys.readouterr().out
+    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-exact
+    info, whole_info = (json.loads((d / "training.json").read_text()) for d in (out, whole))
+    assert (info["steps"], info["samples_seen"], info["resumed_at"]) == (5, 10, [2]) and whole_info["resumed_at"] == []
+    assert info["held_out"] == whole_info["held_out"]
+    assert not any(p.name.startswith("checkpoint") for p in out.iterdir())
+
+
+def test_a_resumed_run_counts_the_time_already_spent_and_survives_a_kill_while_checkpointing(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    # the budget is reached first; --max-steps only makes a resume that forgets the time fail fast
+    flags = ["--checkpoint-every", "2", "--minutes", "5", "--max-steps", "6", *TINY]
+    out = tmp_path / "run"
+    _killed_run(monkeypatch, out, flags, after_steps=3)
+    ckpt = out / "checkpoint"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["train_seconds"] = 5 * 60 + 1  # the killed run had spent its budget
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    weights = load_file(ckpt / "model.safetensors")
+    # killed between renaming the last checkpoint aside and the new one into place
+    ckpt.rename(out / "checkpoint.prev")
+    (out / "checkpoint.tmp").mkdir()
+    (out / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half written")
+    assert main(["--out", str(out), *flags, "--resume"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and info["train_seconds"] >= 5 * 60  # no step past the budget
+    final = load_file(out / "model.safetensors")
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+    assert not any(p.name.startswith("checkpoint") for p in out.iterdir())
