@@ -185,7 +185,8 @@ def relevance_batch(gen, proc, n):
         v = gen.render(s)
         shown = s["meta"]["frames"]
         want = gen.rng.random() < 0.5
-        pool = shown if want else [t for t in range(len(v)) if t not in shown]
+        others = [t for t in range(len(v)) if t not in shown]
+        pool = shown if want or not others else others  # a short clip may show the cross in every frame
         t = int(gen.rng.choice(pool))
         frames.append(v[t][None])
         q = RELEVANCE_PROMPT.format(question=s["question"].strip().rstrip("?"))

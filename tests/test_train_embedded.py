@@ -296,3 +296,19 @@ def test_a_resumed_run_counts_the_time_already_spent_and_survives_a_kill_while_c
     final = load_file(out / "model.safetensors")
     assert all(torch.equal(final[k], weights[k]) for k in weights)
     assert not any(p.name.startswith("checkpoint") for p in out.iterdir())
+
+
+def test_relevance_batch_on_clips_showing_the_cross_in_every_frame():
+    """with 2 frames the cross may be visible in both: such a clip gives a True frame (choosing a
+    False frame among none crashed `--frames 2` training at its first relevance batch)"""
+    from types import SimpleNamespace
+
+    from tokenreduce.eval.train_embedded import relevance_batch
+    gen = VideoQAGenerator(frames=2, seed=0)
+    proc = lambda text, videos: dict(text=text, videos=videos)  # noqa: E731
+    proc.tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda w: {"True": 1, "False": 0}[w])
+    inputs, target = relevance_batch(gen, proc, 64)
+    assert len(inputs["videos"]) == 64 and set(target.tolist()) == {0, 1}
+    again = VideoQAGenerator(frames=2, seed=0)
+    whole = [s for s in (again.sample("brief_color") for _ in range(64)) if len(s["meta"]["frames"]) == 2]
+    assert whole  # the case this test is about occurs at this seed
