@@ -9,7 +9,7 @@ from tokenreduce.errors import SiteError
 from tokenreduce.registry import register_adapter
 
 from .base import is_a
-from .vit import BlockParts, ViTAdapter, merge_bias, padding_bias
+from .vit import BlockParts, ViTAdapter, merge_bias
 
 _T = "transformers.models."
 CLIP_LIKE = (_T + "clip.modeling_clip.CLIPVisionModel", _T + "siglip.modeling_siglip.SiglipVisionModel")
@@ -47,16 +47,7 @@ class HFVisionAdapter(ViTAdapter):
             # SigLIP's attention-pooling head: after merging, each token's key gets log(size)
             # (proportional attention, as ToMe's blocks do), so the probe pools merged tokens
             # as the tokens they stand for
-            self.hooks.pre(attention, self._sized_pooling, with_kwargs=True)
-
-    def _sized_pooling(self, module, args, kwargs):
-        key = args[1] if len(args) > 1 else kwargs.get("key")
-        size = None if key is None else self.merged_sizes(key)
-        if size is None:
-            return None
-        kwargs = dict(kwargs)
-        kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
-        return args, kwargs
+            self.hooks.pre(attention, self.sized_pool_keys, with_kwargs=True)
 
     def blocks(self):
         return list(self.layers)

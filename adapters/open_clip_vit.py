@@ -72,16 +72,7 @@ class OpenClipViTAdapter(ViTAdapter):
             poolers.append(getattr(v, "attn_pool_contrastive", None))
         for pooler in poolers:
             if isinstance(getattr(pooler, "attn", None), nn.MultiheadAttention):
-                self.hooks.pre(pooler.attn, self._sized_pool_keys, with_kwargs=True)
-
-    def _sized_pool_keys(self, module, args, kwargs):
-        key = args[1] if len(args) > 1 else kwargs.get("key")
-        size = None if key is None else self.merged_sizes(key)
-        if size is None:
-            return None
-        kwargs = dict(kwargs)
-        kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
-        return args, kwargs
+                self.hooks.pre(pooler.attn, self.sized_pool_keys, with_kwargs=True)
 
     def intermediates_refusal(self, arguments):
         # with intermediates_only there is no final output, so no vision.out result to miss

@@ -378,6 +378,18 @@ class ViTAdapter(PerThreadState, Adapter):
                 bias = bias.detach()
             sig.put("cls_attn", i, st.pos, cls_attention(q_cls, k, scale, bias))
 
+    def sized_pool_keys(self, module, args, kwargs):
+        """Pre-hook (with kwargs) for an nn.MultiheadAttention pooling this forward's final tokens
+        (SigLIP's head, CoCa's attentional pooler): log(size) on each merged token's key, so the
+        pool attends to it as to the tokens it stands for."""
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        size = None if key is None else self.merged_sizes(key)
+        if size is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
+        return args, kwargs
+
     def merged_sizes(self, tokens):
         """This forward's final token sizes (B, N) when it merged tokens and `tokens` (B, N, ...)
         have its final token count, else None: a pool over them must weight each token by its
