@@ -1,5 +1,5 @@
 """Hugging Face LLaVA family on transformers 5.2x: LLaVA-1.5 (Llava), LLaVA-NeXT (anyres tiles),
-LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video and Qwen2-VL (M-RoPE).
+LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video, Qwen2-VL and Qwen2.5-VL (M-RoPE).
 
 Sites
   frames            video models: whole frames before the vision tower (LLaVA-OneVision, NeXT-Video)
@@ -49,6 +49,8 @@ KINDS = {
     _T + "llava_onevision.modeling_llava_onevision.LlavaOnevisionForConditionalGeneration": "onevision",
     _T + "llava_next_video.modeling_llava_next_video.LlavaNextVideoForConditionalGeneration": "next_video",
     _T + "qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration": "qwen2_vl",
+    # same placement as Qwen2-VL (flat patches, (t, h, w) grids, M-RoPE from get_rope_index)
+    _T + "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
 }
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images")
 SEQ_KEYS = {"input_ids": 0, "attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -80,7 +82,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
     run on any thread."""
 
     name = "hf_llava"
-    family = "transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL"
+    family = "transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL / Qwen2.5-VL"
     priority = 10
     PER_FORWARD = {
         "_items": dict,          # id(features output) -> (modality, [_Item]) computed for this forward
@@ -406,9 +408,12 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             return None
         if self.kind == "qwen2_vl" and kwargs.get("position_ids") is None and (
                 kwargs.get("image_grid_thw") is not None or kwargs.get("video_grid_thw") is not None):
+            # Qwen2.5-VL's video positions also take the seconds per temporal patch
+            extra = {"second_per_grid_ts": kwargs["second_per_grid_ts"]} \
+                if kwargs.get("second_per_grid_ts") is not None else {}
             pos, deltas = self.base.get_rope_index(
                 ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"), image_grid_thw=kwargs.get("image_grid_thw"),
-                video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=kwargs.get("attention_mask"))
+                video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=kwargs.get("attention_mask"), **extra)
             kwargs["position_ids"] = pos
             self.base.rope_deltas = deltas
         if any(kwargs.get(k) is not None for k in PIXEL_KEYS):
@@ -514,7 +519,14 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         if pos is not None:
             if self.position_policy == "original" or not changed:
                 g = gather_positions(pos, col_map.clamp(min=0))
-                new["position_ids"] = g.masked_fill(pad, 0) if g.dim() == 2 else g.masked_fill(pad[None], 0)
+                g = g.masked_fill(pad, 0) if g.dim() == 2 else g.masked_fill(pad[None], 0)
+                if changed and g.dim() == 3 and g.shape[0] == 4:
+                    # Qwen's [text; t; h; w] rows (generate's layout): with no mask and no cache,
+                    # transformers reads a jump in the text row as the start of another packed
+                    # sequence and blocks attention across it; the survivors are one sequence,
+                    # so the text row counts them (the rotary phases stay in the M-RoPE rows)
+                    g = torch.cat([(valid.long().cumsum(-1) - 1).clamp(min=0)[None].to(g.dtype), g[1:]])
+                new["position_ids"] = g
             else:  # contiguous re-index over the shortened prompt (generate's cumsum convention)
                 new["position_ids"] = (valid.long().cumsum(-1) - 1).clamp(min=0)
         kwargs.update(new)

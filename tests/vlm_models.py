@@ -158,5 +158,34 @@ def qwen2_vl(attn="sdpa"):
     return case
 
 
+def qwen2_5_vl(attn="sdpa"):
+    """Qwen2.5-VL on video: flat patches, (t, h, w) grids of 2 temporal patches, and the seconds per
+    temporal patch that space its M-RoPE time positions (second_per_grid_ts)"""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = tf.Qwen2_5_VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+                                   rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                    "rope_theta": 10000.0})
+    vision = tf.Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                                       window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+    cfg = tf.Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=IMG,
+                              video_token_id=VID, vision_start_token_id=20, vision_end_token_id=21)
+    m = tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    grid = torch.tensor([[2, 4, 4], [2, 4, 4]])
+    pix = torch.randn(64, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    seconds = torch.tensor([1.0, 2.0])  # the two clips at different frame rates
+    n_vis = 8
+    rows = [[5, 6, 20] + [VID] * n_vis + [21] + list(t) for t in ((8, 9, 10, 11, 12), (8, 9, 10))]
+    case = _finish("qwen2_5_vl", m, rows, "pixel_values_videos", pix, token_types={VID: 2}, video=True, n_vis=n_vis)
+    case.batch.update(video_grid_thw=grid, second_per_grid_ts=seconds)
+    for i, s in enumerate(case.singles):
+        s.update(pixel_values_videos=pix[32 * i:32 * (i + 1)], video_grid_thw=grid[i:i + 1],
+                 second_per_grid_ts=seconds[i:i + 1])
+    return case
+
+
 BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision,
-            "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl}
+            "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
