@@ -1,5 +1,7 @@
 """Hugging Face LLaVA family on transformers 5.2x: LLaVA-1.5 (Llava), LLaVA-NeXT (anyres tiles),
-LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video, Qwen2-VL and Qwen2.5-VL (M-RoPE).
+LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video, Qwen2-VL and Qwen2.5-VL (M-RoPE),
+and the VLMs built the same way (a tower and a projector behind get_image_features, then a decoder):
+InternVL, Gemma 3, Mistral 3, Aya Vision, PaliGemma.
 
 Sites
   frames            video models: whole frames before the vision tower (LLaVA-OneVision, NeXT-Video)
@@ -51,6 +53,13 @@ KINDS = {
     _T + "qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration": "qwen2_vl",
     # same placement as Qwen2-VL (flat patches, (t, h, w) grids, M-RoPE from get_rope_index)
     _T + "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    # a tower, a projector and a decoder behind get_image_features, as LLaVA-1.5 (no vision sites:
+    # their towers are not the CLIP / SigLIP tower whose feature layer LLaVA selects)
+    _T + "internvl.modeling_internvl.InternVLForConditionalGeneration": "generic",
+    _T + "gemma3.modeling_gemma3.Gemma3ForConditionalGeneration": "generic",
+    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "generic",
+    _T + "aya_vision.modeling_aya_vision.AyaVisionForConditionalGeneration": "generic",
+    _T + "paligemma.modeling_paligemma.PaliGemmaForConditionalGeneration": "generic",
 }
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images")
 SEQ_KEYS = {"input_ids": 0, "attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -82,7 +91,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
     run on any thread."""
 
     name = "hf_llava"
-    family = "transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL / Qwen2.5-VL"
+    family = ("transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL / Qwen2.5-VL / "
+              "InternVL / Gemma 3 / Mistral 3 / Aya Vision / PaliGemma")
     priority = 10
     PER_FORWARD = {
         "_items": dict,          # id(features output) -> (modality, [_Item]) computed for this forward
@@ -290,7 +300,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                 grid = (T, side, side) if side * side == per else (T, 1, per)
             if self._frames_kept is not None:  # frames were dropped before the tower
                 frames_kept = self._frames_kept[index]
-        elif self.kind == "llava":
+        elif self.kind in ("llava", "generic"):
             side = int(round(N ** 0.5))
             grid = (1, side, side) if side * side == N else None
         if grid is not None and grid[0] * grid[1] * grid[2] == n_vis:

@@ -158,13 +158,18 @@ def gather_rotary(pe, idx: Tensor):
     return tuple(out)
 
 
-def mask_from_valid(kv_valid: Tensor, q_len: int, like, causal: bool) -> Tensor | None:
-    """A 4-D mask (B, 1, q, K) in the format of `like` (bool: True = attend; float: additive)."""
+def mask_from_valid(kv_valid: Tensor, q_len: int, like, causal: bool, window=None) -> Tensor | None:
+    """A 4-D mask (B, 1, q, K) in the format of `like` (bool: True = attend; float: additive).
+    window: (key_index (B, K), query_index (q,), W) for a sliding-window layer: a query sees only
+    the keys less than W indices (of the LLM's input sequence) before it, as the unreduced mask."""
     B, K = kv_valid.shape
     allowed = kv_valid[:, None, None, :].expand(B, 1, q_len, K)
     if causal and q_len > 1:
         qpos = torch.arange(K - q_len, K, device=kv_valid.device)
         allowed = allowed & (torch.arange(K, device=kv_valid.device)[None, :] <= qpos[:, None])[None, None]
+    if window is not None:
+        key_index, query_index, W = window
+        allowed = allowed & (key_index[:, None, None, :] > (query_index - W)[None, None, :, None])
     if like is None or like.dtype == torch.bool:
         return allowed
     out = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
@@ -209,6 +214,14 @@ def scatter_attention_to_input(a: Tensor, cols: Tensor, slot: Tensor, length: in
     full = a.new_zeros(B, H, length + 1, length + 1)
     full.scatter_(2, idx[:, None, :, None].expand(B, H, Lq, length + 1), by_key)
     return full[:, :, :length, :length]
+
+
+def sliding_window_of(cache, j: int):
+    """W when layer j of `cache` is a sliding-window layer (it keeps the last W - 1 tokens), else None"""
+    layers = getattr(cache, "layers", None)
+    if layers is None or j >= len(layers) or not getattr(layers[j], "is_sliding", False):
+        return None
+    return int(layers[j].sliding_window)
 
 
 class _Session:
@@ -471,13 +484,32 @@ class LLMSites(PerThreadState):
         like = am if torch.is_tensor(am) else None
         # keys: the columns this layer kept at prefill, then every token decoded since
         kv_valid = torch.cat([kept, kept.new_ones(kept.shape[0], extra)], dim=1)
+        sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
+        window = None
+        W = sliding_window_of(cache, j)
+        if W is not None:
+            # a sliding-window cache holds only the last W - 1 tokens it was given (counted after
+            # the reduction), and the unreduced mask lets a query see keys less than W input
+            # positions back: both cut the keys here
+            index = torch.cat([s.cols[j], torch.arange(s.L0, s.L0 + extra, device=kept.device).expand(
+                kept.shape[0], extra)], dim=1)
+            n = min(kv_valid.shape[1], W - 1 + q)
+            if s.ragged and n < kv_valid.shape[1]:
+                # the padding slots of a ragged plan sit in the window the cache keeps, so a row with
+                # fewer survivors would keep fewer of its own tokens than when it runs alone
+                raise SiteError(f"decoder layer {j} keeps a sliding window of {W} tokens, and the reduction gave "
+                                "the batch's rows different token counts (padding slots the window would keep "
+                                "instead of real tokens); past the window, generate one sample at a time, "
+                                "use a method that keeps the same count in every row (e.g. fastv, uniform), "
+                                "or reduce before the LLM (projector.out)")
+            kv_valid, sizes, index = kv_valid[:, -n:], sizes[:, -n:], index[:, -n:]
+            window = (index, torch.arange(s.L0 + extra - q, s.L0 + extra, device=kept.device), W)
         if like is not None and like.dim() == 2:
             mask = kv_valid.to(like.dtype)
-        elif like is None and not (s.ragged or s.prompt_padded) and not self._has_sizes(s):
+        elif like is None and window is None and not (s.ragged or s.prompt_padded) and not self._has_sizes(s):
             mask = None
         else:
-            mask = mask_from_valid(kv_valid, q, like, causal=True)
-            sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
+            mask = mask_from_valid(kv_valid, q, like, causal=True, window=window)
             mask = self._size_bias(mask, sizes, hs)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask if not isinstance(am, dict) else {k: mask for k in am}

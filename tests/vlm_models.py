@@ -187,5 +187,99 @@ def qwen2_5_vl(attn="sdpa"):
     return case
 
 
+def internvl(attn="sdpa"):
+    """InternVL: its own ViT (CLS dropped), pixel shuffle 16 -> 4 tokens, a Qwen2 decoder"""
+    import transformers as tf
+    torch.manual_seed(0)
+    vision = tf.InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     image_size=28, patch_size=7)
+    cfg = tf.InternVLConfig(vision_config=vision.to_dict(), text_config=_qwen2().to_dict(), image_token_id=IMG,
+                            image_seq_length=4)
+    m = tf.InternVLForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    pix = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    return _finish("internvl", m, _prompts(4, IMG), "pixel_values", pix, n_vis=4)
+
+
+def gemma3(attn="sdpa"):
+    """Gemma 3: SigLIP, average-pooled to 4 tokens, image tokens attending to each other both ways
+    (token_type_ids), and a decoder whose layers 0 and 2 use a sliding window of 6 tokens: shorter
+    than the prompts, so the window matters at prefill and at every decode step"""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=512,
+                               sliding_window=6, query_pre_attn_scalar=8, pad_token_id=PAD,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                            "full_attention"])
+    cfg = tf.Gemma3Config(text_config=text.to_dict(), vision_config=_siglip(28).to_dict(), mm_tokens_per_image=4,
+                          image_token_index=IMG, boi_token_index=20, eoi_token_index=21)
+    m = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    pix = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    rows = [[5, 6, 20] + [IMG] * 4 + [21] + list(t) for t in ((8, 9, 10, 11, 12), (8, 9, 10))]
+    case = _finish("gemma3", m, rows, "pixel_values", pix, n_vis=4)
+    case.batch["token_type_ids"] = (case.batch["input_ids"] == IMG).long()
+    for s in case.singles:
+        s["token_type_ids"] = (s["input_ids"] == IMG).long()
+    return case
+
+
+def mistral3(attn="sdpa"):
+    """Mistral 3: Pixtral tower (2-D RoPE, image_sizes), 2x2 patch merger, a Mistral decoder"""
+    import transformers as tf
+    torch.manual_seed(0)
+    vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=56, patch_size=14, head_dim=8)
+    text = tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=PAD,
+                            sliding_window=None)
+    cfg = tf.Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMG,
+                            spatial_merge_size=2)
+    m = tf.Mistral3ForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    pix = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    return _finish("mistral3", m, _prompts(4, IMG), "pixel_values", pix, n_vis=4,
+                   extra={"image_sizes": torch.tensor([[56, 56], [56, 56]])})
+
+
+def paligemma(attn="sdpa"):
+    """PaliGemma: the image first, then a prefix the model reads both ways (token_type_ids 0) and
+    a suffix (1)"""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=512, pad_token_id=PAD)
+    cfg = tf.PaliGemmaConfig(vision_config=_siglip(28).to_dict(), text_config=text.to_dict(), image_token_index=IMG,
+                             projection_dim=32)
+    m = tf.PaliGemmaForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    pix = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    rows = [[IMG] * 16 + [5, 6] + list(t) for t in ((8, 9, 10, 11, 12), (8, 9, 10))]
+    case = _finish("paligemma", m, rows, "pixel_values", pix, n_vis=16)
+    case.batch["token_type_ids"] = torch.zeros_like(case.batch["input_ids"])
+    for s in case.singles:
+        s["token_type_ids"] = torch.zeros_like(s["input_ids"])
+    return case
+
+
+def aya_vision(attn="sdpa"):
+    """Aya Vision: SigLIP, pixel-shuffle 16 -> 4 tokens, a Cohere 2 decoder (sliding window 6 in
+    three of its four layers)"""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = tf.Cohere2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=PAD,
+                            sliding_window=6)
+    cfg = tf.AyaVisionConfig(vision_config=_siglip(28).to_dict(), text_config=text.to_dict(), image_token_index=IMG,
+                             downsample_factor=2, adapter_layer_norm_eps=1e-5)
+    m = tf.AyaVisionForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    pix = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    return _finish("aya_vision", m, _prompts(4, IMG), "pixel_values", pix, n_vis=4)
+
+
 BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision,
-            "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+            "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
+            "internvl": internvl, "gemma3": gemma3, "mistral3": mistral3, "aya_vision": aya_vision,
+            "paligemma": paligemma}
