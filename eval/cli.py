@@ -217,15 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_sites)
-    b = sub.add_parser("bench", help="baseline vs reduced wall-clock benchmark")
+    b = sub.add_parser("bench", help="baseline vs reduced wall-clock benchmark",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Baseline vs reduced wall-clock medians (interleaved rounds), the analytic FLOPs "
+                                   "fraction and the load average.\n"
+                                   "  vit    a timm ViT (random weights), --policy against the unreduced model\n"
+                                   "  vlm    a LLaVA-OneVision-0.5B-shaped model (random weights, batch 1): prefill, "
+                                   "TTFT, decode, KV bytes\n"
+                                   "         for --policy, or for fastv / framefusion / dycoke_ttm / random / uniform "
+                                   "at a 70% cut\n"
+                                   "  video  STA on a VideoMAE-B-shaped model and sta_slices on swin3d_t "
+                                   "(--model videomae or swin: one of them)")
     b.add_argument("what", choices=["vit", "vlm", "video"])
-    b.add_argument("--model", default=None)
-    b.add_argument("--policy", default=None)
+    b.add_argument("--model", default=None,
+                   help="vit: a timm model name (default vit_base_patch16_224); video: videomae or swin (default "
+                        "both); vlm builds its own")
+    b.add_argument("--policy", default=None,
+                   help="default: vision.block.*=tome(r=13) (vit), the method list (vlm), each model's STA "
+                        "policies (video)")
     pos = int_at_least(1)
     b.add_argument("--batch", type=pos, default=None, help="batch size (default: 8 for vit, 1 for vlm / video)")
     b.add_argument("--image", type=pos, default=None, help="input resolution (default: the model's)")
-    b.add_argument("--runs", type=pos, default=10)
-    b.add_argument("--warmup", type=int_at_least(0), default=3)
+    b.add_argument("--runs", type=pos, default=10, help="timed rounds (default: %(default)s)")
+    b.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed rounds first (default: %(default)s)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     b.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch's default)")

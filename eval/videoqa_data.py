@@ -552,8 +552,10 @@ def convert_videomme(parquet_path, video_dir, skipped: list | None = None) -> li
         meta = {k: row[k] for k in ("duration", "domain", "sub_category", "task_type") if row.get(k) is not None}
         meta["videoID"] = row["videoID"]
         answer = str(row["answer"]).strip()
-        if not _LETTER_RE.match(answer):  # the letter is the answer; never match it against option texts
-            _skip(skipped, rid, f"answer {answer!r} is not a letter A..{LETTERS[len(opts) - 1]}")
+        m = _LETTER_RE.match(answer)
+        if not m or LETTERS.index(m.group(1)) >= len(opts):  # the letter is the answer; never its text
+            _skip(skipped, rid, f"answer {answer!r} is not a letter A..{LETTERS[len(opts) - 1]} "
+                                f"(one per option; the row has {len(opts)})")
             continue
         rec = {"id": rid, "video": _find_video(video_dir, str(row["videoID"]), VIDEOMME_EXTS),
                "question": str(row["question"]), "options": opts,
@@ -586,7 +588,7 @@ def convert_egoschema(questions_path, answers_path, video_dir, skipped: list | N
             _skip(skipped, None, f"question {i} has no q_uid")
             continue
         if isinstance(uid, bool) or not isinstance(uid, (str, int)):
-            _skip(skipped, None, f"question {i}: q_uid must be a string, got {type(uid).__name__} {uid!r}")
+            _skip(skipped, None, f"question {i}: q_uid must be a string or a number, got {type(uid).__name__} {uid!r}")
             continue
         uid = str(uid)  # the answers file's keys are strings (JSON object keys always are)
         rid = f"egoschema-{uid}"
@@ -678,7 +680,8 @@ def _print_skipped(skipped: list, file) -> None:
     for s in skipped:
         example.setdefault(s["reason"], s["id"])
     for reason, n in reasons[:10]:
-        print(f"  {n:6d}  {reason}  (e.g. {example[reason]})", file=file)
+        eg = f"  (e.g. {example[reason]})" if example[reason] is not None else ""  # no id: the reason names it
+        print(f"  {n:6d}  {reason}{eg}", file=file)
     if len(reasons) > 10:
         print(f"  ... and {len(reasons) - 10} more distinct reasons", file=file)
 
@@ -744,7 +747,7 @@ def convert_main(argv=None) -> int:
         print(f"cannot write --out {args.out!r}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     found = sum(_readable_video(r["video"]) for r in records)
-    print(f"wrote {len(records)} records to {args.out}"
+    print(f"wrote {len(records)} record{'s' if len(records) != 1 else ''} to {args.out}"
           + (f" (of {total}; --limit {args.limit})" if len(records) < total else ""))
     print(f"videos found: {found}/{len(records)}")
     if skipped:

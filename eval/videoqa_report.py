@@ -1,7 +1,7 @@
 """The main command: video-QA on the embedded model for the baseline and every method that runs
 on it, at two budgets, plus the checks that show the model tells methods apart.
 
-    tokenreduce eval report --out out/videoqa            # ~5 min on a 2-core CPU
+    tokenreduce eval report --out out/videoqa            # about 6 min on a 2-core CPU
 
 Data: the held-out synthetic set the embedded model was scored on while training (seed 12345,
 question types in turn, 8 frames) and a set of 32-frame brief-appearance clips (seed 777) for

@@ -353,7 +353,8 @@ def test_convert_videomme(tmp_path):
     assert recs[0]["meta"] == {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity",
                                "task_type": "Counting Problem", "videoID": "fFjv93ACGo8"}
     assert len(skipped) == 1 and skipped[0]["id"] == "videomme-002-1"
-    assert "out of range for 4 options" in skipped[0]["reason"]
+    # the file's own letter, not the index it would stand for
+    assert skipped[0]["reason"] == "answer 'E' is not a letter A..D (one per option; the row has 4)"
     # nulls (a pandas / pyarrow rewrite) are skipped, never written as the text "None"
     nulls = dict(rows, options=[["A. 1", None, "C. 3", "D. 4"], ["A. x", "B. y", "C. z", "D. w"],
                                 ["A. x", "B. y", "C. z", "D. w"]],
@@ -401,7 +402,7 @@ def test_convert_egoschema(tmp_path):
     skipped = []
     recs = vd.convert_egoschema(tmp_path / "q2.json", tmp_path / "a2.json", "/v", skipped=skipped)
     assert [(r["id"], r["video"], r["answer"]) for r in recs] == [("egoschema-123", "/v/123.mp4", 4)]
-    assert skipped == [{"id": None, "reason": "question 1: q_uid must be a string, got list ['x']"}]
+    assert skipped == [{"id": None, "reason": "question 1: q_uid must be a string or a number, got list ['x']"}]
 
 
 def test_convert_cli(tmp_path, capsys):
@@ -490,7 +491,7 @@ def test_python_dash_m_convert(tmp_path):
                         "--videos", str(tmp_path), "--out", str(out)], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "wrote 1 records" in r.stdout
+    assert "wrote 1 record to" in r.stdout
     assert json.loads(out.read_text())["answer"] == 4
 
 
@@ -697,3 +698,13 @@ def test_plugin_generation_follows_the_tasks_do_sample():
         assert generate_text(m, types.SimpleNamespace(tokenizer=Tok()), inputs, gen_kwargs) == "B. two"
         seen[str(gen_kwargs)] = (m.kw["do_sample"], m.kw.get("temperature"))
     assert list(seen.values()) == [(False, None), (True, None), (True, 0.7), (False, None)]
+
+
+def test_skipped_reasons_without_an_id_print_no_example():
+    import io
+    out = io.StringIO()
+    vd._print_skipped([{"id": None, "reason": "question 3: q_uid must be a string or a number, got list [1]"},
+                       {"id": "egoschema-7", "reason": "no answer in the answers file"}], out)
+    lines = out.getvalue().splitlines()
+    assert lines[1].endswith("got list [1]") and "e.g." not in lines[1]  # was "(e.g. None)"
+    assert lines[2].endswith("no answer in the answers file  (e.g. egoschema-7)")
