@@ -74,6 +74,10 @@ class OpenClipViTAdapter(ViTAdapter):
             if isinstance(getattr(pooler, "attn", None), nn.MultiheadAttention):
                 self.hooks.pre(pooler.attn, self.sized_pool_keys, with_kwargs=True)
 
+    def pools_patches_only(self) -> bool:
+        v = self.visual
+        return self.num_prefix > 0 and getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", None) == "avg"
+
     def intermediates_refusal(self, arguments):
         # with intermediates_only there is no final output, so no vision.out result to miss
         if "vision.out" in self._by_site and not arguments.get("intermediates_only", False):

@@ -84,6 +84,11 @@ class TimmViTAdapter(ViTAdapter):
             return args, kwargs
         self.hooks.pre(self.model.blocks[i].attn, hook, with_kwargs=True)
 
+    def pools_patches_only(self) -> bool:
+        m = self.model
+        return (self.num_prefix > 0 and getattr(m, "attn_pool", None) is None
+                and getattr(m, "global_pool", "") in ("avg", "avgmax") and not getattr(m, "pool_include_prefix", False))
+
     def install_extra(self):
         m = self.model
         # ToMe (reference, mae.py): with merged tokens an average pool must weight by size

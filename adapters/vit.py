@@ -317,6 +317,10 @@ class ViTAdapter(PerThreadState, Adapter):
         if stream.x.shape[1] == 0:  # no class token to fall back on: the blocks / pool would give NaN or crash
             raise SiteError(f"{name}: the plan keeps no token at all; keep at least one (a fraction that rounds "
                             "to 0 keeps none)")
+        if self.pools_patches_only() and not bool((stream.num_visual() > 0).all()):
+            # the prefix tokens are left, but the model's pool averages the patches alone: NaN or a crash
+            raise SiteError(f"{name}: the plan keeps no patch token, and this model's pool averages the patch "
+                            "tokens only (not the class / register tokens); keep at least one patch")
         if stream.valid is not None and not bool(stream.valid.all()):
             raise SiteError(f"{name}: the plan keeps different numbers of tokens per sample; inside a ViT "
                             "every sample must keep the same count")
@@ -389,6 +393,11 @@ class ViTAdapter(PerThreadState, Adapter):
         kwargs = dict(kwargs)
         kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
         return args, kwargs
+
+    def pools_patches_only(self) -> bool:
+        """Whether the model's output pools the patch tokens without the prefix (class / register)
+        tokens, so a plan must leave at least one patch."""
+        return False
 
     def merged_sizes(self, tokens):
         """This forward's final token sizes (B, N) when it merged tokens and `tokens` (B, N, ...)
