@@ -450,3 +450,21 @@ def test_fractional_budgets_are_per_sample(spec):
     alone = [_kept_visual(red, kind[b:b + 1])[0] for b in range(3)]
     want = [3, 3, 0] if spec.endswith("keep=3)") else [5, 2, 0]
     assert batch == alone == want
+
+
+def test_prumerge_plus_row_keeping_every_token_matches_its_run_alone():
+    """LLaVA-1.5 after ToMe in block 0 (13 patches): one image keeps all 13 (IQR outliers + uniform
+    extras cover them). Alone there is no plan and the tokens stay in sequence order; in a batch
+    with an image that prunes, that row was emitted in [outliers, extras] order (logits off by 0.065)."""
+    m = V.llava("sdpa").model
+    pix = torch.cat([torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(100 + i)) for i in range(2)])
+    row = [5, 6, 7] + [V.IMG] * 16 + [8, 9, 10]
+    batch = dict(input_ids=torch.tensor([row, row]), attention_mask=torch.ones(2, len(row), dtype=torch.long),
+                 pixel_values=pix)
+    with torch.no_grad(), tr.reduce(m, "vision.block.0=tome(r=3); vision.out=prumerge_plus") as h:
+        both = m(**batch).logits[:, -1]
+        kept = h.stats["sites"]["vision.out"]
+        alone = [m(**{k: v[b:b + 1] for k, v in batch.items()}).logits[0, -1] for b in range(2)]
+    assert kept["tokens_in"] == 13 and kept["tokens_out"] < 13  # one row prunes
+    for b in range(2):
+        assert torch.allclose(both[b], alone[b], atol=1e-5), b

@@ -130,13 +130,16 @@ class PruMergePlus(Reducer):
                 continue
             a = attn[b, vis]
             kl = self.kept_local(a)
-            kb = torch.cat([prot, vis[kl]])
-            keeps.append(kb)
             is_kept = torch.zeros(n, dtype=torch.bool, device=dev)
             is_kept[kl] = True
             pruned = torch.nonzero(~is_kept).squeeze(1)
             if len(pruned) == 0:
+                # nothing to prune: the tokens stay as they are, in sequence order, as when this
+                # sample runs alone (no plan), not in the [top tokens, extras] order of a pruned row
+                keeps.append(torch.cat([prot, vis]))
                 continue
+            kb = torch.cat([prot, vis[kl]])
+            keeps.append(kb)
             changed = True
             k = min(self.knn, n - 1)
             if k <= 0:
