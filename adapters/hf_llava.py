@@ -365,7 +365,9 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         reds = self.by_site["projector.out"]
         groups: dict = {}
         for i, x in enumerate(items):
-            groups.setdefault(x.shape[0], []).append(i)
+            # one run per (count, grid): stacked items share the first one's grid, so a 2x4 and a
+            # 4x2 image (or videos of 2x4x8 and 4x4x4 patches) must not run together
+            groups.setdefault((x.shape[0], states[i].state.grid), []).append(i)
         items, states = list(items), list(states)
         for idx in groups.values():
             x = torch.stack([items[i] for i in idx])

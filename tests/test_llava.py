@@ -623,3 +623,36 @@ def test_sliding_window_layers_after_a_reduction_see_what_the_masked_model_sees(
     assert torch.equal(got.sequences, want.sequences)
     for t in range(steps):
         assert torch.allclose(got.scores[t], want.scores[t], atol=1e-5), t
+
+
+@pytest.mark.parametrize("spec", ["projector.out=dycoke_ttm", "projector.out=uniform(keep=4)"])
+def test_projector_out_items_of_one_count_but_other_grids_keep_their_own_grid(spec):
+    """Qwen2.5-VL videos of 2x4x8 and 4x4x4 patches: 16 tokens each (2 frames of 2x4, 4 frames of
+    2x2). They ran as one group under the first video's grid, so the second kept other tokens
+    (dycoke_ttm: 10 instead of 7) than alone"""
+    case = V.qwen2_5_vl("sdpa")
+    grids = [[2, 4, 8], [4, 4, 4]]
+    pix = [torch.randn(64, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    secs = torch.tensor([1.0, 1.0])
+    rows = [[5, 6, 20] + [V.VID] * 16 + [21, 8, 9], [5, 20] + [V.VID] * 16 + [21, 8, 9, 10]]
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values_videos=torch.cat(pix),
+                 video_grid_thw=torch.tensor(grids), second_per_grid_ts=secs, mm_token_type_ids=(ids == V.VID).long() * 2)
+    singles = [dict(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                    pixel_values_videos=p, video_grid_thw=torch.tensor([g]), second_per_grid_ts=secs[i:i + 1],
+                    mm_token_type_ids=(torch.tensor([r]) == V.VID).long() * 2)
+               for i, (r, p, g) in enumerate(zip(rows, pix, grids))]
+    def kept(trace):
+        t = trace["projector.out"]
+        return t["valid"].sum(1).tolist() if t["valid"] is not None else [t["pos"].shape[1]] * t["pos"].shape[0]
+    with torch.no_grad(), tr.reduce(case.model, spec) as h:
+        together = case.model(**batch).logits[:, -1]
+        counts = kept(h.trace)
+        alone, alone_counts = [], []
+        for s in singles:
+            alone.append(case.model(**s).logits[0, -1])
+            alone_counts += kept(h.trace)
+    assert counts == alone_counts
+    for b in range(2):
+        assert torch.allclose(together[b], alone[b], atol=1e-5), b
