@@ -54,10 +54,12 @@ KINDS = {
     # same placement as Qwen2-VL (flat patches, (t, h, w) grids, M-RoPE from get_rope_index)
     _T + "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     # a tower, a projector and a decoder behind get_image_features, as LLaVA-1.5 (no vision sites:
-    # their towers are not the CLIP / SigLIP tower whose feature layer LLaVA selects)
+    # their features are pooled, pixel-shuffled or patch-merged after the tower, which the vision
+    # sites' token bookkeeping does not follow)
     _T + "internvl.modeling_internvl.InternVLForConditionalGeneration": "generic",
     _T + "gemma3.modeling_gemma3.Gemma3ForConditionalGeneration": "generic",
-    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "generic",
+    # Pixtral keeps each image's aspect ratio: a square token count does not mean a square grid
+    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "pixtral",
     _T + "aya_vision.modeling_aya_vision.AyaVisionForConditionalGeneration": "generic",
     _T + "paligemma.modeling_paligemma.PaliGemmaForConditionalGeneration": "generic",
 }
@@ -539,8 +541,11 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                     # so the text row counts them (the rotary phases stay in the M-RoPE rows)
                     g = torch.cat([(valid.long().cumsum(-1) - 1).clamp(min=0)[None].to(g.dtype), g[1:]])
                 new["position_ids"] = g
-            else:  # contiguous re-index over the shortened prompt (generate's cumsum convention)
-                new["position_ids"] = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            else:  # contiguous re-index over the shortened prompt, from the row's own first position
+                # (generate counts from 0, PaliGemma from 1; the decode steps subtract the dropped count)
+                first = pos.masked_fill(~valid0, torch.iinfo(pos.dtype).max).amin(1, keepdim=True)
+                first = torch.where(valid0.any(1, keepdim=True), first, torch.zeros_like(first))
+                new["position_ids"] = first + (valid.long().cumsum(-1) - 1).clamp(min=0)
         kwargs.update(new)
         dropped = valid0.sum(1) - valid.sum(1)
         if changed or bool(pad.any()):

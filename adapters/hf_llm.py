@@ -242,6 +242,7 @@ class _Session:
         self.scatter_pending = False
         # host-side flags, so per-layer hooks need no device sync
         self.ragged = False       # a ragged plan introduced padding slots
+        self.ragged_at: dict = {}  # layer -> whether its keys hold such slots
         self.sized = False        # sizes left 1 (a merge folded tokens, or a soft mask)
         self.prompt_padded = True  # the prompt itself has padding
 
@@ -436,6 +437,7 @@ class LLMSites(PerThreadState):
         s.cols[j] = s.cur_cols
         s.valid[j] = s.cur_valid
         s.slots[j] = s.cur_slot
+        s.ragged_at[j] = s.ragged  # this layer's keys hold padding slots (a ragged plan at or before it)
         s.sizes[j] = s.state.size
         self.recorder.layer(("llm", j), float(s.cur_valid.sum(1).float().mean()))
         if not s.changed:
@@ -484,7 +486,6 @@ class LLMSites(PerThreadState):
         like = am if torch.is_tensor(am) else None
         # keys: the columns this layer kept at prefill, then every token decoded since
         kv_valid = torch.cat([kept, kept.new_ones(kept.shape[0], extra)], dim=1)
-        sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
         window = None
         W = sliding_window_of(cache, j)
         if W is not None:
@@ -494,7 +495,7 @@ class LLMSites(PerThreadState):
             index = torch.cat([s.cols[j], torch.arange(s.L0, s.L0 + extra, device=kept.device).expand(
                 kept.shape[0], extra)], dim=1)
             n = min(kv_valid.shape[1], W - 1 + q)
-            if s.ragged and n < kv_valid.shape[1]:
+            if s.ragged_at.get(j, s.ragged) and n < kv_valid.shape[1]:
                 # the padding slots of a ragged plan sit in the window the cache keeps, so a row with
                 # fewer survivors would keep fewer of its own tokens than when it runs alone
                 raise SiteError(f"decoder layer {j} keeps a sliding window of {W} tokens, and the reduction gave "
@@ -502,7 +503,7 @@ class LLMSites(PerThreadState):
                                 "instead of real tokens); past the window, generate one sample at a time, "
                                 "use a method that keeps the same count in every row (e.g. fastv, uniform), "
                                 "or reduce before the LLM (projector.out)")
-            kv_valid, sizes, index = kv_valid[:, -n:], sizes[:, -n:], index[:, -n:]
+            kv_valid, index = kv_valid[:, -n:], index[:, -n:]
             window = (index, torch.arange(s.L0 + extra - q, s.L0 + extra, device=kept.device), W)
         if like is not None and like.dim() == 2:
             mask = kv_valid.to(like.dtype)
@@ -510,7 +511,9 @@ class LLMSites(PerThreadState):
             mask = None
         else:
             mask = mask_from_valid(kv_valid, q, like, causal=True, window=window)
-            mask = self._size_bias(mask, sizes, hs)
+            if self._has_sizes(s):  # the sizes of the keys kept above (the last ones, in a window)
+                sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
+                mask = self._size_bias(mask, sizes[:, -kv_valid.shape[1]:], hs)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask if not isinstance(am, dict) else {k: mask for k in am}
         return args, kwargs

@@ -87,7 +87,8 @@ class TimmViTAdapter(ViTAdapter):
     def pools_patches_only(self) -> bool:
         m = self.model
         return (self.num_prefix > 0 and getattr(m, "attn_pool", None) is None
-                and getattr(m, "global_pool", "") in ("avg", "avgmax") and not getattr(m, "pool_include_prefix", False))
+                and getattr(m, "global_pool", "") in ("avg", "avgmax", "max")
+                and not getattr(m, "pool_include_prefix", False))
 
     def install_extra(self):
         m = self.model

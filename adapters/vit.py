@@ -318,9 +318,9 @@ class ViTAdapter(PerThreadState, Adapter):
             raise SiteError(f"{name}: the plan keeps no token at all; keep at least one (a fraction that rounds "
                             "to 0 keeps none)")
         if self.pools_patches_only() and not bool((stream.num_visual() > 0).all()):
-            # the prefix tokens are left, but the model's pool averages the patches alone: NaN or a crash
-            raise SiteError(f"{name}: the plan keeps no patch token, and this model's pool averages the patch "
-                            "tokens only (not the class / register tokens); keep at least one patch")
+            # the prefix tokens are left, but the model pools the patches alone: NaN or a crash
+            raise SiteError(f"{name}: the plan keeps no patch token, and this model pools the patch tokens "
+                            "only (not the class / register tokens); keep at least one patch")
         if stream.valid is not None and not bool(stream.valid.all()):
             raise SiteError(f"{name}: the plan keeps different numbers of tokens per sample; inside a ViT "
                             "every sample must keep the same count")
@@ -395,8 +395,8 @@ class ViTAdapter(PerThreadState, Adapter):
         return args, kwargs
 
     def pools_patches_only(self) -> bool:
-        """Whether the model's output pools the patch tokens without the prefix (class / register)
-        tokens, so a plan must leave at least one patch."""
+        """Whether the model's output pools (averages or takes the max of) the patch tokens without
+        the prefix (class / register) tokens, so a plan must leave at least one patch."""
         return False
 
     def merged_sizes(self, tokens):

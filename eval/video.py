@@ -47,6 +47,7 @@ stream or without a single decodable frame, an index out of range.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -339,7 +340,17 @@ def shown_frames(path):
     """(count, first pts) of the frames shown where the container's frame count also lists
     leading frames that are never shown (_shown_pts), from the packets, nothing decoded ((0, None)
     for a cut without a keyframe: nothing decodes). None when it lists none (the common case,
-    told from the first GOP's packets) or PyAV cannot tell (missing, or the file unreadable)."""
+    told from the first GOP's packets) or PyAV cannot tell (missing, or the file unreadable).
+    Remembered per file version (path, size, mtime): one read asks from several places."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _shown_frames_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _shown_frames_of(path: str, size: int, mtime_ns: int):
     try:
         import av
         with av.open(str(path)) as c:

@@ -656,3 +656,50 @@ def test_projector_out_items_of_one_count_but_other_grids_keep_their_own_grid(sp
     assert counts == alone_counts
     for b in range(2):
         assert torch.allclose(together[b], alone[b], atol=1e-5), b
+
+
+@pytest.mark.parametrize("name", ["llava", "internvl", "mistral3", "paligemma"])
+def test_generate_continues_a_shortened_prompt_at_the_models_own_positions(name):
+    """after projector.out shortened the prompt, generate's second step equals one reduced forward
+    over the prompt and the first new token: the prefill re-index starts where the model counts
+    from (PaliGemma from 1: it restarted at 0 and skipped a position before the first new token)"""
+    case = V.BUILDERS[name]("sdpa")
+    single = case.singles[1]
+    with torch.no_grad(), tr.reduce(case.model, "projector.out=uniform(keep=2)"):
+        g = _generate(case.model, single, new=2)
+        longer = {k: torch.cat([v, g.sequences[:, -2:-1] if k == "input_ids" else v[:, -1:].clone().fill_(
+                     1 if k == "attention_mask" or name == "paligemma" else 0)], 1)
+                  if torch.is_tensor(v) and v.dim() == 2 and v.shape == single["input_ids"].shape else v
+                  for k, v in single.items()}
+        forward = case.model(**longer).logits[0, -1]
+    assert torch.allclose(g.scores[1][0], forward, atol=1e-5), (g.scores[1][0] - forward).abs().max()
+
+
+def test_sliding_window_layers_before_a_ragged_plan_keep_decoding():
+    """Aya Vision (sliding window 6 in layers 0-2): uniform at layer 1 keeps the same count in every
+    row, ATP at layer 3 (a full-attention layer) does not. Layers 1 and 2 hold no padding slots, so
+    decoding past their window goes on (it was refused for the whole model once any plan was ragged)"""
+    case = V.aya_vision("sdpa")
+    with tr.reduce(case.model, "llm.layer.1=uniform(keep=3); llm.layer.3=atp"):
+        g = _generate(case.model, case.batch, new=6, min_new_tokens=6)
+        singles = [_generate(case.model, s, new=6, min_new_tokens=6) for s in case.singles]
+    assert g.sequences.shape[1] == case.batch["input_ids"].shape[1] + 6
+    for b, single in enumerate(singles):
+        for t in range(6):
+            assert torch.allclose(g.scores[t][b], single.scores[t][0], atol=1e-4), (b, t)
+
+
+def test_mistral3_images_of_other_aspect_ratios_are_not_taken_for_square_grids():
+    """a 56x224 image is 2x8 merged tokens; its 16 tokens were read as a 4x4 grid, so uniform(keep=4)
+    kept tokens 0, 2, 8, 10: all in the left quarter of the real 2x8 image. Without a grid it
+    spreads over the whole sequence."""
+    case = V.mistral3("sdpa")
+    run = [V.IMG] * 8 + [30] + [V.IMG] * 8 + [31]  # rows of [IMG] ended by [IMG_BREAK] / [IMG_END]
+    ids = torch.tensor([[5, 6] + run + [8, 9]])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                 pixel_values=torch.randn(1, 3, 56, 224, generator=torch.Generator().manual_seed(0)),
+                 image_sizes=torch.tensor([[56, 224]]))
+    with torch.no_grad(), tr.reduce(case.model, "projector.out=uniform(keep=4)") as h:
+        case.model(**batch)
+        kept = h.trace["projector.out"]["pos"][0].tolist()
+    assert len(kept) == 4 and any(p % 8 >= 4 for p in kept), kept  # the right half of the image is reached

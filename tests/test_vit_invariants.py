@@ -462,11 +462,12 @@ def test_signals_keep_their_graph_only_for_a_reducer_that_plans_with_gradients()
 @pytest.mark.parametrize("build, spec", [
     ("timm avg", "vision.out=visionzip(dominant=1, contextual=0)"),  # the CLS takes the one dominant slot
     ("timm avgmax", "vision.block.0=uniform(keep=0)"),
+    ("timm max", "vision.out=random(keep=0)"),
     ("timm reg avg", "vision.out=uniform(keep=0)"),
     ("open_clip avg", "vision.out=random(keep=0)")])
 def test_a_plan_leaving_no_patch_for_a_patch_pool_is_refused(build, spec):
-    """the class / register tokens remain, but these pools average the patches alone: NaN (avg) or a
-    torch IndexError (avgmax) before; now the error says to keep a patch"""
+    """the class / register tokens remain, but these pools read the patches alone: NaN (avg) or a
+    torch IndexError (avgmax, max) before; now the error says to keep a patch"""
     torch.manual_seed(0)
     if build.startswith("open_clip"):
         pytest.importorskip("open_clip")
@@ -477,7 +478,7 @@ def test_a_plan_leaving_no_patch_for_a_patch_pool_is_refused(build, spec):
         m = _tiny_timm(img_size=64, embed_dim=32, depth=2, num_heads=2, global_pool=build.split()[-1],
                        reg_tokens=4 if "reg" in build else 0)
     x = torch.randn(2, 3, 64, 64)
-    with tr.reduce(m, spec), torch.no_grad(), pytest.raises(tr.SiteError, match="no patch token.*keep at least one"):
+    with tr.reduce(m, spec), torch.no_grad(), pytest.raises(tr.SiteError, match="no patch token.*pools the patch.*keep at least one"):
         m(x)
     with tr.reduce(m, spec.replace("keep=0", "keep=1").replace("contextual=0", "contextual=1")), torch.no_grad():
         assert torch.isfinite(m(x)).all()  # one patch is enough
