@@ -326,6 +326,14 @@ class LLMSites(PerThreadState):
             raise SiteError(f"the LLM's attention implementation changed after reduce() (it is now {impl!r}); "
                             "llm.layer sites need 'sdpa' or 'eager' set before reduce(): remove the reduction, "
                             "set the implementation, and reduce again")
+        if torch.is_grad_enabled() and any(getattr(layer, "gradient_checkpointing", False) is True and layer.training
+                                           for layer in self.layers):
+            # the backward pass re-runs each decoder layer, whose hooks would see the tokens of the
+            # end of the forward (the same refusal as the vision tower's)
+            raise SiteError("gradient checkpointing is on in the LLM: it re-runs each decoder layer in the backward "
+                            "pass, which llm.layer reductions do not support; turn it off "
+                            "(model.activation_checkpointing_disable()), reduce before the LLM (projector.out), or "
+                            "run without grad")
         # read per forward: a reducer may ask for proportional attention in one mode only (ATP's
         # soft masks while it trains)
         self.prop_attn = any(red.needs(self.infos[name]).prop_attn for name, red in self._stages)

@@ -282,9 +282,11 @@ class ViTAdapter(PerThreadState, Adapter):
         return i if self.owns_record else ("vision", i)
 
     def _begin(self, x):
+        # transformers checkpoints only in training; timm and open_clip whenever the flag is set
+        # (eval mode too), so their flag alone means the blocks re-run in the backward pass
         if torch.is_grad_enabled() and any(
-                m.training and (getattr(m, "gradient_checkpointing", False) is True
-                                or getattr(m, "grad_checkpointing", False) is True) for m in self._checkpointed):
+                (m.training and getattr(m, "gradient_checkpointing", False) is True)
+                or getattr(m, "grad_checkpointing", False) is True for m in self._checkpointed):
             raise SiteError("gradient checkpointing is on: it re-runs each block in the backward pass, which token "
                             "reduction does not support; turn it off (activation_checkpointing_disable() / "
                             "gradient_checkpointing_disable() in transformers, set_grad_checkpointing(False) in "

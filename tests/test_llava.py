@@ -703,3 +703,24 @@ def test_mistral3_images_of_other_aspect_ratios_are_not_taken_for_square_grids()
         case.model(**batch)
         kept = h.trace["projector.out"]["pos"][0].tolist()
     assert len(kept) == 4 and any(p % 8 >= 4 for p in kept), kept  # the right half of the image is reached
+
+
+def test_gradient_checkpointing_in_the_llm_is_refused_with_llm_sites():
+    """HF checkpointing re-runs each decoder layer in backward, where the llm.layer hooks see the
+    tokens of the end of the forward (backward failed with a size mismatch inside the attention
+    capture); a reduction before the LLM trains with it as usual"""
+    case = V.llava("sdpa")
+    m = case.model
+    m.activation_checkpointing_enable()
+    m.train()
+    inputs = dict(case.singles[0], labels=case.singles[0]["input_ids"])
+    try:
+        with tr.reduce(m, "llm.layer.2=fastv(ratio=0.5)"):
+            with pytest.raises(tr.SiteError, match="gradient checkpointing is on in the LLM"):
+                m(**inputs)
+        with tr.reduce(m, "projector.out=uniform(keep=0.5)"):
+            m(**inputs).loss.backward()
+            assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+    finally:
+        m.activation_checkpointing_disable()
+        m.eval()

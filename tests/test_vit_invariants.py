@@ -482,3 +482,24 @@ def test_a_plan_leaving_no_patch_for_a_patch_pool_is_refused(build, spec):
         m(x)
     with tr.reduce(m, spec.replace("keep=0", "keep=1").replace("contextual=0", "contextual=1")), torch.no_grad():
         assert torch.isfinite(m(x)).all()  # one patch is enough
+
+
+def test_timm_and_open_clip_checkpointing_is_refused_in_eval_mode_too():
+    """timm and open_clip checkpoint whenever their flag is set (transformers only in training): with
+    grad on, eval() mode re-ran the blocks in backward against the end-of-forward tokens and failed
+    inside torch (a size mismatch) instead of being refused"""
+    m = _tiny_timm(img_size=64, embed_dim=32, depth=2, num_heads=2)
+    m.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+    oc = VisionTransformer(image_size=64, patch_size=16, width=64, layers=2, heads=4, mlp_ratio=4.0,
+                           output_dim=32).eval()
+    oc.set_grad_checkpointing(True)
+    for model in (m, oc):
+        with tr.reduce(model, "vision.block.*=tome(r=2)"):
+            assert not model.training
+            with pytest.raises(tr.SiteError, match="gradient checkpointing is on"):
+                model(x)
+            with torch.no_grad():  # nothing re-run in a backward: fine
+                model(x)
