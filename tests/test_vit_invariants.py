@@ -503,3 +503,20 @@ def test_timm_and_open_clip_checkpointing_is_refused_in_eval_mode_too():
                 model(x)
             with torch.no_grad():  # nothing re-run in a backward: fine
                 model(x)
+
+
+@pytest.mark.parametrize("pool", [dict(pool_type="avg", output_dim=32),
+                                  dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=4,
+                                       output_dim=64)])
+def test_open_clip_forward_intermediates_pools_merged_tokens_as_the_forward_does(pool):
+    """forward_intermediates runs the blocks without the transformer's forward (where vision.out
+    sits): its image_features were pooled without the size weighting model(x) applies"""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=64, patch_size=16, width=64, layers=3, heads=4, mlp_ratio=4.0, **pool).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), tr.reduce(m, "vision.block.*=tome(r=2)"):
+        want = m(x)
+        got = m.forward_intermediates(x, output_fmt="NLC")["image_features"]
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
