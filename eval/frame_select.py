@@ -18,15 +18,19 @@ from tokenreduce.registry import scorer_factory
 
 
 def _as_pixels(frames) -> tuple[torch.Tensor, str]:
-    """(T, H, W, 3) uint8 numpy or (T, C, H, W) tensor -> (1, T, C, H, W) float in [0, 1]."""
+    """(T, H, W, 3) uint8 numpy or (T, C, H, W) tensor -> (1, T, 3, H, W) float in [0, 1] (grey
+    frames repeated over the three channels)."""
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"numpy frames must be (T, H, W, 3), got shape {frames.shape}")
+            raise ValueError(f"numpy frames must be (T, H, W, 3) (or 1 channel, or RGBA), got shape {frames.shape}")
         t = torch.from_numpy(np.ascontiguousarray(frames[..., :3])).permute(0, 3, 1, 2)
         kind = "numpy"
     elif torch.is_tensor(frames):
-        if frames.dim() != 4:
-            raise ValueError(f"tensor frames must be (T, C, H, W), got shape {tuple(frames.shape)}")
+        if frames.dim() != 4 or frames.shape[1] not in (1, 3):
+            hint = "; it looks channels-last: pass frames.permute(0, 3, 1, 2)" \
+                if frames.dim() == 4 and frames.shape[-1] in (1, 3) else ""
+            raise ValueError(f"tensor frames must be (T, C, H, W) with C = 3 (or 1), got shape "
+                             f"{tuple(frames.shape)}{hint}")
         t = frames
         kind = "tensor"
     elif isinstance(frames, (list, tuple)) and frames and hasattr(frames[0], "size") and hasattr(frames[0], "mode"):
@@ -36,6 +40,8 @@ def _as_pixels(frames) -> tuple[torch.Tensor, str]:
         raise TypeError("frames must be a (T, H, W, 3) uint8 numpy array, a (T, C, H, W) tensor or a list of "
                         f"PIL images, got {type(frames).__name__}")
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.shape[1] == 1:  # grey frames: the scorers read RGB
+        t = t.expand(-1, 3, -1, -1)
     return t[None], kind
 
 

@@ -341,3 +341,19 @@ def test_assigning_handle_context_reaches_the_reducer():
         with pytest.raises(TypeError, match="mapping"):
             h.context = "frames 3 12"
         assert h.context["question"] == "frames 3 12"
+
+
+def test_select_frames_takes_grey_frames_and_names_a_channels_last_tensor():
+    """(T, H, W, 1) numpy frames passed the input check but crashed the head scorer (a 9- vs
+    27-feature matmul); a channels-last tensor failed inside the scorers' convolutions"""
+    from tokenreduce.eval import select_frames
+    from tokenreduce.eval.frame_scorers import FrameSelectorHead, HeadScorer
+    torch.manual_seed(0)
+    sc = HeadScorer(head=FrameSelectorHead())
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 24, 24, 3), dtype=np.uint8)
+    grey = rgb[..., :1]
+    picked, idx = select_frames(grey, "what is red", 3, scorer=sc)
+    _, same = select_frames(np.repeat(grey, 3, axis=-1), "what is red", 3, scorer=sc)
+    assert idx.tolist() == same.tolist() and picked.shape == (3, 24, 24, 1)  # the caller's frames back
+    with pytest.raises(ValueError, match=r"channels-last: pass frames.permute\(0, 3, 1, 2\)"):
+        select_frames(torch.from_numpy(rgb), "what is red", 3, scorer=sc)
