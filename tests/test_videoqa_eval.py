@@ -940,3 +940,55 @@ def test_plots_name_the_failed_runs_they_cannot_draw(tmp_path, monkeypatch):
     texts.clear()
     plot([ok], tmp_path)
     assert texts == []
+
+
+def test_hf_qwen2_5_vl_checkpoint_with_its_processor(tmp_path, data):
+    """--model hf:DIR on a Qwen2.5-VL folder (Qwen2_5_VLProcessor with its video processor, M-RoPE,
+    seconds per temporal patch): reduced before and inside the LLM, batches score as single samples"""
+    import transformers as tf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from tokenreduce.eval.embedded import vocabulary
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    words = ["<pad>", "<unk>"] + [w for w in vocabulary() if w not in ("<pad>", "<unk>", "<image>", "<video>")]
+    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", padding_side="right",
+                                     extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                           "vision_bos_token": "<|vision_start|>",
+                                                           "vision_eos_token": "<|vision_end|>"})
+    template = ("{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'video' %}"
+                "<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                "{% endfor %}{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+    pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56)  # 64x64 frames -> 56x56: 2x2 tokens per 2 frames
+    proc = tf.Qwen2_5_VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**pixels),
+                                  video_processor=tf.Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
+                                  chat_template=template)
+    torch.manual_seed(0)
+    text = tf.Qwen2_5_VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                                   rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                    "rope_theta": 10000.0})
+    vision = tf.Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                                       window_size=56, fullatt_block_indexes=[1])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    cfg = tf.Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    ckpt = tmp_path / "hf"
+    proc.save_pretrained(str(ckpt))
+    tf.Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(str(ckpt))
+    for policy, final in (("projector.out=uniform(keep=0.5)", 4), ("llm.layer.1=fastv(ratio=0.5)", 4)):
+        runs = {}
+        for batch in (1, 2):
+            out = tmp_path / f"{policy.split('=')[0]}_{batch}"
+            summary = run_eval(EvalConfig(data=str(data), out=str(out), model=f"hf:{ckpt}", frames=FRAMES, limit=3,
+                                          progress=False, warmup=0, policy=policy, max_new_tokens=2, batch=batch))
+            assert summary["errors"] == 0 and summary["n"] == 3
+            runs[batch] = read_results(out / "results.jsonl")
+        for one, two in zip(runs[1], runs[2]):
+            assert one["visual_tokens"]["input"] == FRAMES // 2 * 4 and one["visual_tokens"]["final"] == final
+            assert one["id"] == two["id"] and one["generated"] == two["generated"]
+            assert one["loglik_scores"] == pytest.approx(two["loglik_scores"], abs=1e-4)
