@@ -134,12 +134,17 @@ def llava_next_video(attn="sdpa"):
                    n_vis=n_vis)
 
 
+def _mrope_text(config_class):
+    """the Qwen-VL decoder config: 4 layers, M-RoPE sections (t, h, w) = (2, 1, 1) of head_dim 8"""
+    return config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+                        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+
+
 def qwen2_vl(attn="sdpa"):
     import transformers as tf
     torch.manual_seed(0)
-    text = tf.Qwen2VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
-                                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    text = _mrope_text(tf.Qwen2VLTextConfig)
     vision = tf.Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14,
                                     spatial_merge_size=2, temporal_patch_size=2)
     cfg = tf.Qwen2VLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=IMG,
@@ -163,10 +168,7 @@ def qwen2_5_vl(attn="sdpa"):
     temporal patch that space its M-RoPE time positions (second_per_grid_ts)"""
     import transformers as tf
     torch.manual_seed(0)
-    text = tf.Qwen2_5_VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
-                                   rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
-                                                    "rope_theta": 10000.0})
+    text = _mrope_text(tf.Qwen2_5_VLTextConfig)
     vision = tf.Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
                                        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
                                        window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
