@@ -724,3 +724,19 @@ def test_gradient_checkpointing_in_the_llm_is_refused_with_llm_sites():
     finally:
         m.activation_checkpointing_disable()
         m.eval()
+
+
+@pytest.mark.parametrize("name", ["llava", "internvl"])
+def test_uniform_in_the_llm_spreads_over_every_image_of_a_prompt(name):
+    """two images in one prompt (or InternVL's tiles): each is its own frame 0 with patches 0..N-1.
+    Read as one frame with repeated patch numbers, uniform kept the first image whole and none of
+    the second"""
+    case = V.BUILDERS[name]("sdpa")
+    n = case.visual
+    ids = torch.tensor([[5, 6] + [V.IMG] * n + [8] + [V.IMG] * n + [9, 10]])
+    pix = case.batch["pixel_values"][:2]
+    with torch.no_grad(), tr.reduce(case.model, "llm.layer.1=uniform(keep=0.5)") as h:
+        case.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
+        kept = set(h.trace["llm.layer.1"]["pos"][0].tolist())
+    first, second = set(range(2, 2 + n)), set(range(3 + n, 3 + 2 * n))
+    assert len(kept & first) == len(kept & second) == n // 2, sorted(kept)

@@ -17,9 +17,10 @@ from .base import Reducer, check_budget
 class UniformPrune(Reducer):
     """Spatially uniform pruning: keep `keep` visual tokens spread evenly over each frame's grid.
 
-    The budget is split evenly over frames; inside a frame the survivors are the tokens nearest
-    to a regular lattice of that many points (exactly a strided grid when all tokens are still
-    there). Without a known grid, tokens are taken at evenly spaced indices. Original order.
+    The budget is split evenly over frames (each image of a prompt, tile or video frame is one);
+    inside a frame the survivors are the tokens nearest to a regular lattice of that many points
+    (exactly a strided grid when all tokens are still there). Without a known grid, tokens are
+    taken at evenly spaced indices. Original order.
     """
 
     name = "uniform"
@@ -52,12 +53,17 @@ class UniformPrune(Reducer):
             sel = torch.linspace(0, len(vis) - 1, k).round().long().to(dev)
             return vis[sel].sort().values
         _, H, W = grid
-        frames = stream.frame[b, vis]
-        uniq = frames.unique(sorted=True)
-        share = [k // len(uniq) + (1 if i < k % len(uniq) else 0) for i in range(len(uniq))]
+        # one plane per frame of each image / video: a new frame number, or a patch index that does
+        # not increase (the next image of the row starts again at frame 0, patch 0)
+        frames, patches = stream.frame[b, vis], stream.patch[b, vis]
+        new = torch.ones_like(frames, dtype=torch.bool)
+        new[1:] = (frames[1:] != frames[:-1]) | (patches[1:] <= patches[:-1])
+        planes = new.long().cumsum(0) - 1
+        n_planes = int(planes[-1]) + 1
+        share = [k // n_planes + (1 if i < k % n_planes else 0) for i in range(n_planes)]
         picked = []
-        for f, kf in zip(uniq.tolist(), share):
-            idx = vis[frames == f]
+        for f, kf in enumerate(share):
+            idx = vis[planes == f]
             kf = min(kf, len(idx))
             if kf == 0:
                 continue
