@@ -58,8 +58,7 @@ KINDS = {
     # sites' token bookkeeping does not follow)
     _T + "internvl.modeling_internvl.InternVLForConditionalGeneration": "generic",
     _T + "gemma3.modeling_gemma3.Gemma3ForConditionalGeneration": "generic",
-    # Pixtral keeps each image's aspect ratio: a square token count does not mean a square grid
-    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "pixtral",
+    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "generic",  # Pixtral tower: no grid
     _T + "aya_vision.modeling_aya_vision.AyaVisionForConditionalGeneration": "generic",
     _T + "paligemma.modeling_paligemma.PaliGemmaForConditionalGeneration": "generic",
 }
@@ -117,6 +116,9 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         self.cfg = model.config
         self.lm = self.base.language_model
         self.tower = getattr(self.base, "vision_tower", None) or getattr(self.base, "visual", None)
+        # a Pixtral tower keeps each image's aspect ratio (pixtral-12b is a Llava class with one):
+        # a square token count does not mean a square grid there
+        self.square_grids = not is_a(self.tower, "transformers.models.pixtral.modeling_pixtral.PixtralVisionModel")
         self.image_token = getattr(self.cfg, "image_token_id", getattr(self.cfg, "image_token_index", None))
         self.video_token = getattr(self.cfg, "video_token_id", getattr(self.cfg, "video_token_index", None))
         self.tower_adapter = None
@@ -302,7 +304,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                 grid = (T, side, side) if side * side == per else (T, 1, per)
             if self._frames_kept is not None:  # frames were dropped before the tower
                 frames_kept = self._frames_kept[index]
-        elif self.kind in ("llava", "generic"):
+        elif self.kind in ("llava", "generic") and self.square_grids:
             side = int(round(N ** 0.5))
             grid = (1, side, side) if side * side == N else None
         if grid is not None and grid[0] * grid[1] * grid[2] == n_vis:

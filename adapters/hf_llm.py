@@ -508,9 +508,10 @@ class LLMSites(PerThreadState):
                 # fewer survivors would keep fewer of its own tokens than when it runs alone
                 raise SiteError(f"decoder layer {j} keeps a sliding window of {W} tokens, and the reduction gave "
                                 "the batch's rows different token counts (padding slots the window would keep "
-                                "instead of real tokens); past the window, generate one sample at a time, "
-                                "use a method that keeps the same count in every row (e.g. fastv, uniform), "
-                                "or reduce before the LLM (projector.out)")
+                                "instead of real tokens: adaptive methods such as atp or framefusion, or rows "
+                                "holding different numbers of images / crops / tiles, even with fastv or "
+                                "uniform); past the window, generate one sample at a time, batch rows with the "
+                                "same visual inputs, or reduce before the LLM (projector.out)")
             kv_valid, index = kv_valid[:, -n:], index[:, -n:]
             window = (index, torch.arange(s.L0 + extra - q, s.L0 + extra, device=kept.device), W)
         if like is not None and like.dim() == 2:

@@ -689,18 +689,32 @@ def test_sliding_window_layers_before_a_ragged_plan_keep_decoding():
             assert torch.allclose(g.scores[t][b], single.scores[t][0], atol=1e-4), (b, t)
 
 
-def test_mistral3_images_of_other_aspect_ratios_are_not_taken_for_square_grids():
-    """a 56x224 image is 2x8 merged tokens; its 16 tokens were read as a 4x4 grid, so uniform(keep=4)
-    kept tokens 0, 2, 8, 10: all in the left quarter of the real 2x8 image. Without a grid it
-    spreads over the whole sequence."""
-    case = V.mistral3("sdpa")
+def _llava_with_a_pixtral_tower():
+    """pixtral-12b's layout: a Llava class around a Pixtral tower (no patch merger)"""
+    import transformers as tf
+    torch.manual_seed(0)
+    vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=112, patch_size=14, head_dim=8)
+    text = tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, pad_token_id=V.PAD)
+    cfg = tf.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=V.IMG,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    return tf.LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("name, size", [("mistral3", (56, 224)), ("llava_pixtral", (28, 112))])
+def test_pixtral_images_of_other_aspect_ratios_are_not_taken_for_square_grids(name, size):
+    """a 2x8-token image (Mistral 3: 56x224 with its 2x2 merger; Llava + Pixtral: 28x112): its 16
+    tokens were read as a 4x4 grid, so uniform(keep=4) kept tokens 0, 2, 8, 10: all in the left
+    quarter of the image. Without a grid it spreads over the whole sequence."""
+    model = V.mistral3("sdpa").model if name == "mistral3" else _llava_with_a_pixtral_tower()
     run = [V.IMG] * 8 + [30] + [V.IMG] * 8 + [31]  # rows of [IMG] ended by [IMG_BREAK] / [IMG_END]
     ids = torch.tensor([[5, 6] + run + [8, 9]])
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                 pixel_values=torch.randn(1, 3, 56, 224, generator=torch.Generator().manual_seed(0)),
-                 image_sizes=torch.tensor([[56, 224]]))
-    with torch.no_grad(), tr.reduce(case.model, "projector.out=uniform(keep=4)") as h:
-        case.model(**batch)
+                 pixel_values=torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)),
+                 image_sizes=torch.tensor([list(size)]))
+    with torch.no_grad(), tr.reduce(model, "projector.out=uniform(keep=4)") as h:
+        model(**batch)
         kept = h.trace["projector.out"]["pos"][0].tolist()
     assert len(kept) == 4 and any(p % 8 >= 4 for p in kept), kept  # the right half of the image is reached
 
