@@ -1,5 +1,6 @@
 """Hugging Face LLaVA family on transformers 5.2x: LLaVA-1.5 (Llava), LLaVA-NeXT (anyres tiles),
-LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video, Qwen2-VL and Qwen2.5-VL (M-RoPE),
+LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+(M-RoPE; Qwen3-VL's DeepStack features follow the kept tokens),
 and the VLMs built the same way (a tower and a projector behind get_image_features, then a decoder):
 InternVL, Gemma 3, Mistral 3, Aya Vision, PaliGemma.
 
@@ -53,6 +54,8 @@ KINDS = {
     _T + "qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration": "qwen2_vl",
     # same placement as Qwen2-VL (flat patches, (t, h, w) grids, M-RoPE from get_rope_index)
     _T + "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    # and its DeepStack features (added to the visual tokens after the first decoder layers)
+    _T + "qwen3_vl.modeling_qwen3_vl.Qwen3VLForConditionalGeneration": "qwen2_vl",
     # a tower, a projector and a decoder behind get_image_features, as LLaVA-1.5 (no vision sites:
     # their features are pooled, pixel-shuffled or patch-merged after the tower, which the vision
     # sites' token bookkeeping does not follow)
@@ -93,7 +96,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
 
     name = "hf_llava"
     family = ("transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaVA-NeXT-Video / Qwen2-VL / Qwen2.5-VL / "
-              "InternVL / Gemma 3 / Mistral 3 / Aya Vision / PaliGemma")
+              "Qwen3-VL / InternVL / Gemma 3 / Mistral 3 / Aya Vision / PaliGemma")
     priority = 10
     PER_FORWARD = {
         "_items": dict,          # id(features output) -> (modality, [_Item]) computed for this forward
@@ -198,10 +201,28 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             if fn is not None:
                 H.setattr(self.base, f"get_{modality}_features", self._wrap_features(fn, modality))
         self.llm.install([(n, r) for n, r in stages if n.startswith("llm.layer.")])
+        if self.llm.by_site and callable(getattr(self.lm, "_deepstack_process", None)):
+            # Qwen3-VL adds DeepStack features to the visual tokens after its first layers: a
+            # reduction before one of them must hand it the mask and features of the tokens kept
+            H.setattr(self.lm, "_deepstack_process", self._wrap_deepstack(self.lm._deepstack_process))
         if callable(getattr(self.model, "generate", None)):
             H.setattr(self.model, "generate", self._wrap_generate(self.model.generate))
         H.pre(self.model, self._model_pre, with_kwargs=True)
         H.post(self.model, self._model_post)
+
+    def _wrap_deepstack(self, add):
+        @functools.wraps(add)
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            s = self.llm.session
+            B, L = visual_pos_masks.shape
+            if hidden_states.shape[1] == L or s is None or s.cur_cols is None:
+                return add(hidden_states, visual_pos_masks, visual_embeds)
+            cols = s.cur_cols.clamp(min=0).to(visual_pos_masks.device)
+            kept = visual_pos_masks.gather(1, cols) & s.cur_slot.to(visual_pos_masks.device)
+            # visual_embeds has one row per True of the full mask, in row-major order
+            row = (visual_pos_masks.reshape(-1).long().cumsum(0) - 1).view(B, L).gather(1, cols)
+            return add(hidden_states, kept, visual_embeds[row[kept].to(visual_embeds.device)])
+        return deepstack_process
 
     @staticmethod
     def _wrap_generate(generate):
@@ -348,6 +369,15 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             for i, it in enumerate(states):
                 order = torch.argsort(it.state.pos[0])
                 items[i], states[i] = items[i][order], _Item(_select(it.state, order), it.n, it.offset)
+        deep = getattr(out, "deepstack_features", None)
+        if deep and "projector.out" in self.by_site:
+            # Qwen3-VL: each DeepStack level holds one tensor per item, token for token with the
+            # projector's output: the same survivors, in the same order
+            if any(bool((it.state.size != 1).any()) for it in states):
+                raise SiteError("a merging reduction at projector.out cannot carry Qwen3-VL's DeepStack features "
+                                "(one per token); use a pruning method there (random, uniform, dycoke_ttm)")
+            out.deepstack_features = [type(level)(f[it.state.pos[0].to(f.device)] for f, it in zip(level, states))
+                                      for level in deep]
         if as_tensor:
             lens = {t.shape[0] for t in items}
             out.pooler_output = torch.stack(items) if len(lens) == 1 else torch.cat(items)[None]

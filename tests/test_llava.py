@@ -1,6 +1,9 @@
-"""LLaVA family (LLaVA-1.5, NeXT, OneVision, NeXT-Video, Qwen2-VL) on tiny configs: the README's
+"""LLaVA family (LLaVA-1.5, NeXT, OneVision, NeXT-Video, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL,
+Gemma 3, Mistral 3, Aya Vision, PaliGemma) on tiny configs: the README's
 adapter invariants 1-4 and 6 under SDPA and eager, batch 1 and batch 2 left-padded, forward and generate;
 FastV's anchor (docs/ALGORITHMS.md §8.7)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -149,9 +152,10 @@ def test_generate_batch_matches_single(case, spec):
         assert_same_generation(g, b, single)
 
 
-# (not qwen2_vl: its random-init tiny model's first greedy token is the image placeholder, which
-# transformers itself refuses to re-prefill without a cache, unreduced too)
-@pytest.mark.parametrize("name", [n for n in V.BUILDERS if n != "qwen2_vl"])
+# (not qwen2_vl / qwen3_vl: their random-init tiny models' first greedy token is the image
+# placeholder (qwen3_vl's once reduced), which transformers itself refuses to re-prefill without
+# a cache, unreduced too)
+@pytest.mark.parametrize("name", [n for n in V.BUILDERS if n not in ("qwen2_vl", "qwen3_vl")])
 def test_generate_without_cache_after_a_reduction_before_the_llm(name):
     """generate(use_cache=False) feeds the features it computed once (already reduced) to every
     step's prefill: they are recognised, and greedy decoding matches the cached run"""
@@ -754,3 +758,36 @@ def test_uniform_in_the_llm_spreads_over_every_image_of_a_prompt(name):
         kept = set(h.trace["llm.layer.1"]["pos"][0].tolist())
     first, second = set(range(2, 2 + n)), set(range(3 + n, 3 + 2 * n))
     assert len(kept & first) == len(kept & second) == n // 2, sorted(kept)
+
+
+def test_qwen3_vl_deepstack_features_follow_the_tokens_kept():
+    """Qwen3-VL adds one DeepStack feature per visual token after decoder layers 0-2: at projector.out
+    they are cut to the same survivors, in the same order, as the projector's output (they kept
+    all 8, a size mismatch in the first forward); a merge cannot carry them and is refused"""
+    case = V.qwen3_vl("sdpa")
+    base = case.model.model
+    x, grid = case.singles[0]["pixel_values"], case.singles[0]["image_grid_thw"]
+    with torch.no_grad():
+        full = base.get_image_features(x, grid)
+        with tr.reduce(case.model, "projector.out=random(keep=0.5, shared=True)") as h:
+            reduced = base.get_image_features(x, grid)
+            kept = h.trace["projector.out"]["pos"][0]
+    assert len(kept) == 4 and torch.equal(reduced.pooler_output[0], full.pooler_output[0][kept])
+    assert len(reduced.deepstack_features) == 3
+    for level_reduced, level_full in zip(reduced.deepstack_features, full.deepstack_features):
+        assert torch.equal(level_reduced[0], level_full[0][kept])
+
+    @tr.register_reducer
+    @dataclasses.dataclass
+    class MergeFirstTwo(tr.Reducer):
+        name = "merge_first_two_test"
+        summary = "test only"
+
+        def plan(self, stream):
+            n = stream.num_tokens
+            keep = torch.tensor([[0] + list(range(2, n))])
+            assign = torch.tensor([[0, 0] + list(range(1, n - 1))])
+            return tr.Plan(keep=keep, assign=assign)
+    with tr.reduce(case.model, "projector.out=merge_first_two_test"), torch.no_grad():
+        with pytest.raises(tr.SiteError, match="cannot carry Qwen3-VL's DeepStack"):
+            case.model(**case.singles[0])

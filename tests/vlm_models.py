@@ -189,6 +189,32 @@ def qwen2_5_vl(attn="sdpa"):
     return case
 
 
+def qwen3_vl(attn="sdpa"):
+    """Qwen3-VL on images of 4x8 patches (8 tokens): interleaved M-RoPE, and DeepStack features
+    of vision blocks 0-2 added to the visual tokens after decoder layers 0, 1 and 2"""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = tf.Qwen3VLTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=512,
+                                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                 "rope_theta": 10000.0, "mrope_interleaved": True})
+    vision = tf.Qwen3VLVisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                                    num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])
+    cfg = tf.Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=IMG,
+                           video_token_id=VID, vision_start_token_id=20, vision_end_token_id=21)
+    m = tf.Qwen3VLForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    grid = torch.tensor([[1, 4, 8], [1, 4, 8]])
+    pix = torch.randn(64, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    rows = [[5, 6, 20] + [IMG] * 8 + [21] + list(t) for t in ((8, 9, 10, 11, 12), (8, 9, 10))]
+    case = _finish("qwen3_vl", m, rows, "pixel_values", pix, token_types={IMG: 1}, n_vis=8)
+    case.batch["image_grid_thw"] = grid
+    for i, s in enumerate(case.singles):
+        s.update(pixel_values=pix[32 * i:32 * (i + 1)], image_grid_thw=grid[i:i + 1])
+    return case
+
+
 def internvl(attn="sdpa"):
     """InternVL: its own ViT (CLS dropped), pixel shuffle 16 -> 4 tokens, a Qwen2 decoder"""
     import transformers as tf
@@ -282,6 +308,6 @@ def aya_vision(attn="sdpa"):
 
 
 BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision,
-            "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
+            "llava_next_video": llava_next_video, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
             "internvl": internvl, "gemma3": gemma3, "mistral3": mistral3, "aya_vision": aya_vision,
             "paligemma": paligemma}
