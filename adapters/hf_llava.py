@@ -106,6 +106,7 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         "prompt": None,          # _Prompt: how the prefill shortened the caller's sequence
         "_prefill_pass": bool,   # this thread's forward is a prefill
         "_encoder_flags": dict,   # the forward's output flags, which the unreduced path gives the features call
+        "_in_features": bool,    # inside a wrapped features call (one may call the other)
     }
 
     @classmethod
@@ -267,6 +268,15 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
     def _wrap_features(self, fn, modality):
         @functools.wraps(fn)
         def get_features(*args, **kwargs):
+            if self._in_features:  # Qwen3-VL's get_video_features calls get_image_features: reduce once
+                return fn(*args, **kwargs)
+            self._in_features = True
+            try:
+                return reduced_features(*args, **kwargs)
+            finally:
+                self._in_features = False
+
+        def reduced_features(*args, **kwargs):
             if not self._features_begun:  # generate() computes features before its prefill forward
                 self.recorder.begin()
                 self._features_begun = True
