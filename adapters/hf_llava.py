@@ -216,7 +216,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
             s = self.llm.session
             B, L = visual_pos_masks.shape
-            if hidden_states.shape[1] == L or s is None or s.cur_cols is None:
+            # not the width: a plan padded to a row that kept everything keeps the width L
+            if s is None or not s.changed or s.cur_cols is None:
                 return add(hidden_states, visual_pos_masks, visual_embeds)
             cols = s.cur_cols.clamp(min=0).to(visual_pos_masks.device)
             kept = visual_pos_masks.gather(1, cols) & s.cur_slot.to(visual_pos_masks.device)
@@ -519,6 +520,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         kind = torch.full((B, L), int(Kind.TEXT), dtype=torch.long, device=dev)
         frame = torch.full((B, L), -1, dtype=torch.long, device=dev)
         patch = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        item = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        items_in_row = [0] * B
         size = torch.ones(B, L, device=dev)
         changed = False
         row_grids = [set() for _ in range(B)]
@@ -542,6 +545,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                 frame[b, chosen] = it.state.frame[0]
                 patch[b, chosen] = it.state.patch[0] if it.state.patch is not None else -1
                 size[b, chosen] = it.state.size[0]
+                item[b, chosen] = items_in_row[b]
+                items_in_row[b] += 1
                 changed |= len(chosen) != it.n
             if start != len(cols):
                 hint = ""
@@ -602,7 +607,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         tpl = TokenStream(x=None, pos=torch.arange(Lp, device=dev).expand(B, Lp).clone(), size=g(size),
                           kind=g(kind).masked_fill(pad, int(Kind.TEXT)), frame=g(frame).masked_fill(pad, -1),
                           valid=valid, order="sequence", patch=g(patch).masked_fill(pad, -1),
-                          grid=grids.pop() if len(grids) == 1 else None, row_grids=per_row)
+                          grid=grids.pop() if len(grids) == 1 else None, row_grids=per_row,
+                          item=g(item).masked_fill(pad, -1) if max(items_in_row) > 1 else None)
         self.llm.pending_template = tpl
         self.recorder.last.extra["prompt_tokens"] = float(valid0.sum(1).float().mean())
         self.recorder.last.extra["llm_input_tokens"] = float(valid.sum(1).float().mean())

@@ -74,6 +74,9 @@ class OpenClipViTAdapter(ViTAdapter):
             if isinstance(getattr(pooler, "attn", None), nn.MultiheadAttention):
                 self.hooks.pre(pooler.attn, self.sized_pool_keys, with_kwargs=True)
 
+    def checkpoint_scope(self):
+        return self.visual
+
     def pools_patches_only(self) -> bool:
         v = self.visual
         return self.num_prefix > 0 and getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", None) == "avg"

@@ -263,7 +263,7 @@ class ViTAdapter(PerThreadState, Adapter):
         self.install_extra()
         # gradient checkpointing re-runs each block in the backward pass, where the hooks would
         # meet the end-of-forward state: refused at the forward that would checkpoint
-        self._checkpointed = [m for m in self.model.modules()
+        self._checkpointed = [m for m in self.checkpoint_scope().modules()
                               if hasattr(m, "gradient_checkpointing") or hasattr(m, "grad_checkpointing")]
 
     # -- hooks -------------------------------------------------------------------------------
@@ -395,6 +395,11 @@ class ViTAdapter(PerThreadState, Adapter):
         kwargs = dict(kwargs)
         kwargs["key_padding_mask"] = padding_bias(kwargs.get("key_padding_mask"), size.log(), key.dtype)
         return args, kwargs
+
+    def checkpoint_scope(self):
+        """The module whose blocks the sites sit in (a whole CLIP model also holds a text tower,
+        whose checkpointing is none of our business)."""
+        return self.model
 
     def pools_patches_only(self) -> bool:
         """Whether the model's output pools (averages or takes the max of) the patch tokens without

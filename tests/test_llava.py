@@ -744,20 +744,38 @@ def test_gradient_checkpointing_in_the_llm_is_refused_with_llm_sites():
         m.eval()
 
 
+@tr.register_reducer
+@dataclasses.dataclass
+class DropPositions(tr.Reducer):
+    """Test reducer: drop the tokens at the given original positions."""
+    name = "drop_positions_test"
+    summary = "test only"
+    positions: tuple = ()
+
+    def plan(self, stream):
+        return tr.Plan.from_mask(~torch.isin(stream.pos, torch.tensor(self.positions, dtype=stream.pos.dtype)))
+
+
 @pytest.mark.parametrize("name", ["llava", "internvl"])
-def test_uniform_in_the_llm_spreads_over_every_image_of_a_prompt(name):
+@pytest.mark.parametrize("before", ["", "late_first"])
+def test_uniform_in_the_llm_spreads_over_every_image_of_a_prompt(name, before):
     """two images in one prompt (or InternVL's tiles): each is its own frame 0 with patches 0..N-1.
     Read as one frame with repeated patch numbers, uniform kept the first image whole and none of
-    the second"""
+    the second; told apart by patch numbers starting again, they merged once an earlier stage
+    left the first image's early patches and the second's late ones"""
     case = V.BUILDERS[name]("sdpa")
     n = case.visual
     ids = torch.tensor([[5, 6] + [V.IMG] * n + [8] + [V.IMG] * n + [9, 10]])
     pix = case.batch["pixel_values"][:2]
-    with torch.no_grad(), tr.reduce(case.model, "llm.layer.1=uniform(keep=0.5)") as h:
+    first, second = list(range(2, 2 + n)), list(range(3 + n, 3 + 2 * n))
+    spec, k = "llm.layer.1=uniform(keep=0.5)", n // 2
+    if before:  # the first image keeps its first 3/4, the second its last quarter
+        drop = first[3 * n // 4:] + second[:3 * n // 4]
+        spec, k = f"llm.layer.1=drop_positions_test(positions={tuple(drop)}); llm.layer.2=uniform(keep=2)", 1
+    with torch.no_grad(), tr.reduce(case.model, spec) as h:
         case.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
-        kept = set(h.trace["llm.layer.1"]["pos"][0].tolist())
-    first, second = set(range(2, 2 + n)), set(range(3 + n, 3 + 2 * n))
-    assert len(kept & first) == len(kept & second) == n // 2, sorted(kept)
+        kept = set(h.trace[spec.rsplit(";", 1)[-1].strip().split("=")[0]]["pos"][0].tolist())
+    assert len(kept & set(first)) == len(kept & set(second)) == k, sorted(kept)
 
 
 def test_qwen3_vl_deepstack_features_follow_the_tokens_kept():
@@ -791,3 +809,22 @@ def test_qwen3_vl_deepstack_features_follow_the_tokens_kept():
     with tr.reduce(case.model, "projector.out=merge_first_two_test"), torch.no_grad():
         with pytest.raises(tr.SiteError, match="cannot carry Qwen3-VL's DeepStack"):
             case.model(**case.singles[0])
+
+
+def test_qwen3_vl_deepstack_after_a_reduction_in_a_batch_whose_other_row_keeps_everything():
+    """an image row and a longer text-only row: the plan at llm.layer.1 keeps the batch width (the
+    text row keeps all its tokens), which read as "nothing changed" added the image row's DeepStack
+    features at its old columns (logits 0.5 off the row run alone)"""
+    case = V.qwen3_vl("sdpa")
+    row_a = [5, 6, 20] + [V.IMG] * 8 + [21] + [8, 9, 10]
+    row_b = list(range(5, 20))  # text only, longer
+    ids, mask = V._pad_rows([row_a, row_b])
+    types, _ = V._pad_rows([[int(t == V.IMG) for t in r] for r in (row_a, row_b)])
+    pixels = dict(pixel_values=case.singles[0]["pixel_values"], image_grid_thw=case.singles[0]["image_grid_thw"])
+    batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **pixels)
+    single = dict(input_ids=torch.tensor([row_a]), attention_mask=torch.ones(1, len(row_a), dtype=torch.long),
+                  mm_token_type_ids=types[:1, -len(row_a):], **pixels)
+    with torch.no_grad(), tr.reduce(case.model, "llm.layer.1=uniform(keep=0.5)"):
+        together = case.model(**batch).logits[0, -len(row_a):]
+        alone = case.model(**single).logits[0]
+    assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()

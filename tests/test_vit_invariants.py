@@ -520,3 +520,20 @@ def test_open_clip_forward_intermediates_pools_merged_tokens_as_the_forward_does
         want = m(x)
         got = m.forward_intermediates(x, output_fmt="NLC")["image_features"]
     assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+
+def test_checkpointing_in_a_whole_clip_models_text_tower_does_not_refuse_the_vision_sites():
+    """the flag on open_clip's text transformer re-runs no vision block: a vision reduction with
+    grad on trains as usual (it was refused once eval-mode checkpointing counted)"""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    m = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16),
+                       text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=4, layers=1)).eval()
+    m.transformer.grad_checkpointing = True  # the text tower only
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with tr.reduce(m, "vision.block.*=tome(r=2)"):
+        m.encode_image(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    m.visual.set_grad_checkpointing(True)
+    with tr.reduce(m, "vision.block.*=tome(r=2)"), pytest.raises(tr.SiteError, match="gradient checkpointing is on"):
+        m.encode_image(x)

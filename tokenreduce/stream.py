@@ -100,7 +100,8 @@ class TokenStream:
     frame index or -1. grid: (T, H, W) of the visual tokens where known (row_grids: per sample,
     where the samples' grids differ; `grid_of(b)` reads either). valid: (B, N) for
     ragged batches (None = all valid). patch: (B, N) index of each visual token inside its
-    frame's H x W grid (-1 for others). signals: what the adapter captured because a reducer
+    frame's H x W grid (-1 for others). item: (B, N) which image / video of its row a visual
+    token comes from, where rows hold several. signals: what the adapter captured because a reducer
     asked. source: optional (B, N, N0) 0/1 matrix of which original tokens each token holds.
     memo: scratch space that lives for one forward (state spanning several stages).
     """
@@ -126,6 +127,9 @@ class TokenStream:
     # per sample (T, H, W) where the samples' grids differ (a batch mixing image sizes, or an
     # image row and a video row): None for a sample whose own items differ too
     row_grids: tuple | None = None
+    # (B, N) which image / video of its row each visual token comes from (0, 1, ...; -1 for
+    # others), where a row may hold several (the LLM's stream); None when unknown or one per row
+    item: Tensor | None = None
 
     def grid_of(self, b: int):
         """The (T, H, W) grid of sample b's visual tokens, or None when unknown."""
@@ -404,6 +408,7 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         stream, x=x, pos=stream.pos.gather(1, keep), size=size, kind=stream.kind.gather(1, keep),
         frame=stream.frame.gather(1, keep), source=source,
         patch=stream.patch.gather(1, keep) if stream.patch is not None else None,
+        item=stream.item.gather(1, keep) if stream.item is not None else None,
         valid=(plan.valid if stream.valid is None else
                (stream.valid.gather(1, keep) & plan.valid if plan.valid is not None else stream.valid.gather(1, keep))),
     )

@@ -53,17 +53,16 @@ class UniformPrune(Reducer):
             sel = torch.linspace(0, len(vis) - 1, k).round().long().to(dev)
             return vis[sel].sort().values
         _, H, W = grid
-        # one plane per frame of each image / video: a new frame number, or a patch index that does
-        # not increase (the next image of the row starts again at frame 0, patch 0)
-        frames, patches = stream.frame[b, vis], stream.patch[b, vis]
-        new = torch.ones_like(frames, dtype=torch.bool)
-        new[1:] = (frames[1:] != frames[:-1]) | (patches[1:] <= patches[:-1])
-        planes = new.long().cumsum(0) - 1
-        n_planes = int(planes[-1]) + 1
-        share = [k // n_planes + (1 if i < k % n_planes else 0) for i in range(n_planes)]
+        # one plane per frame of each image / video of the row (the LLM's stream may hold several,
+        # each with its own frame 0)
+        frames = stream.frame[b, vis]
+        if stream.item is not None:
+            frames = stream.item[b, vis] * (int(frames.max()) + 2) + frames
+        uniq = frames.unique(sorted=True)
+        share = [k // len(uniq) + (1 if i < k % len(uniq) else 0) for i in range(len(uniq))]
         picked = []
-        for f, kf in enumerate(share):
-            idx = vis[planes == f]
+        for f, kf in zip(uniq.tolist(), share):
+            idx = vis[frames == f]
             kf = min(kf, len(idx))
             if kf == 0:
                 continue
