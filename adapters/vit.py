@@ -411,10 +411,12 @@ class ViTAdapter(PerThreadState, Adapter):
         have its final token count, else None: a pool over them must weight each token by its
         size (ToMe's reference does so for its average pool)."""
         p = self._pass
+        if p is None or not p.merged:
+            return None
         # final: the state at vision.out; forward_intermediates (open_clip) runs the blocks without
         # the transformer's forward where vision.out sits: then the state after the last block
-        st = p.final if p is not None and p.final is not None else getattr(p, "state", None)
-        if p is None or not p.merged or st is None:
+        st = p.final if p.final is not None else p.state
+        if st is None:
             return None
         size = st.size
         return size if tuple(tokens.shape[:2]) == tuple(size.shape) else None
