@@ -26,12 +26,12 @@ def _as_pixels(frames) -> tuple[torch.Tensor, str]:
         t = torch.from_numpy(np.ascontiguousarray(frames[..., :3])).permute(0, 3, 1, 2)
         kind = "numpy"
     elif torch.is_tensor(frames):
-        if frames.dim() != 4 or frames.shape[1] not in (1, 3):
+        if frames.dim() != 4 or frames.shape[1] not in (1, 3, 4):
             hint = "; it looks channels-last: pass frames.permute(0, 3, 1, 2)" \
-                if frames.dim() == 4 and frames.shape[-1] in (1, 3) else ""
-            raise ValueError(f"tensor frames must be (T, C, H, W) with C = 3 (or 1), got shape "
+                if frames.dim() == 4 and frames.shape[-1] in (1, 3, 4) else ""
+            raise ValueError(f"tensor frames must be (T, C, H, W) with C = 3 (or 1, or RGBA), got shape "
                              f"{tuple(frames.shape)}{hint}")
-        t = frames
+        t = frames[:, :3]  # RGBA: the colour channels, as for numpy frames
         kind = "tensor"
     elif isinstance(frames, (list, tuple)) and frames and hasattr(frames[0], "size") and hasattr(frames[0], "mode"):
         t = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in frames])).permute(0, 3, 1, 2)

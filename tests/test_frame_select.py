@@ -357,3 +357,6 @@ def test_select_frames_takes_grey_frames_and_names_a_channels_last_tensor():
     assert idx.tolist() == same.tolist() and picked.shape == (3, 24, 24, 1)  # the caller's frames back
     with pytest.raises(ValueError, match=r"channels-last: pass frames.permute\(0, 3, 1, 2\)"):
         select_frames(torch.from_numpy(rgb), "what is red", 3, scorer=sc)
+    rgba = torch.cat([torch.from_numpy(rgb).permute(0, 3, 1, 2), torch.full((7, 1, 24, 24), 255, dtype=torch.uint8)], 1)
+    _, with_alpha = select_frames(rgba, "what is red", 3, scorer=sc)  # as the numpy RGBA frames are read
+    assert with_alpha.tolist() == same.tolist()
