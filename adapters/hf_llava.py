@@ -1,6 +1,6 @@
 """Hugging Face LLaVA family on transformers 5.2x: LLaVA-1.5 (Llava), LLaVA-NeXT (anyres tiles),
 LLaVA-OneVision (images and video, SigLIP tower), LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL and Qwen3-VL
-(M-RoPE; Qwen3-VL's DeepStack features follow the kept tokens),
+(M-RoPE; Qwen3-VL's DeepStack features follow the kept and merged tokens),
 and the VLMs built the same way (a tower and a projector behind get_image_features, then a decoder):
 InternVL, Gemma 3, Mistral 3, Aya Vision, PaliGemma.
 
@@ -215,15 +215,24 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
         @functools.wraps(add)
         def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
             s = self.llm.session
-            B, L = visual_pos_masks.shape
             # not the width: a plan padded to a row that kept everything keeps the width L
-            if s is None or not s.changed or s.cur_cols is None:
+            if s is None or not s.changed or s.owner is None:
                 return add(hidden_states, visual_pos_masks, visual_embeds)
-            cols = s.cur_cols.clamp(min=0).to(visual_pos_masks.device)
-            kept = visual_pos_masks.gather(1, cols) & s.cur_slot.to(visual_pos_masks.device)
-            # visual_embeds has one row per True of the full mask, in row-major order
-            row = (visual_pos_masks.reshape(-1).long().cumsum(0) - 1).view(B, L).gather(1, cols)
-            return add(hidden_states, kept, visual_embeds[row[kept].to(visual_embeds.device)])
+            # each current token gets the mean of the features of the input tokens it holds (its
+            # own when kept, its members' when merged: as if the merge came after the add)
+            B, L = visual_pos_masks.shape
+            dev, D = hidden_states.device, visual_embeds.shape[-1]
+            mask = visual_pos_masks.to(dev)
+            full = torch.zeros(B, L, D, device=dev, dtype=visual_embeds.dtype)
+            full[mask] = visual_embeds.to(dev)  # one row per True of the mask, row-major
+            owner = torch.where(mask, s.owner.to(dev), -1)
+            N = hidden_states.shape[1]
+            target = owner.masked_fill(owner < 0, N)  # a spare slot for columns that hold no feature
+            total = torch.zeros(B, N + 1, D, device=dev, dtype=full.dtype).scatter_add_(
+                1, target[..., None].expand(B, L, D), full)[:, :N]
+            count = torch.zeros(B, N + 1, device=dev).scatter_add_(1, target, torch.ones(B, L, device=dev))[:, :N]
+            held = count > 0
+            return add(hidden_states, held, (total[held] / count[held][:, None]).to(visual_embeds.dtype))
         return deepstack_process
 
     @staticmethod

@@ -216,6 +216,21 @@ def scatter_attention_to_input(a: Tensor, cols: Tensor, slot: Tensor, length: in
     return full[:, :, :length, :length]
 
 
+def _fold_owner(owner: Tensor, plan, n: int) -> Tensor:
+    """owner (B, L0): the current token (0..n-1) each input column is in, -1 once dropped; after
+    `plan`, the kept slot it is in (a merged token's columns follow it)."""
+    B, K = plan.keep.shape
+    if plan.assign is not None:
+        new = plan.assign
+        if plan.valid is not None:  # padding slots of a ragged plan hold nothing
+            new = torch.where(plan.valid.gather(1, new.clamp(min=0)), new, -1)
+    else:  # each kept token to its slot; padding slots write to a spare column
+        keep = plan.keep if plan.valid is None else plan.keep.masked_fill(~plan.valid, n)
+        new = torch.full((B, n + 1), -1, dtype=torch.long, device=owner.device)
+        new = new.scatter_(1, keep, torch.arange(K, device=owner.device).expand(B, K))[:, :n]
+    return torch.where(owner >= 0, new.gather(1, owner.clamp(min=0)), owner)
+
+
 def sliding_window_of(cache, j: int):
     """W when layer j of `cache` is a sliding-window layer (it keeps the last W - 1 tokens), else None"""
     layers = getattr(cache, "layers", None)
@@ -234,6 +249,7 @@ class _Session:
         self.valid: dict = {}     # layer -> (B, L_j) bool: real (not padding) key columns
         self.slots: dict = {}     # layer -> (B, L_j) bool: False for padding slots of ragged plans
         self.cur_cols = None
+        self.owner = None         # (B, L0) the current token each input column is in (merged or kept), -1 = dropped
         self.cur_valid = None     # (B, L_j) real tokens: neither prompt padding nor plan padding
         self.cur_slot = None      # (B, L_j) False for padding slots a ragged plan introduced
         self.L0 = 0
@@ -399,6 +415,7 @@ class LLMSites(PerThreadState):
         s = _Session(tpl)
         s.L0 = L
         s.cur_cols = torch.arange(L, device=hs.device).expand(B, L)
+        s.owner = s.cur_cols
         s.cur_slot = torch.ones(B, L, dtype=torch.bool, device=hs.device)
         s.cur_valid = tpl.valid if tpl.valid is not None else s.cur_slot
         s.prompt_padded = tpl.valid is not None and not bool(tpl.valid.all())  # one sync per prefill
@@ -431,6 +448,7 @@ class LLMSites(PerThreadState):
             for p in plans:
                 s.ragged |= p.valid is not None
                 s.sized |= p.size_scale is not None or (p.assign is not None and p.keep.shape[1] < n)
+                s.owner = _fold_owner(s.owner, p, n)
                 n = p.keep.shape[1]
                 s.cur_cols = s.cur_cols.gather(1, p.keep)
                 s.cur_valid = s.cur_valid.gather(1, p.keep)

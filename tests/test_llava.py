@@ -828,3 +828,51 @@ def test_qwen3_vl_deepstack_after_a_reduction_in_a_batch_whose_other_row_keeps_e
         together = case.model(**batch).logits[0, -len(row_a):]
         alone = case.model(**single).logits[0]
     assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()
+
+
+@tr.register_reducer
+@dataclasses.dataclass
+class MergeFirstVisualPair(tr.Reducer):
+    """Test reducer: fold each row's second visual token into its first (equal weights)."""
+    name = "merge_first_visual_pair_test"
+    summary = "test only"
+
+    def plan(self, stream):
+        B, N = stream.pos.shape
+        assign = torch.arange(N).expand(B, N).clone()
+        keep = []
+        for b in range(B):
+            v0, v1 = torch.nonzero(stream.visual[b]).flatten()[:2].tolist()
+            rest = [i for i in range(N) if i != v1]
+            keep.append(rest)
+            slot = {i: k for k, i in enumerate(rest)}
+            assign[b] = torch.tensor([slot[v0] if i == v1 else slot[i] for i in range(N)])
+        return tr.Plan(keep=torch.tensor(keep), assign=assign, weight=torch.ones(B, N))
+
+
+def test_qwen3_vl_deepstack_feature_of_a_merged_token_is_its_members_mean():
+    """a token merged before a DeepStack layer holds two input tokens: it gets the mean of their
+    DeepStack features (as if the merge came after the add; it got its anchor's alone), the other
+    visual tokens their own"""
+    case = V.qwen3_vl("sdpa")
+    single = case.singles[0]
+    text = case.model.model.language_model
+    with torch.no_grad():
+        full = case.model.model.get_image_features(single["pixel_values"], single["image_grid_thw"]).deepstack_features
+    seen = []
+    original = text._deepstack_process
+
+    def record(hidden, mask, embeds):
+        seen.append((mask.clone(), embeds.clone()))
+        return original(hidden, mask, embeds)
+    text._deepstack_process = record  # on this instance, under the reduction's own wrap
+    try:
+        with torch.no_grad(), tr.reduce(case.model, "llm.layer.1=merge_first_visual_pair_test"):
+            case.model(**single)
+    finally:
+        del text._deepstack_process
+    # levels 0, 1, 2 after layers 0, 1, 2: level 0 ran before the merge, levels 1 and 2 after it
+    assert [int(m.sum()) for m, _ in seen] == [8, 7, 7]
+    for level in (1, 2):
+        want = torch.cat([((full[level][0][0] + full[level][0][1]) / 2)[None], full[level][0][2:]])
+        assert torch.allclose(seen[level][1], want, atol=1e-6), level
