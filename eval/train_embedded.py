@@ -337,14 +337,18 @@ def check_resume(parser, args) -> None:
     """--resume needs a checkpoint written with the same flags; a run without --resume into an --out
     holding one is refused too: its first interval would overwrite the killed run's progress"""
     ckpt = find_checkpoint(args.out)
+    old = (Path(args.out) / CHECKPOINT / "config.json").is_file() and ckpt is None
     if not args.resume:
         if ckpt is not None:
             step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
             parser.error(f"--out {args.out}: holds {ckpt.name}/ of a run stopped at step {step}; pass --resume "
                          f"to go on with it, or remove {ckpt} to start afresh")
+        if old:  # weights only, from an earlier version of this script: the new run would overwrite them
+            parser.error(f"--out {args.out}: holds the checkpoint/ (weights only) of a run an earlier version of this "
+                         f"script was killed in; start a new stage from it with --init {Path(args.out) / CHECKPOINT} "
+                         "and another --out, or remove it to start afresh")
         return
     if ckpt is None:
-        old = (Path(args.out) / CHECKPOINT / "config.json").is_file()
         parser.error(f"--resume: --out {args.out} holds no checkpoint to resume ("
                      + ("its checkpoint/ has weights only, from an earlier version of this script: start a new "
                         f"stage from them with --init {Path(args.out) / CHECKPOINT}" if old else

@@ -43,9 +43,9 @@ Output directory
                    Bad inputs (missing / corrupt video, malformed record) are lines with "error"
                    and count as errors, never as correct. A dataset with no valid record is refused.
   run.lock         locked while a run writes (fcntl, released when the process ends, even when
-                   killed): a second run into the same --out is refused, not mixed in; process i
-                   of a sharded run holds run.rank{i}.lock (the files stay: deleting one would
-                   let a waiting run lock another inode)
+                   killed): a second run into the same --out is refused, not mixed in; process
+                   i > 0 of a sharded run holds run.rank{i}.lock (the files stay: deleting one
+                   would let a waiting run lock another inode)
   summary.json / summary.md   accuracy overall and per category (meta.qtype / task / type /
                    task_type / duration / domain when present), errors, mean visual tokens
                    per site, FLOPs fraction, timings, peak memory, load average.

@@ -323,6 +323,9 @@ def test_context_is_a_dict_per_thread_with_the_creators_defaults():
     assert dict(ctx) == {"question": "main", "lang": "en"} and len(ctx) == 2
     ctx.replace({"question": "new"})
     assert dict(ctx) == {"question": "new"} and "lang" not in ctx and ctx.get("lang") is None
+    # a plain dict where one was expected before (handle.context was a dict): copy(), | both ways
+    assert type(ctx.copy()) is dict and ctx.copy() == {"question": "new"}
+    assert ctx | {"k": 1} == {"question": "new", "k": 1} and {"k": 1} | ctx == {"k": 1, "question": "new"}
 
 
 def test_assigning_handle_context_reaches_the_reducer():

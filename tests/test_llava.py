@@ -642,7 +642,8 @@ def test_projector_out_items_of_one_count_but_other_grids_keep_their_own_grid(sp
     L = max(map(len, rows))
     ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
     batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values_videos=torch.cat(pix),
-                 video_grid_thw=torch.tensor(grids), second_per_grid_ts=secs, mm_token_type_ids=(ids == V.VID).long() * 2)
+                 video_grid_thw=torch.tensor(grids), second_per_grid_ts=secs,
+                 mm_token_type_ids=(ids == V.VID).long() * 2)
     singles = [dict(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
                     pixel_values_videos=p, video_grid_thw=torch.tensor([g]), second_per_grid_ts=secs[i:i + 1],
                     mm_token_type_ids=(torch.tensor([r]) == V.VID).long() * 2)
@@ -876,3 +877,26 @@ def test_qwen3_vl_deepstack_feature_of_a_merged_token_is_its_members_mean():
     for level in (1, 2):
         want = torch.cat([((full[level][0][0] + full[level][0][1]) / 2)[None], full[level][0][2:]])
         assert torch.allclose(seen[level][1], want, atol=1e-6), level
+
+
+@pytest.mark.parametrize("spec", ["projector.out=uniform(keep=0.5)", "llm.layer.1=fastv(ratio=0.5)"])
+def test_qwen2_5_vl_images_of_two_sizes_in_a_batch(spec):
+    """Qwen2.5-VL on images (the builder's case is video): a 4x8-patch and a 4x4-patch image, each
+    row reduced in the batch as alone"""
+    case = V.qwen2_5_vl("sdpa")
+    grid = torch.tensor([[1, 4, 8], [1, 4, 4]])
+    pix = [torch.randn(n, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(i)) for i, n in enumerate((32, 16))]
+    rows = [[5, 6, 20] + [V.IMG] * 8 + [21, 8, 9, 10, 11], [5, 20] + [V.IMG] * 4 + [21, 8, 9]]
+    L = max(map(len, rows))
+    ids = torch.tensor([[V.PAD] * (L - len(r)) + r for r in rows])
+    batch = dict(input_ids=ids, attention_mask=(ids != V.PAD).long(), pixel_values=torch.cat(pix), image_grid_thw=grid,
+                 mm_token_type_ids=(ids == V.IMG).long())
+    singles = [dict(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long), pixel_values=p,
+                    image_grid_thw=grid[i:i + 1], mm_token_type_ids=(torch.tensor([r]) == V.IMG).long())
+               for i, (r, p) in enumerate(zip(rows, pix))]
+    with torch.no_grad(), tr.reduce(case.model, spec) as h:
+        together = case.model(**batch).logits[:, -1]
+        site = h.stats["sites"][spec.split("=")[0]]
+        alone = torch.stack([case.model(**s).logits[0, -1] for s in singles])
+    assert site["tokens_out"] < site["tokens_in"]
+    assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()

@@ -312,3 +312,17 @@ def test_relevance_batch_on_clips_showing_the_cross_in_every_frame():
     again = VideoQAGenerator(frames=2, seed=0)
     whole = [s for s in (again.sample("brief_color") for _ in range(64)) if len(s["meta"]["frames"]) == 2]
     assert whole  # the case this test is about occurs at this seed
+
+
+def test_a_weights_only_checkpoint_of_an_earlier_version_is_not_overwritten(tmp_path, capsys):
+    """an --out holding the weights-only checkpoint/ the script wrote before --resume existed: a new
+    run there would have trained over it and removed it; both a new run and --resume are refused,
+    naming --init"""
+    out = tmp_path / "killed"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "config.json").write_text("{}")
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(out), "--max-steps", "1", *TINY, *extra])
+        assert e.value.code == 2 and f"--init {out / 'checkpoint'}" in capsys.readouterr().err
+    assert (out / "checkpoint" / "config.json").read_text() == "{}"

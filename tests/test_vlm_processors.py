@@ -63,7 +63,8 @@ def internvl():
 
 def gemma3():
     tok = _tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
-                     {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+                     {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                      "image_token": "<image_soft_token>"})
     proc = tf.Gemma3Processor(image_processor=tf.Gemma3ImageProcessor(size={"height": 28, "width": 28}), tokenizer=tok,
                               image_seq_length=4)
     text = _text(tok, tf.Gemma3TextConfig, head_dim=8, sliding_window=64, query_pre_attn_scalar=8)
@@ -81,7 +82,8 @@ def mistral3():
         spatial_merge_size=2)
     vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     image_size=84, patch_size=14, head_dim=8)
-    cfg = tf.Mistral3Config(vision_config=vision.to_dict(), text_config=_text(tok, tf.MistralConfig, sliding_window=None),
+    cfg = tf.Mistral3Config(vision_config=vision.to_dict(),
+                            text_config=_text(tok, tf.MistralConfig, sliding_window=None),
                             image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
     # rows of [IMG] ended by [IMG_BREAK] / [IMG_END], images of other aspect ratios
     return proc, tf.Mistral3ForConditionalGeneration(cfg), "[IMG]", [(56, 56), (28, 84), (84, 56)]

@@ -277,7 +277,8 @@ def paligemma(attn="sdpa"):
     import transformers as tf
     torch.manual_seed(0)
     text = tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=512, pad_token_id=PAD)
+                          num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=512,
+                          pad_token_id=PAD)
     cfg = tf.PaliGemmaConfig(vision_config=_siglip(28).to_dict(), text_config=text.to_dict(), image_token_index=IMG,
                              projection_dim=32)
     m = tf.PaliGemmaForConditionalGeneration(cfg).eval()

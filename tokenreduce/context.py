@@ -13,7 +13,8 @@ class ThreadContext(MutableMapping):
 
     Values set by the thread that created it (the one that called `reduce()`) are the defaults
     every thread reads until it sets (or deletes) that key itself; values another thread sets
-    are seen by that thread only. In a single thread it is an ordinary dict.
+    are seen by that thread only. A mapping, not a dict subclass: `copy()` and `|` give a plain
+    dict of this thread's view (what `json.dumps(dict(ctx))` serialises).
     """
 
     def __init__(self, initial=()):
@@ -55,6 +56,15 @@ class ThreadContext(MutableMapping):
 
     def __len__(self):
         return sum(1 for _ in self)
+
+    def copy(self) -> dict:
+        return dict(self)
+
+    def __or__(self, other):
+        return {**self, **other} if hasattr(other, "keys") else NotImplemented
+
+    def __ror__(self, other):
+        return {**other, **self} if hasattr(other, "keys") else NotImplemented
 
     def replace(self, values) -> None:
         """This thread's values become exactly `values` (handle.context = {...})."""
