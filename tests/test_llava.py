@@ -779,6 +779,26 @@ def test_uniform_in_the_llm_spreads_over_every_image_of_a_prompt(name, before):
     assert len(kept & set(first)) == len(kept & set(second)) == k, sorted(kept)
 
 
+@tr.register_reducer
+@dataclasses.dataclass
+class MergeFirstVisualPair(tr.Reducer):
+    """Test reducer: fold each row's second visual token into its first (equal weights)."""
+    name = "merge_first_visual_pair_test"
+    summary = "test only"
+
+    def plan(self, stream):
+        B, N = stream.pos.shape
+        assign = torch.arange(N).expand(B, N).clone()
+        keep = []
+        for b in range(B):
+            v0, v1 = torch.nonzero(stream.visual[b]).flatten()[:2].tolist()
+            rest = [i for i in range(N) if i != v1]
+            keep.append(rest)
+            slot = {i: k for k, i in enumerate(rest)}
+            assign[b] = torch.tensor([slot[v0] if i == v1 else slot[i] for i in range(N)])
+        return tr.Plan(keep=torch.tensor(keep), assign=assign, weight=torch.ones(B, N))
+
+
 def test_qwen3_vl_deepstack_features_follow_the_tokens_kept():
     """Qwen3-VL adds one DeepStack feature per visual token after decoder layers 0-2: at projector.out
     they are cut to the same survivors, in the same order, as the projector's output (they kept
@@ -795,19 +815,7 @@ def test_qwen3_vl_deepstack_features_follow_the_tokens_kept():
     assert len(reduced.deepstack_features) == 3
     for level_reduced, level_full in zip(reduced.deepstack_features, full.deepstack_features):
         assert torch.equal(level_reduced[0], level_full[0][kept])
-
-    @tr.register_reducer
-    @dataclasses.dataclass
-    class MergeFirstTwo(tr.Reducer):
-        name = "merge_first_two_test"
-        summary = "test only"
-
-        def plan(self, stream):
-            n = stream.num_tokens
-            keep = torch.tensor([[0] + list(range(2, n))])
-            assign = torch.tensor([[0, 0] + list(range(1, n - 1))])
-            return tr.Plan(keep=keep, assign=assign)
-    with tr.reduce(case.model, "projector.out=merge_first_two_test"), torch.no_grad():
+    with tr.reduce(case.model, "projector.out=merge_first_visual_pair_test"), torch.no_grad():
         with pytest.raises(tr.SiteError, match="cannot carry Qwen3-VL's DeepStack"):
             case.model(**case.singles[0])
 
@@ -829,26 +837,6 @@ def test_qwen3_vl_deepstack_after_a_reduction_in_a_batch_whose_other_row_keeps_e
         together = case.model(**batch).logits[0, -len(row_a):]
         alone = case.model(**single).logits[0]
     assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()
-
-
-@tr.register_reducer
-@dataclasses.dataclass
-class MergeFirstVisualPair(tr.Reducer):
-    """Test reducer: fold each row's second visual token into its first (equal weights)."""
-    name = "merge_first_visual_pair_test"
-    summary = "test only"
-
-    def plan(self, stream):
-        B, N = stream.pos.shape
-        assign = torch.arange(N).expand(B, N).clone()
-        keep = []
-        for b in range(B):
-            v0, v1 = torch.nonzero(stream.visual[b]).flatten()[:2].tolist()
-            rest = [i for i in range(N) if i != v1]
-            keep.append(rest)
-            slot = {i: k for k, i in enumerate(rest)}
-            assign[b] = torch.tensor([slot[v0] if i == v1 else slot[i] for i in range(N)])
-        return tr.Plan(keep=torch.tensor(keep), assign=assign, weight=torch.ones(B, N))
 
 
 def test_qwen3_vl_deepstack_feature_of_a_merged_token_is_its_members_mean():
