@@ -711,17 +711,24 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
 _FIELDS = ("pos", "size", "kind", "frame", "patch", "valid", "source")
 
 
-def _map_state(st: TokenStream, fn) -> TokenStream:
+def _map_state(st: TokenStream, fn, num_protected=None) -> TokenStream:
+    """fn applied to each per-token field; num_protected: the leading protected tokens after it
+    (None = not known on the host)"""
     from dataclasses import replace
-    return replace(st, **{f: fn(getattr(st, f)) for f in _FIELDS if getattr(st, f) is not None})
+    return replace(st, num_protected=num_protected,
+                   **{f: fn(getattr(st, f)) for f in _FIELDS if getattr(st, f) is not None})
 
 
 def _slice_state(st, P):
-    return _map_state(st, lambda t: t[:, P:]) if P else st
+    """the state without its first P (protected) tokens"""
+    if not P:
+        return st
+    return _map_state(st, lambda t: t[:, P:],
+                      None if st.num_protected is None else max(0, st.num_protected - P))
 
 
 def _row(st, b):
-    return _map_state(st, lambda t: t[b:b + 1])
+    return _map_state(st, lambda t: t[b:b + 1], st.num_protected)
 
 
 def _select(st, keep):
@@ -748,5 +755,6 @@ def _items_trace(states) -> dict:
 def _stack_states(states):
     from dataclasses import replace
     first = states[0]
-    return replace(first, **{f: torch.cat([getattr(s, f) for s in states]) for f in _FIELDS
-                             if getattr(first, f) is not None})
+    same = all(s.num_protected == first.num_protected for s in states)
+    return replace(first, num_protected=first.num_protected if same else None,
+                   **{f: torch.cat([getattr(s, f) for s in states]) for f in _FIELDS if getattr(first, f) is not None})

@@ -66,11 +66,42 @@ def machine() -> dict:
     return info
 
 
+def cuda_graphed(fn, device):
+    """`fn` (no arguments, fixed input tensors) captured once in a CUDA graph; the returned callable
+    replays it. Kernel launches and the Python of the hooks are paid once, at capture, which is
+    what a GPU too fast for its host needs. Only plans whose token counts do not depend on the data
+    can be captured (ToMe with a fixed r, a fixed `keep`): a method that reads a count back to the
+    host (ATP's thresholds, PruMerge's outlier rule, FrameFusion) fails the capture, which is
+    reported as a ValueError naming the policy's sites."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except RuntimeError as exc:
+        raise ValueError(f"--cuda-graph: the forward cannot be captured in a CUDA graph ({str(exc).splitlines()[0]}); "
+                         "policies whose kept counts depend on the data read them back to the host") from None
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", batch=8, runs=10, warmup=3,
-              device="cpu", dtype="float32", image=None) -> dict:
-    """Baseline vs reduced ms/batch, speed-up, analytic FLOPs fraction, tokens per layer."""
+              device="cpu", dtype="float32", image=None, cuda_graph=False) -> dict:
+    """Baseline vs reduced ms/batch, speed-up, analytic FLOPs fraction, tokens per layer.
+    cuda_graph: time both models as CUDA-graph replays (no host overhead); the reduced graph's
+    output is checked against its eager forward."""
     check_counts(batch=batch, runs=runs, warmup=warmup, **({} if image is None else {"image": image}))
     check_device(device)
+    if cuda_graph and torch.device(device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda), got --device {device}")
     if isinstance(model, str):
         name, model = model, load_model(model, image=image)
     else:
@@ -98,16 +129,24 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
     load_before = machine()
 
     def run(m):
-        with torch.inference_mode():
+        with torch.no_grad() if cuda_graph else torch.inference_mode():
             return call_vision(m, x)
-    ms = time_interleaved({"baseline": lambda: run(model), "reduced": lambda: run(reduced)}, runs, warmup, device)
-    stats = handle.stats
+    fns = {"baseline": lambda: run(model), "reduced": lambda: run(reduced)}
+    graph_error = None
+    if cuda_graph:
+        eager = run(reduced)
+        stats = handle.stats  # the replays run no Python: the counts are the eager forward's
+        fns = {k: cuda_graphed(f, device) for k, f in fns.items()}
+        graph_error = float((fns["reduced"]() - eager).abs().max())
+    ms = time_interleaved(fns, runs, warmup, device)
+    if not cuda_graph:
+        stats = handle.stats
     frac = stats.get("flops_fraction", 1.0)
     speedup = ms["baseline"] / ms["reduced"]
     out = {
         "benchmark": "vit", "model": name, "policy": handle.policy.to_spec(), "batch": batch, "image": size,
-        "device": str(device), "dtype": dtype, "runs": runs, "warmup": warmup,
-        "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
+        "device": str(device), "dtype": dtype, "runs": runs, "warmup": warmup, "cuda_graph": bool(cuda_graph),
+        "graph_vs_eager_max_abs": graph_error, "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
         "speedup": round(speedup, 3), "flops_fraction": round(frac, 4),
         "flops_bound_speedup": round(1.0 / frac, 3), "speedup_vs_flops_bound": round(speedup * frac, 3),
         "reducer_ms": round(stats["reducer_ms"], 3), "tokens": stats.get("tokens"),
@@ -119,7 +158,9 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
 
 def format_vit(res: dict) -> str:
     lines = [
-        f"model {res['model']}  batch {res['batch']}  {res['image']}px  {res['device']} {res['dtype']}",
+        f"model {res['model']}  batch {res['batch']}  {res['image']}px  {res['device']} {res['dtype']}"
+        + ("  (CUDA-graph replays; reduced graph vs eager max |diff| "
+           f"{res['graph_vs_eager_max_abs']:.2e})" if res.get("cuda_graph") else ""),
         f"policy {res['policy']}",
         f"baseline {res['baseline_ms']:.1f} ms/batch   reduced {res['reduced_ms']:.1f} ms/batch   "
         f"speed-up {res['speedup']:.2f}x",

@@ -144,7 +144,8 @@ def cmd_sites(args) -> int:
 # flags of `bench` that only some benchmarks take: flag -> (attribute, the benchmarks that take it)
 BENCH_ONLY = {"--frames": ("frames", ("vlm", "video")), "--layers": ("layers", ("vlm", "video")),
               "--vision-layers": ("vision_layers", ("vlm",)), "--decode-tokens": ("decode_tokens", ("vlm",)),
-              "--policies": ("policies", ("vlm",))}
+              "--policies": ("policies", ("vlm",)),
+              "--cuda-graph": ("cuda_graph", ("vit",))}
 
 
 def cmd_bench(args) -> int:
@@ -170,7 +171,7 @@ def cmd_bench(args) -> int:
         from .bench import bench_vit, format_vit, write_json
         res = bench_vit(args.model or "vit_base_patch16_224", args.policy or "vision.block.*=tome(r=13)",
                         batch=8 if args.batch is None else args.batch, runs=args.runs, warmup=args.warmup,
-                        device=args.device, dtype=args.dtype, image=args.image)
+                        device=args.device, dtype=args.dtype, image=args.image, cuda_graph=bool(args.cuda_graph))
         print(format_vit(res))
     else:
         try:
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", dest="decode_tokens", type=pos, default=None,
                    help="tokens to decode (vlm; default 8)")
     b.add_argument("--policies", default=None, help='JSON {"name": "spec", ...} (vlm; default: fastv, framefusion, dycoke_ttm, random, uniform at a 70%% cut)')
+    b.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True, default=None,
+                   help="vit: time both models as CUDA-graph replays (no Python or launch overhead; fixed "
+                        "budgets only)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
                    help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "

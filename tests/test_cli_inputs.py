@@ -119,6 +119,13 @@ def test_bench_vit_refuses_flags_of_other_benchmarks(capsys):
     assert "--decode-tokens" in err and "bench vlm" in err
     err = _error(capsys, ["bench", "video", "--vision-layers", "2"])
     assert "bench video: --vision-layers cannot apply" in err
+    err = _error(capsys, ["bench", "vlm", "--cuda-graph"])
+    assert "bench vlm: --cuda-graph cannot apply" in err and "--cuda-graph is for bench vit" in err
+
+
+def test_bench_vit_cuda_graph_needs_a_cuda_device(capsys):
+    err = _error(capsys, ["bench", "vit", "--model", "hf:tiny-clip", "--cuda-graph", "--runs", "1"])
+    assert "--cuda-graph needs a CUDA device (--device cuda), got --device cpu" in err
 
 
 def test_bench_video_sizes_that_videomae_cannot_take(capsys):

@@ -56,7 +56,7 @@ def test_merge_with_unit_sizes_is_pair_average():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 4)
     s = TokenStream.start(x, num_prefix=1)
-    keep, assign, _ = bipartite_soft_matching(x, 3, s.protected)
+    keep, assign, _, merged = bipartite_soft_matching(x, 3, s.protected)
     out, plan = apply_plan(s, Plan(keep=keep, assign=assign))
     for b in range(2):
         for slot in range(out.num_tokens):
@@ -64,13 +64,34 @@ def test_merge_with_unit_sizes_is_pair_average():
             assert torch.allclose(out.x[b, slot], x[b, members].mean(0), atol=1e-6)
             assert out.size[b, slot] == len(members)
     assert out.num_tokens == 9 - 3
+    assert sorted(merged[0].tolist() + keep[0].tolist()) == list(range(9))  # the merged: all not kept
+
+
+@pytest.mark.parametrize("weighted, normalize", [(False, True), (True, True), (True, False)])
+def test_a_merge_over_the_listed_sources_equals_the_merge_over_all_tokens(weighted, normalize):
+    """Plan.merged (ToMe's sources) lets apply_plan read K + r tokens instead of summing all N
+    into K slots; features, sizes and sources come out the same, also when the stream's prefix
+    order re-sorts the slots (two protected tokens)"""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 15, 8, generator=g)
+    s = TokenStream.start(x, num_prefix=2, track_source=True)
+    s = s.with_x(x)
+    s.size = torch.randint(1, 4, (3, 15), generator=g).float()
+    keep, assign, _, merged = bipartite_soft_matching(x, 5, s.protected)
+    w = torch.rand(3, 15, generator=g) + 0.1 if weighted else None
+    dense, pd = apply_plan(s, Plan(keep=keep, assign=assign, weight=w, normalize=normalize))
+    sparse, ps = apply_plan(s, Plan(keep=keep, assign=assign, weight=w, normalize=normalize, merged=merged))
+    assert torch.equal(pd.keep, ps.keep) and torch.equal(dense.pos, sparse.pos)
+    torch.testing.assert_close(sparse.x, dense.x, rtol=1e-6, atol=1e-6)
+    assert torch.equal(sparse.size, dense.size) and torch.equal(sparse.source, dense.source)
+    assert float(sparse.size.sum()) == float(s.size.sum())
 
 
 def test_r_is_clamped_and_protected_never_merged():
     x = torch.randn(1, 11, 8)
     prot = torch.zeros(1, 11, dtype=torch.bool)
     prot[:, :2] = True  # CLS + distillation token
-    keep, assign, _ = bipartite_soft_matching(x, 100, prot)
+    keep, assign, _, merged = bipartite_soft_matching(x, 100, prot)
     assert keep.shape[1] == 11 - (11 - 2) // 2
     assert assign[0, 0] != assign[0, 1]
     # nothing else folds into a protected token

@@ -350,8 +350,12 @@ def test_a_meta_device_forward_says_which_reducer_needs_values():
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
     with tr.reduce(m, "vision.block.*=tome(r=3)"), torch.no_grad():
         assert m.to("meta")(x).shape == (2, 1000)
-    with tr.reduce(m, "vision.block.1=random(keep=0.5)"), torch.no_grad():
-        with pytest.raises(tr.SiteError, match="vision.block.1: random needs concrete values .* meta device"):
+    # fixed budgets on a ViT's stream are counted on the host: pruning runs on meta tensors too
+    for spec in ("vision.block.1=random(keep=0.5)", "vision.block.1=vtc_cls(keep=3)"):
+        with tr.reduce(m, spec) as h, torch.no_grad():
+            assert m(x).shape == (2, 1000) and h.stats["tokens"][-1] == 1 + {"r": 8, "v": 3}[spec[15]]
+    with tr.reduce(m, "vision.block.1=uniform(keep=0.5)"), torch.no_grad():  # reads patch indices back
+        with pytest.raises(tr.SiteError, match="vision.block.1: uniform needs concrete values .* meta device"):
             m(x)
 
 
@@ -538,3 +542,32 @@ def test_checkpointing_in_a_whole_clip_models_text_tower_does_not_refuse_the_vis
     m.visual.set_grad_checkpointing(True)
     with tr.reduce(m, "vision.block.*=tome(r=2)"), pytest.raises(tr.SiteError, match="gradient checkpointing is on"):
         m.encode_image(x)
+
+
+@pytest.mark.parametrize("prefix", [dict(), dict(class_token=False, global_pool="avg"), dict(reg_tokens=2)],
+                         ids=["cls", "no_prefix", "cls+2reg"])
+def test_plans_that_skip_apply_plans_checks_and_sort_give_the_checked_result(monkeypatch, prefix):
+    """built-in plans say they are valid (`checked`) and already in the stream's order
+    (`ordered`) so that apply_plan launches no checking or sorting kernels; the result equals
+    what the plain, checked and sorted path gives (the ordered claim is wrong for ToMe with more
+    than one protected token: there it is not made)"""
+    from dataclasses import replace
+    from tokenreduce import hooks
+    m = _tiny_timm(img_size=64, embed_dim=32, depth=3, num_heads=2, **prefix)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    middle = "random(keep=0.5)" if prefix.get("class_token") is False else "vtc_cls(keep=0.5)"  # no CLS row
+    spec = f"vision.block.0=tome(r=3); vision.block.1={middle}; vision.block.2=random(keep=5)"
+    seen = []
+    with tr.reduce(m, spec), torch.no_grad():
+        fast = m.forward_features(x)
+        plain_apply = hooks.apply_plan
+
+        def plain(stream, plan):
+            seen.append((plan.checked, plan.ordered))
+            return plain_apply(stream, replace(plan, checked=False, ordered=None))
+        monkeypatch.setattr(hooks, "apply_plan", plain)
+        slow = m.forward_features(x)
+    assert fast.shape[1] == slow.shape[1] < 17 + m.num_prefix_tokens
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    assert [c for c, _ in seen] == [True] * 3
+    assert seen[0][1] == ("prefix" if m.num_prefix_tokens <= 1 else None)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = None,
                             sort_unmerged: bool | None = None,
-                            num_protected: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            num_protected: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Alg. 1).
 
     Tokens are split alternately into A (even indices) and B (odd). Every A token finds its most
@@ -24,6 +24,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
               with a class token);
       assign: (B, N) the slot in `keep` each token folds into;
       score:  (B, N // 2 rounded up) best-match similarity of each A token (for inspection).
+      merged: (B, r) the merged A tokens' current indices (every other token is kept).
     """
     B, N, _ = metric.shape
     dev = metric.device
@@ -59,7 +60,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     assign[:, 1::2] = n_unm + torch.arange(nb, device=dev)
     assign.scatter_(1, unm_idx * 2, torch.arange(n_unm, device=dev).expand(B, n_unm))
     assign.scatter_(1, src_idx * 2, n_unm + dst_idx)
-    return keep, assign, node_max
+    return keep, assign, node_max, src_idx * 2
 
 
 def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:

@@ -202,6 +202,26 @@ class TokenStream:
         """(B,) number of visual tokens per sample."""
         return self.visual.sum(1)
 
+    def host_num_visual(self) -> int | None:
+        """The visual tokens per sample, when every sample has the same number and it is known on
+        the host (a stream that began with `num_prefix` protected tokens and all others visual,
+        as a ViT's does), else None. Reducers use it to plan without reading counts back from
+        the device."""
+        if self.num_protected is None or self.valid is not None:
+            return None
+        return self.num_tokens - self.num_protected
+
+    def host_budget(self, keep: int | float) -> int | None:
+        """`budget(keep)` as an int when `host_num_visual()` is known, else None."""
+        nv = self.host_num_visual()
+        if nv is None:
+            return None
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
+        # the same rounding as budget() (round half to even, in double precision)
+        k = int(torch.round(torch.tensor(float(nv), dtype=torch.float64) * keep)) if isinstance(keep, float) else keep
+        return max(0, min(k, nv))
+
     def budget(self, keep: int | float) -> Tensor:
         """(B,) long: a `keep` budget (an int count, or a float fraction in (0, 1]) resolved per
         sample against that sample's own number of visual tokens (rounded; at most that number),
@@ -213,6 +233,16 @@ class TokenStream:
         k = torch.round(nv.double() * keep).long() if isinstance(keep, float) else \
             torch.full_like(nv, min(int(keep), 2 ** 62))
         return torch.minimum(k.clamp(min=0), nv)
+
+    def prune_budget(self, keep: int | float):
+        """The `keep` budget a pruning reducer applies: an int when `host_num_visual()` is known
+        (nothing read back from the device), else `budget(keep)`, the (B,) counts; None when every
+        sample would keep all its visual tokens (nothing to prune)."""
+        k = self.host_budget(keep)
+        if k is not None:
+            return None if k >= self.host_num_visual() else k
+        k = self.budget(keep)
+        return None if bool((k >= self.num_visual()).all()) else k
 
     def signal(self, name: str, layer: int | None = None) -> Tensor:
         """A captured signal for the current tokens (layer None = this site's own layer)."""
@@ -236,6 +266,17 @@ class Plan:
     size_scale: (B, K) optional factor on the survivors' sizes. Where an adapter turns sizes into
             attention logits (proportional attention), a fractional size is a soft mask: a
             trainable reducer can keep every token and still learn which ones matter.
+    checked: the producer guarantees what apply_plan would otherwise check and enforce (keep in
+            range and unique, assign in -1..K-1 with each kept token folding into its own slot,
+            every protected token kept). Built-in helpers set it; each check costs kernel
+            launches on an accelerator (and a sync on the CPU), which a GPU too fast for its host
+            pays in time.
+    ordered: the stream order rule ("prefix" or "sequence") `keep` already follows, so
+            apply_plan need not sort it; None = unknown.
+    merged: (B, M) the current tokens that fold into another token's slot, when the producer
+            knows them (ToMe's r sources): every token neither kept nor listed is dropped. The
+            merge then reads the K kept and M merged tokens alone instead of summing all N
+            into K slots (less memory traffic, which bounds a merge on a GPU).
     """
 
     keep: Tensor
@@ -244,6 +285,9 @@ class Plan:
     normalize: bool = True
     valid: Tensor | None = None
     size_scale: Tensor | None = None
+    checked: bool = False
+    ordered: str | None = None
+    merged: Tensor | None = None
 
     @classmethod
     def keep_all(cls, stream: TokenStream) -> "Plan":
@@ -251,17 +295,20 @@ class Plan:
         return cls(keep=torch.arange(N, device=stream.pos.device).expand(B, N))
 
     @classmethod
-    def from_mask(cls, mask: Tensor) -> "Plan":
-        """Keep the True tokens of `mask` (B, N) in original order; ragged counts get padding."""
-        counts = mask.sum(1)
-        K = int(counts.max()) if counts.numel() else 0
-        N = mask.shape[1]
+    def from_mask(cls, mask: Tensor, count: int | None = None) -> "Plan":
+        """Keep the True tokens of `mask` (B, N) in original order; ragged counts get padding.
+        count: the number of True tokens in every row, when the caller knows it on the host (no
+        device sync to read it back)."""
+        if count is None:
+            counts = mask.sum(1)
+            K = int(counts.max()) if counts.numel() else 0
+        else:
+            K = count
         # stable: True tokens first, in order
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :K]
         valid = None
-        if bool((counts != K).any()):
+        if count is None and bool((counts != K).any()):
             valid = torch.arange(K, device=mask.device)[None] < counts[:, None]
-        del N
         return cls(keep=order, valid=valid)
 
     @property
@@ -271,15 +318,24 @@ class Plan:
 
 def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
     """Keep the `k` highest-scoring visual tokens of each sample (k: int or (B,) counts) plus
-    every non-visual token, in original order. Per-sample counts may differ (ragged plan)."""
+    every non-visual token, in original order. Per-sample counts may differ (ragged plan).
+    An int k on a stream whose counts are known on the host (`host_num_visual`) reads nothing
+    back from the device."""
     vis = stream.visual
     B, N = vis.shape
+    host_k = k if isinstance(k, int) and stream.host_num_visual() is not None else None
     k = torch.as_tensor(k, device=scores.device).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
     s = scores.float().masked_fill(~vis, float("-inf"))
     order = torch.argsort(s, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
     chosen = vis & (rank < k.to(rank.device)[:, None])
-    return Plan.from_mask(~vis | chosen)
+    if host_k is None:
+        plan = Plan.from_mask(~vis | chosen)
+    else:  # every row keeps its protected tokens (leading) and min(k, visual) others, ascending
+        plan = Plan.from_mask(~vis | chosen, count=stream.num_protected + min(host_k, stream.host_num_visual()))
+        plan.ordered = stream.order
+    plan.checked = True  # unique in-range indices; every non-visual token kept
+    return plan
 
 
 def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
@@ -316,14 +372,15 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         raise ValueError(f"plan.keep must be (B={B}, K), got {tuple(keep.shape)}")
     # Checks: with clear messages on the CPU; on an accelerator asynchronous asserts (no sync).
     on_cpu = keep.device.type == "cpu"
-    if keep.numel():
+    checked = plan.checked
+    if keep.numel() and not checked:
         in_range = (keep.min() >= 0) & (keep.max() < N)
         if on_cpu and not bool(in_range):
             raise ValueError(f"plan.keep indices must lie in [0, {N})")
         elif not on_cpu:
             torch._assert_async(in_range, "tokenreduce: plan.keep indices out of range")
     keep = keep.to(torch.long)
-    if keep.shape[1] > 1:
+    if keep.shape[1] > 1 and not checked:
         # a token kept twice would be duplicated and its size counted twice (sizes must sum to
         # the original count); padding slots of a ragged plan are left out of the check
         probe = keep if plan.valid is None else torch.where(
@@ -339,7 +396,9 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
     if assign is not None:
         if assign.shape != (B, N):
             raise ValueError(f"plan.assign must be (B={B}, N={N}), got {tuple(assign.shape)}")
-        assign = assign.to(torch.long).clone()
+        assign = assign.to(torch.long)
+    if assign is not None and not checked:
+        assign = assign.clone()
         K = keep.shape[1]
         outside = ((assign < -1) | (assign >= K)).any()
         if on_cpu and bool(outside):
@@ -354,7 +413,7 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         assign.scatter_(1, keep, src)
 
     # Protected tokens are never removed.
-    if stream.num_protected != 0:
+    if stream.num_protected != 0 and not checked:
         kept = torch.zeros(B, N, dtype=torch.bool, device=keep.device)
         kept.scatter_(1, keep, plan.valid if plan.valid is not None else True)
         lost = stream.protected & ~kept
@@ -366,9 +425,8 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         elif not on_cpu:
             torch._assert_async(~lost.any(), "tokenreduce: a plan removed a protected token")
 
-    plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=plan.valid,
-                size_scale=plan.size_scale)
-    perm = _order_permutation(stream, plan)
+    plan = replace(plan, keep=keep, assign=assign)
+    perm = None if plan.ordered == stream.order else _order_permutation(stream, plan)
     if perm is not None:
         keep = keep.gather(1, perm)
         valid = plan.valid.gather(1, perm) if plan.valid is not None else None
@@ -376,14 +434,31 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
             inv = torch.argsort(perm, dim=1)  # old slot -> new slot
             assign = torch.where(assign >= 0, inv.gather(1, assign.clamp(min=0)), assign)
         scale = plan.size_scale.gather(1, perm) if plan.size_scale is not None else None
-        plan = Plan(keep=keep, assign=assign, weight=plan.weight, normalize=plan.normalize, valid=valid,
-                    size_scale=scale)
+        plan = replace(plan, keep=keep, assign=assign, valid=valid, size_scale=scale, ordered=stream.order)
 
     K = keep.shape[1]
     if assign is None:
         x = gather_tokens(stream.x, keep)
         size = stream.size.gather(1, keep)
         source = gather_tokens(stream.source, keep) if stream.source is not None else None
+    elif plan.merged is not None:  # each kept token, plus the listed ones folded into their slots
+        merged = plan.merged.to(torch.long)
+        dst = assign.gather(1, merged)
+        w = stream.size if plan.weight is None else plan.weight.to(torch.float32)
+        wk, wm = w.gather(1, keep), w.gather(1, merged)
+        ft = torch.promote_types(stream.x.dtype, torch.float32)
+        x = gather_tokens(stream.x, keep).to(ft) * wk[..., None]
+        x.scatter_add_(1, dst[..., None].expand(-1, -1, x.shape[-1]),
+                       gather_tokens(stream.x, merged).to(ft) * wm[..., None])
+        size = stream.size.gather(1, keep).scatter_add(1, dst, stream.size.gather(1, merged))
+        if plan.normalize:
+            wsum = size if plan.weight is None else wk.scatter_add(1, dst, wm)
+            x = x / wsum[..., None].clamp(min=1e-12)
+        x = x.to(stream.x.dtype)
+        source = None
+        if stream.source is not None:
+            source = gather_tokens(stream.source, keep).scatter_add(
+                1, dst[..., None].expand(-1, -1, stream.source.shape[-1]), gather_tokens(stream.source, merged))
     else:
         w = stream.size if plan.weight is None else plan.weight.to(torch.float32)
         slot = torch.where(assign >= 0, assign, torch.full_like(assign, K))  # K = trash slot
@@ -393,7 +468,8 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         x.scatter_add_(1, slot[..., None].expand_as(wx), wx)
         size = torch.zeros(B, K + 1, device=wx.device, dtype=torch.float32).scatter_add_(1, slot, stream.size)
         if plan.normalize:
-            wsum = torch.zeros(B, K + 1, device=wx.device, dtype=torch.float32).scatter_add_(1, slot, w)
+            wsum = size if plan.weight is None else \
+                torch.zeros(B, K + 1, device=wx.device, dtype=torch.float32).scatter_add_(1, slot, w)
             x = x / wsum[..., None].clamp(min=1e-12)
         x = x[:, :K].to(stream.x.dtype)
         size = size[:, :K]

@@ -42,8 +42,8 @@ class RandomPrune(Reducer):
             raise PolicyError(f"random: shared must be True or False, got {self.shared!r}")
 
     def plan(self, stream: TokenStream) -> Plan | None:
-        k = stream.budget(self.keep)
-        if bool((k >= stream.num_visual()).all()):
+        k = stream.prune_budget(self.keep)
+        if k is None:
             return None
         # the site's name, hashed (not its length: vision.layer.K and vision.block.K would collide)
         # modulo 2**63: any int seed (e.g. time.time_ns()) stays in the generator's range

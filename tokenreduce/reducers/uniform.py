@@ -34,11 +34,11 @@ class UniformPrune(Reducer):
         check_budget(self.name, "keep", self.keep)
 
     def plan(self, stream: TokenStream) -> Plan | None:
-        k = stream.budget(self.keep)
-        if bool((k >= stream.num_visual()).all()):
+        k = stream.prune_budget(self.keep)
+        if k is None:
             return None
         mask = ~stream.visual  # every non-visual token, plus each sample's own k lattice picks
-        for b, kb in enumerate(k.tolist()):
+        for b, kb in enumerate([k] * stream.batch if isinstance(k, int) else k.tolist()):
             mask[b, self._pick(stream, b, kb)] = True
         return Plan.from_mask(mask)
 

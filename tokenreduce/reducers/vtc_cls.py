@@ -85,7 +85,7 @@ class VTCCLS(Reducer):
 
     def plan(self, stream: TokenStream) -> Plan | None:
         layers = self.score_layers(stream.info)
-        k = stream.budget(self.keep)
-        if bool((k >= stream.num_visual()).all()):
+        k = stream.prune_budget(self.keep)
+        if k is None:
             return None
         return keep_top_visual(stream, self.scores(stream, layers), k)
