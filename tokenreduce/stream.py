@@ -447,14 +447,20 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         w = stream.size if plan.weight is None else plan.weight.to(torch.float32)
         wk, wm = w.gather(1, keep), w.gather(1, merged)
         ft = torch.promote_types(stream.x.dtype, torch.float32)
-        x = gather_tokens(stream.x, keep).to(ft) * wk[..., None]
-        x.scatter_add_(1, dst[..., None].expand(-1, -1, x.shape[-1]),
-                       gather_tokens(stream.x, merged).to(ft) * wm[..., None])
         size = stream.size.gather(1, keep).scatter_add(1, dst, stream.size.gather(1, merged))
+        x = gather_tokens(stream.x, keep)
+        at_dst = dst[..., None].expand(-1, -1, x.shape[-1])
         if plan.normalize:
+            # a slot's weighted mean is its token plus each member's weighted difference,
+            # x_d + sum_s w_s / W_d (x_s - x_d), W_d the slot's total weight: only the M
+            # members are read in float32; the slots nothing merges into are a copy
             wsum = size if plan.weight is None else wk.scatter_add(1, dst, wm)
-            x = x / wsum[..., None].clamp(min=1e-12)
-        x = x.to(stream.x.dtype)
+            coef = wm / wsum.gather(1, dst).clamp(min=1e-12)
+            diff = gather_tokens(stream.x, merged).to(ft) - x.gather(1, at_dst).to(ft)
+            x = x.scatter_add(1, at_dst, (diff * coef[..., None]).to(x.dtype))
+        else:
+            x = (x.to(ft) * wk[..., None]).scatter_add(1, at_dst, gather_tokens(stream.x, merged).to(ft) * wm[..., None])
+            x = x.to(stream.x.dtype)
         source = None
         if stream.source is not None:
             source = gather_tokens(stream.source, keep).scatter_add(
