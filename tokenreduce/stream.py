@@ -324,11 +324,14 @@ def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
     vis = stream.visual
     B, N = vis.shape
     host_k = k if isinstance(k, int) and stream.host_num_visual() is not None else None
-    k = torch.as_tensor(k, device=scores.device).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
     s = scores.float().masked_fill(~vis, float("-inf"))
     order = torch.argsort(s, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
-    chosen = vis & (rank < k.to(rank.device)[:, None])
+    if host_k is not None:  # a Python int: no host-to-device copy
+        chosen = vis & (rank < host_k)
+    else:
+        k = torch.as_tensor(k, device=scores.device).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
+        chosen = vis & (rank < k.to(rank.device)[:, None])
     if host_k is None:
         plan = Plan.from_mask(~vis | chosen)
     else:  # every row keeps its protected tokens (leading) and min(k, visual) others, ascending
