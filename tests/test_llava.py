@@ -888,3 +888,38 @@ def test_qwen2_5_vl_images_of_two_sizes_in_a_batch(spec):
         alone = torch.stack([case.model(**s).logits[0, -1] for s in singles])
     assert site["tokens_out"] < site["tokens_in"]
     assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()
+
+
+# operators that read a tensor's value back to the host: each one a device sync on a GPU
+HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+              "aten.equal.default", "aten.item.default"}
+
+
+def _host_reads(model, inputs, new):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += str(func) in HOST_READS
+            return func(*args, **(kwargs or {}))
+    with torch.no_grad(), Count():
+        model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return Count.n
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen2_vl"])
+@pytest.mark.parametrize("spec", ["projector.out=random(keep=0.5)", "llm.layer.1=fastv(ratio=0.5)"])
+def test_a_decode_step_of_a_reduced_vlm_reads_nothing_more_back_to_the_host(name, spec):
+    """on a GPU every value read back is a sync that stalls the launch queue; a decode step of a
+    reduced model reads back what the unreduced model's step does (generate's own stopping check)"""
+    case = V.BUILDERS[name]("sdpa")
+    single = case.singles[0]
+
+    def per_step():
+        return (_host_reads(case.model, single, 6) - _host_reads(case.model, single, 2)) / 4
+    unreduced = per_step()
+    with tr.reduce(case.model, spec):
+        reduced = per_step()
+    assert reduced == unreduced, (reduced, unreduced)
