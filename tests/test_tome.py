@@ -110,3 +110,18 @@ def test_proportional_attention_changes_later_layers(vit_b16):
         with tr.reduce(vit_b16, "vision.block.*=tome(r=8, prop_attn=False)"):
             b = vit_b16(x)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("P", [0, 1, 2, 3])
+def test_matching_with_a_host_known_protected_count_equals_the_masked_matching(P):
+    """num_protected (the first P tokens, known on the host) protects by slicing the score matrix;
+    the result is the general path's, which reads the protected mask"""
+    g = torch.Generator().manual_seed(P)
+    metric = torch.randn(3, 14, 6, generator=g)
+    prot = torch.zeros(3, 14, dtype=torch.bool)
+    prot[:, :P] = True
+    fast = bipartite_soft_matching(metric, 4, prot, num_protected=P)
+    slow = bipartite_soft_matching(metric, 4, prot)
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+    assert not bool(torch.isin(fast[3], torch.arange(P)).any())  # a protected token is never merged away

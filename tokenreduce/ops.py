@@ -32,14 +32,18 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     a, b = metric[:, ::2], metric[:, 1::2]
     na, nb = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)
-    if protected is not None:
+    if protected is not None and num_protected is not None:
+        # the first num_protected tokens: (P + 1) // 2 of them in A, P // 2 in B (slices: no mask reads)
+        n_prot, n_prot_a = num_protected, (num_protected + 1) // 2
+        if n_prot_a:
+            scores[:, :n_prot_a] = float("-inf")
+        if n_prot // 2:
+            scores[:, :, :n_prot // 2] = float("-inf")
+    elif protected is not None:
         scores = scores.masked_fill(protected[:, ::2, None], float("-inf"))
         scores = scores.masked_fill(protected[:, None, 1::2], float("-inf"))
-        if num_protected is not None:  # the first num_protected tokens: (P + 1) // 2 of them in A
-            n_prot, n_prot_a = num_protected, (num_protected + 1) // 2
-        else:
-            n_prot_a = int(protected[:, ::2].sum(1).max())
-            n_prot = int(protected.sum(1).max())
+        n_prot_a = int(protected[:, ::2].sum(1).max())
+        n_prot = int(protected.sum(1).max())
     else:
         n_prot_a = n_prot = 0
     # the reference clamps r to (N - protected) // 2
@@ -54,13 +58,14 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     if sort_unmerged:
         unm_idx = unm_idx.sort(dim=1).values
     n_unm = unm_idx.shape[1]
-    keep = torch.cat([unm_idx * 2, (torch.arange(nb, device=dev) * 2 + 1).expand(B, nb)], dim=1)
+    unm_tok, src_tok = unm_idx * 2, src_idx * 2
+    keep = torch.cat([unm_tok, torch.arange(1, N, 2, device=dev).expand(B, nb)], dim=1)
     assign = torch.empty(B, N, dtype=torch.long, device=dev)
     # B tokens fold into their own slot; unmerged A into theirs; merged A into their dst's slot.
-    assign[:, 1::2] = n_unm + torch.arange(nb, device=dev)
-    assign.scatter_(1, unm_idx * 2, torch.arange(n_unm, device=dev).expand(B, n_unm))
-    assign.scatter_(1, src_idx * 2, n_unm + dst_idx)
-    return keep, assign, node_max, src_idx * 2
+    assign[:, 1::2] = torch.arange(n_unm, n_unm + nb, device=dev)
+    assign.scatter_(1, unm_tok, torch.arange(n_unm, device=dev).expand(B, n_unm))
+    assign.scatter_(1, src_tok, dst_idx + n_unm)
+    return keep, assign, node_max, src_tok
 
 
 def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:
