@@ -319,7 +319,8 @@ class ViTAdapter(PerThreadState, Adapter):
         if stream.x.shape[1] == 0:  # no class token to fall back on: the blocks / pool would give NaN or crash
             raise SiteError(f"{name}: the plan keeps no token at all; keep at least one (a fraction that rounds "
                             "to 0 keeps none)")
-        if self.pools_patches_only() and not bool((stream.num_visual() > 0).all()):
+        nv = stream.host_num_visual()  # known on the host for a ViT's stream: no device sync
+        if self.pools_patches_only() and not (nv > 0 if nv is not None else bool((stream.num_visual() > 0).all())):
             # the prefix tokens are left, but the model pools the patches alone: NaN or a crash
             raise SiteError(f"{name}: the plan keeps no patch token, and this model pools the patch tokens "
                             "only (not the class / register tokens); keep at least one patch")

@@ -69,10 +69,10 @@ def machine() -> dict:
 def cuda_graphed(fn, device):
     """`fn` (no arguments, fixed input tensors) captured once in a CUDA graph; the returned callable
     replays it. Kernel launches and the Python of the hooks are paid once, at capture, which is
-    what a GPU too fast for its host needs. Only plans whose token counts do not depend on the data
-    can be captured (ToMe with a fixed r, a fixed `keep`): a method that reads a count back to the
-    host (ATP's thresholds, PruMerge's outlier rule, FrameFusion) fails the capture, which is
-    reported as a ValueError naming the policy's sites."""
+    what a GPU too fast for its host needs. Only a forward that neither reads values back to the
+    host nor copies from it can be captured (ToMe with a fixed r; vtc_cls with a fixed `keep`): ATP,
+    PruMerge+, FrameFusion and uniform read their kept counts back, random copies its CPU-drawn
+    scores; their capture fails with a ValueError saying so."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
@@ -85,12 +85,21 @@ def cuda_graphed(fn, device):
             out = fn()
     except RuntimeError as exc:
         raise ValueError(f"--cuda-graph: the forward cannot be captured in a CUDA graph ({str(exc).splitlines()[0]}); "
-                         "policies whose kept counts depend on the data read them back to the host") from None
+                         "a captured forward may neither read values back to the host (ATP, PruMerge+, FrameFusion "
+                         "and uniform read their kept counts) nor copy from it (random draws its scores on the "
+                         "CPU)") from None
 
     def replay():
         graph.replay()
         return out
     return replay
+
+
+def first_tensor(out):
+    """The first tensor of a model's output (a tensor, a tuple, or a transformers ModelOutput)."""
+    while not torch.is_tensor(out):
+        out = out[0]
+    return out
 
 
 def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", batch=8, runs=10, warmup=3,
@@ -137,7 +146,7 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
         eager = run(reduced)
         stats = handle.stats  # the replays run no Python: the counts are the eager forward's
         fns = {k: cuda_graphed(f, device) for k, f in fns.items()}
-        graph_error = float((fns["reduced"]() - eager).abs().max())
+        graph_error = float((first_tensor(fns["reduced"]()) - first_tensor(eager)).abs().max())
     ms = time_interleaved(fns, runs, warmup, device)
     if not cuda_graph:
         stats = handle.stats

@@ -123,6 +123,16 @@ def test_bench_vit_refuses_flags_of_other_benchmarks(capsys):
     assert "bench vlm: --cuda-graph cannot apply" in err and "--cuda-graph is for bench vit" in err
 
 
+def test_bench_compares_the_first_tensor_of_any_model_output():
+    """--cuda-graph checks the replayed output against the eager one: a timm tensor, an open_clip
+    tuple or a transformers ModelOutput (hf: models) all reduce to their first tensor"""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from tokenreduce.eval.bench import first_tensor
+    t = torch.arange(6.).reshape(2, 3)
+    assert first_tensor(t) is t and first_tensor((t, t + 1)) is t
+    assert first_tensor(BaseModelOutputWithPooling(last_hidden_state=t, pooler_output=t[:, 0])) is t
+
+
 def test_bench_vit_cuda_graph_needs_a_cuda_device(capsys):
     err = _error(capsys, ["bench", "vit", "--model", "hf:tiny-clip", "--cuda-graph", "--runs", "1"])
     assert "--cuda-graph needs a CUDA device (--device cuda), got --device cpu" in err

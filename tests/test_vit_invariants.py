@@ -354,6 +354,11 @@ def test_a_meta_device_forward_says_which_reducer_needs_values():
     for spec in ("vision.block.1=random(keep=0.5)", "vision.block.1=vtc_cls(keep=3)"):
         with tr.reduce(m, spec) as h, torch.no_grad():
             assert m(x).shape == (2, 1000) and h.stats["tokens"][-1] == 1 + {"r": 8, "v": 3}[spec[15]]
+    # a model that pools the patches alone checks that a patch is left, on the host (with pruning:
+    # ToMe's size-weighted pool there compares values)
+    avg = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, global_pool="avg").eval()
+    with tr.reduce(avg, "vision.block.1=vtc_cls(keep=3)"), torch.no_grad():
+        assert avg.to("meta")(x).shape == (2, 1000)
     with tr.reduce(m, "vision.block.1=uniform(keep=0.5)"), torch.no_grad():  # reads patch indices back
         with pytest.raises(tr.SiteError, match="vision.block.1: uniform needs concrete values .* meta device"):
             m(x)
@@ -571,3 +576,21 @@ def test_plans_that_skip_apply_plans_checks_and_sort_give_the_checked_result(mon
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
     assert [c for c, _ in seen] == [True] * 3
     assert seen[0][1] == ("prefix" if m.num_prefix_tokens <= 1 else None)
+
+
+@pytest.mark.parametrize("k", [0, 2, 5, 6, 9, -2])
+def test_keep_top_visual_counted_on_the_host_keeps_exactly_k_even_for_minus_inf_scores(monkeypatch, k):
+    """the host-counted path (a ViT's stream) keeps the protected tokens and the min(max(k, 0), visual)
+    best visual ones in order, as the device-counted path does, also when visual tokens score -inf"""
+    from tokenreduce.stream import TokenStream, apply_plan, keep_top_visual
+    x = torch.randn(2, 7, 4, generator=torch.Generator().manual_seed(0))
+    s = TokenStream.start(x, num_prefix=1)
+    scores = torch.tensor([[0., 5, -float("inf"), 4, -float("inf"), 3, 2], [0., -float("inf"), 1, 2, 3, 4, 5]])
+    host = keep_top_visual(s, scores, k)
+    assert host.ordered == "prefix" and host.checked
+    monkeypatch.setattr(TokenStream, "host_num_visual", lambda self: None)
+    device = keep_top_visual(s, scores, torch.full((2,), max(k, 0)))
+    assert torch.equal(host.keep, device.keep) and device.valid is None
+    assert host.keep.shape[1] == 1 + min(max(k, 0), 6)
+    out, _ = apply_plan(s, host)
+    assert bool((out.pos[:, 0] == 0).all()) and bool((out.pos[:, 1:].diff(dim=1) > 0).all())

@@ -323,8 +323,10 @@ def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
     back from the device."""
     vis = stream.visual
     B, N = vis.shape
-    host_k = k if isinstance(k, int) and stream.host_num_visual() is not None else None
-    s = scores.float().masked_fill(~vis, float("-inf"))
+    nv = stream.host_num_visual()
+    host_k = max(0, min(k, nv)) if isinstance(k, int) and nv is not None else None
+    # a visual token scored -inf still ranks before every non-visual one (exactly k are chosen)
+    s = torch.where(vis, scores.float().clamp(min=torch.finfo(torch.float32).min), float("-inf"))
     order = torch.argsort(s, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
     if host_k is not None:  # a Python int: no host-to-device copy
@@ -335,7 +337,7 @@ def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
     if host_k is None:
         plan = Plan.from_mask(~vis | chosen)
     else:  # every row keeps its protected tokens (leading) and min(k, visual) others, ascending
-        plan = Plan.from_mask(~vis | chosen, count=stream.num_protected + min(host_k, stream.host_num_visual()))
+        plan = Plan.from_mask(~vis | chosen, count=stream.num_protected + host_k)
         plan.ordered = stream.order
     plan.checked = True  # unique in-range indices; every non-visual token kept
     return plan
@@ -457,8 +459,10 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
             # a slot's weighted mean is its token plus each member's weighted difference,
             # x_d + sum_s w_s / W_d (x_s - x_d), W_d the slot's total weight: only the M
             # members are read in float32; the slots nothing merges into are a copy
+            # (half inputs: the differences are rounded once more than by a float32 mean, within
+            # an ulp; float64 stays float64)
             wsum = size if plan.weight is None else wk.scatter_add(1, dst, wm)
-            coef = wm / wsum.gather(1, dst).clamp(min=1e-12)
+            coef = wm.to(ft) / wsum.gather(1, dst).to(ft).clamp(min=1e-12)
             diff = gather_tokens(stream.x, merged).to(ft) - x.gather(1, at_dst).to(ft)
             x = x.scatter_add(1, at_dst, (diff * coef[..., None]).to(x.dtype))
         else:
