@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to decode (vlm; default 8)")
     b.add_argument("--policies", default=None, help='JSON {"name": "spec", ...} (vlm; default: fastv, framefusion, dycoke_ttm, random, uniform at a 70%% cut)')
     b.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True, default=None,
-                   help="vit: time both models as CUDA-graph replays (no Python or launch overhead; fixed "
-                        "budgets only)")
+                   help="vit: time both models as CUDA-graph replays (no Python or launch overhead; for a "
+                        "forward that reads nothing back to the host: ToMe with a fixed r, vtc_cls with a fixed keep)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
                    help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "
