@@ -594,3 +594,16 @@ def test_keep_top_visual_counted_on_the_host_keeps_exactly_k_even_for_minus_inf_
     assert host.keep.shape[1] == 1 + min(max(k, 0), 6)
     out, _ = apply_plan(s, host)
     assert bool((out.pos[:, 0] == 0).all()) and bool((out.pos[:, 1:].diff(dim=1) > 0).all())
+
+
+def test_host_budget_resolves_keep_as_budget_does():
+    """the host-side count (no device read) equals budget()'s for counts, huge counts and fractions
+    whose product is a .5 tie (both round half to even)"""
+    from tokenreduce.stream import TokenStream
+    for n in range(1, 30):
+        for P in (0, 1, 4):
+            s = TokenStream.start(torch.zeros(2, n + P, 3), num_prefix=P)
+            for keep in (0, 1, 7, 10 ** 30, 0.5, 0.25, 0.125, 0.3, 0.7, 1.0, 1e-9):
+                assert s.host_budget(keep) == int(s.budget(keep)[0]), (n, P, keep)
+    with pytest.raises(ValueError, match="keep must be an int count or a float"):
+        s.host_budget("half")

@@ -63,6 +63,11 @@ class Signals:
         self._store.clear()
 
 
+def _check_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
+
+
 def remap(value: Tensor, src_pos: Tensor, pos: Tensor, size_hint: int | None = None) -> Tensor:
     """Gather `value` (B, N', ...) computed on tokens `src_pos` (B, N') for tokens `pos` (B, N).
 
@@ -216,18 +221,16 @@ class TokenStream:
         nv = self.host_num_visual()
         if nv is None:
             return None
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
-        # the same rounding as budget() (round half to even, in double precision)
-        k = int(torch.round(torch.tensor(float(nv), dtype=torch.float64) * keep)) if isinstance(keep, float) else keep
+        _check_keep(keep)
+        # Python's round is budget()'s torch.round: half to even, on the same double product
+        k = round(nv * keep) if isinstance(keep, float) else keep
         return max(0, min(k, nv))
 
     def budget(self, keep: int | float) -> Tensor:
         """(B,) long: a `keep` budget (an int count, or a float fraction in (0, 1]) resolved per
         sample against that sample's own number of visual tokens (rounded; at most that number),
         so a sample keeps the same count in any batch."""
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise ValueError(f"keep must be an int count or a float fraction in (0, 1], got {keep!r}")
+        _check_keep(keep)
         nv = self.num_visual()
         # a count beyond any sequence (even beyond int64) keeps everything
         k = torch.round(nv.double() * keep).long() if isinstance(keep, float) else \
@@ -329,16 +332,13 @@ def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
     s = torch.where(vis, scores.float().clamp(min=torch.finfo(torch.float32).min), float("-inf"))
     order = torch.argsort(s, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
-    if host_k is not None:  # a Python int: no host-to-device copy
-        chosen = vis & (rank < host_k)
+    if host_k is not None:  # a Python int (no host-to-device copy); every row keeps its leading
+        # protected tokens and host_k visual ones, ascending
+        plan = Plan.from_mask(~vis | (vis & (rank < host_k)), count=stream.num_protected + host_k)
+        plan.ordered = stream.order
     else:
         k = torch.as_tensor(k, device=scores.device).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
-        chosen = vis & (rank < k.to(rank.device)[:, None])
-    if host_k is None:
-        plan = Plan.from_mask(~vis | chosen)
-    else:  # every row keeps its protected tokens (leading) and min(k, visual) others, ascending
-        plan = Plan.from_mask(~vis | chosen, count=stream.num_protected + host_k)
-        plan.ordered = stream.order
+        plan = Plan.from_mask(~vis | (vis & (rank < k.to(rank.device)[:, None])))
     plan.checked = True  # unique in-range indices; every non-visual token kept
     return plan
 
@@ -449,7 +449,7 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
     elif plan.merged is not None:  # each kept token, plus the listed ones folded into their slots
         merged = plan.merged.to(torch.long)
         dst = assign.gather(1, merged)
-        w = stream.size if plan.weight is None else plan.weight.to(torch.float32)
+        w = stream.size if plan.weight is None else plan.weight.to(torch.float32)  # merge weights
         wk, wm = w.gather(1, keep), w.gather(1, merged)
         ft = torch.promote_types(stream.x.dtype, torch.float32)
         size = stream.size.gather(1, keep).scatter_add(1, dst, stream.size.gather(1, merged))
