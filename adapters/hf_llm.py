@@ -465,7 +465,7 @@ class LLMSites(PerThreadState):
         s.slots[j] = s.cur_slot
         s.ragged_at[j] = s.ragged  # this layer's keys hold padding slots (a ragged plan at or before it)
         s.sizes[j] = s.state.size
-        self.recorder.layer(("llm", j), float(s.cur_valid.sum(1).float().mean()))
+        self.recorder.layer(("llm", j), s.cur_valid.sum(1).float().mean())  # read back with the stats
         if not s.changed:
             return None
         s.scatter_pending = True
@@ -610,7 +610,9 @@ class LLMSites(PerThreadState):
             return  # decode steps: no signal (reducers here act at prefill)
         st = s.state
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        valid = s.cur_valid
+        # known on the host: without prompt padding or a ragged plan every row is valid, and the
+        # signals need no per-layer check of that (a device sync each)
+        valid = s.cur_valid if s.prompt_padded or s.ragged else None
         for sig in sigs:
             base, _, arg = sig.partition(":")
             if base == "qk":

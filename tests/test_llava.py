@@ -923,3 +923,40 @@ def test_a_decode_step_of_a_reduced_vlm_reads_nothing_more_back_to_the_host(name
     with tr.reduce(case.model, spec):
         reduced = per_step()
     assert reduced == unreduced, (reduced, unreduced)
+
+
+def test_a_reduced_prefill_reads_back_no_more_with_more_llm_layers():
+    """statistics and signals inside the LLM read nothing back per layer (each read a device sync
+    that stops the host from running ahead of a GPU): fastv's prefill on a 4- and an 8-layer
+    decoder reads back the same number of values"""
+    import transformers as tf
+    case = V.llava_onevision("sdpa")
+    cfg = case.model.config
+    text = {**cfg.text_config.to_dict(), "num_hidden_layers": 8, "layer_types": None}
+    torch.manual_seed(0)
+    deeper = tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(
+        vision_config=cfg.vision_config.to_dict(), text_config=tf.Qwen2Config(**text),
+        image_token_index=cfg.image_token_index, video_token_index=cfg.video_token_index,
+        vision_feature_select_strategy="full")).eval()
+    deeper.set_attn_implementation("sdpa")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += str(func) in HOST_READS
+            return func(*args, **(kwargs or {}))
+    reads = []
+    for model in (case.model, deeper):
+        with tr.reduce(model, "llm.layer.1=fastv(ratio=0.5)") as h, torch.no_grad():
+            Count.n = 0
+            with Count():
+                model(**case.batch)
+            reads.append(Count.n)
+            st = h.stats  # the statistics still hold every layer's count
+            L = model.config.text_config.num_hidden_layers  # layers from the first site on are counted
+            assert set(st["tokens_per_layer"]) == {("llm", j) for j in range(1, L)}
+            assert all(isinstance(v, float) for v in st["tokens_per_layer"].values())
+            assert st["sites"]["llm.layer.1"]["tokens_out"] < st["sites"]["llm.layer.1"]["tokens_in"]
+    assert reads[0] == reads[1], reads

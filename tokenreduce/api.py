@@ -51,7 +51,7 @@ class Handle:
 
     @property
     def stats(self) -> dict:
-        rec = self.recorder.last
+        rec = self.recorder.last.resolve()
         sites = {k: {"tokens_in": v.tokens_in / max(v.rows, 1), "tokens_out": v.tokens_out / max(v.rows, 1),
                      "reducer_ms": v.ms, "calls": v.calls}
                  for k, v in rec.sites.items()}

@@ -101,6 +101,19 @@ class PassRecord:
     trace: dict = field(default_factory=dict)     # site -> {"pos", "size", "source"} tensors
     extra: dict = field(default_factory=dict)
 
+    def resolve(self) -> "PassRecord":
+        """Counts recorded as device scalars (a mean over padded rows) read back as floats, once,
+        when the statistics are read: recording them did not stop the forward for a device sync."""
+        for r in self.sites.values():
+            r.tokens_in, r.tokens_out = _as_float(r.tokens_in), _as_float(r.tokens_out)
+        for counts in self.layers.values():
+            counts[:] = [_as_float(v) for v in counts]
+        return self
+
+
+def _as_float(v):
+    return float(v) if torch.is_tensor(v) else v
+
 
 class Recorder:
     """Collects per-forward statistics; adapters call `begin()` at the start of each pass.
@@ -143,11 +156,12 @@ class Recorder:
         self.last.layers[key] = [n_in, n_in if n_out is None else n_out]
 
 
-def tokens_per_sample(stream: TokenStream) -> float:
-    """Mean number of (valid) tokens per sample."""
+def tokens_per_sample(stream: TokenStream):
+    """Mean number of (valid) tokens per sample: a float, or with padding a device scalar that
+    `PassRecord.resolve` reads back when the statistics are read (no sync inside the forward)."""
     if stream.valid is None:
         return float(stream.num_tokens)
-    return float(stream.valid.sum(1).float().mean())
+    return stream.valid.sum(1).float().mean()
 
 
 def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) -> tuple:
