@@ -312,7 +312,7 @@ class LLMSites(PerThreadState):
             raise SiteError(f"llm.layer sites need attn_implementation 'sdpa' or 'eager' in the LLM; it uses "
                             f"{impl!r} (load the model with attn_implementation='sdpa')")
         self.first = min(int(n.rsplit(".", 1)[1]) for n in self.by_site)
-        capture = {}
+        capture, self.consumers = {}, {}
         self._stages = stages
         for name, red in stages:
             info = infos[name]
@@ -321,6 +321,8 @@ class LLMSites(PerThreadState):
                     l = info.own_layer if l is None else l
                     if sig != "x":
                         capture.setdefault(l, set()).add(sig)
+                        if not any(r is red for r in self.consumers.setdefault(l, [])):
+                            self.consumers[l].append(red)
         self.capture = capture
         H = self.hooks
         H.pre(self.lm, self._lm_pre, with_kwargs=True)
@@ -609,6 +611,8 @@ class LLMSites(PerThreadState):
         if s is None or query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
             return  # decode steps: no signal (reducers here act at prefill)
         st = s.state
+        if not any(red.active(st.memo) for red in self.consumers[j]):
+            return  # every reducer reading this layer's signals is done for this forward
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         # known on the host: without prompt padding or a ragged plan every row is valid, and the
         # signals need no per-layer check of that (a device sync each)

@@ -440,3 +440,33 @@ def test_matches_a_hand_written_merge_on_the_trained_model():
             assert torch.allclose(got, want, atol=1e-4), (qtype, (got - want).abs().max())
     finally:
         hook.remove()
+
+
+def test_no_signal_is_computed_after_framefusion_is_done(monkeypatch):
+    """once every sample has pruned (FrameFusion's last step), later layers compute no attention
+    rows for it (Reducer.active); the logits are those of a run that computes them all"""
+    import transformers as tf
+    from tokenreduce.adapters import hf_llm
+    orig = V._qwen2
+
+    def deeper(vocab=128):
+        d = orig(vocab).to_dict()
+        d["num_hidden_layers"] = 12
+        d.pop("layer_types", None)
+        return tf.Qwen2Config(**d)
+    monkeypatch.setattr(V, "_qwen2", deeper)
+    case = V.llava_onevision("sdpa")
+    calls = []
+    real = hf_llm.last_query_attention
+    monkeypatch.setattr(hf_llm, "last_query_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ff = FrameFusion(cost=0.3, similarity_lower_bound=0.3)
+    with tr.reduce(case.model, Policy([Stage("llm.layer.*", ff)])), torch.no_grad():
+        skipping = case.model(**case.batch).logits
+        n_skipping = len(calls)
+        calls.clear()
+        monkeypatch.setattr(FrameFusion, "active", lambda self, memo: True)
+        every = case.model(**case.batch).logits
+        n_every = len(calls)
+    assert n_every == 11  # layers 0..10 feed the sites at layers 1..11
+    assert 0 < n_skipping < n_every
+    assert torch.equal(skipping, every)

@@ -168,7 +168,7 @@ def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) 
     """Run the reducers of one site in order. Returns (stream, [applied plans])."""
     plans = []
     t0 = time.perf_counter()
-    n_in = tokens_per_sample(stream)
+    n_in = tokens_per_sample(stream) if recorder is not None else None
     for red in reducers:
         try:
             with torch.set_grad_enabled(torch.is_grad_enabled() and red.differentiable):
@@ -185,8 +185,8 @@ def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) 
             raise SiteError(f"{stream.site}: {red.name} needs concrete values (token counts, scores), which a "
                             f"forward on the meta device does not have; run it on real tensors ({exc})") from None
     if recorder is not None:
-        recorder.site(stream.site, n_in, tokens_per_sample(stream), (time.perf_counter() - t0) * 1e3,
-                      rows=int(stream.pos.shape[0]))
+        recorder.site(stream.site, n_in, tokens_per_sample(stream) if plans else n_in,
+                      (time.perf_counter() - t0) * 1e3, rows=int(stream.pos.shape[0]))
         if recorder.trace_enabled:
             recorder.last.trace[stream.site] = {"pos": stream.pos, "size": stream.size, "source": stream.source,
                                                 "frame": stream.frame, "valid": stream.valid}

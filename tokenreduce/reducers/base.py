@@ -69,6 +69,12 @@ class Reducer:
     def plan(self, stream: TokenStream) -> Plan | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def active(self, memo: dict) -> bool:
+        """Whether this reducer may still act in the forward whose scratch space is `memo` (the
+        stream's memo). An adapter computes no signal for a layer whose consumers have all
+        finished (FrameFusion after its pruning step)."""
+        return True
+
     # -- validation ---------------------------------------------------------------------------
     def check_site(self, site: SiteInfo) -> None:
         """Raise SiteError when this reducer cannot run at `site` (called by reduce())."""

@@ -164,6 +164,10 @@ class FrameFusion(Reducer):
         except ValueError:
             return 1.0
 
+    def active(self, memo: dict) -> bool:
+        st = memo.get(f"framefusion@{id(self)}")
+        return st is None or any(phase != DONE for phase in st["phase"])
+
     def _state(self, stream: TokenStream) -> dict:
         key = f"framefusion@{id(self)}"
         st = stream.memo.get(key)
