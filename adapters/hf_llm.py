@@ -261,6 +261,18 @@ class _Session:
         self.ragged_at: dict = {}  # layer -> whether its keys hold such slots
         self.sized = False        # sizes left 1 (a merge folded tokens, or a soft mask)
         self.prompt_padded = True  # the prompt itself has padding
+        self.reused: dict = {}    # kind -> (inputs, result) of the prefill's per-layer gathers
+
+    def reuse(self, kind, inputs: tuple, make):
+        """make() once while `inputs` stay the same objects: the layers after a reduction receive
+        the model's one rotary table, position ids and mask, and gather them with the same
+        indices, so one gather serves them all (held for the prefill only)."""
+        hit = self.reused.get(kind)
+        if hit is not None and len(hit[0]) == len(inputs) and all(a is b for a, b in zip(hit[0], inputs)):
+            return hit[1]
+        out = make()
+        self.reused[kind] = (inputs, out)
+        return out
 
 
 class LLMSites(PerThreadState):
@@ -419,8 +431,12 @@ class LLMSites(PerThreadState):
         s.cur_cols = torch.arange(L, device=hs.device).expand(B, L)
         s.owner = s.cur_cols
         s.cur_slot = torch.ones(B, L, dtype=torch.bool, device=hs.device)
-        s.cur_valid = tpl.valid if tpl.valid is not None else s.cur_slot
         s.prompt_padded = tpl.valid is not None and not bool(tpl.valid.all())  # one sync per prefill
+        if not s.prompt_padded:
+            # every row valid, known on the host: the streams carry no mask, so counts and checks
+            # downstream are host numbers rather than device reductions
+            tpl.valid = None
+        s.cur_valid = tpl.valid if tpl.valid is not None else s.cur_slot
         s.start_valid = tpl.valid
         self.session = s
         self.recorder.last.extra["llm_tokens_start"] = L
@@ -467,7 +483,8 @@ class LLMSites(PerThreadState):
         s.slots[j] = s.cur_slot
         s.ragged_at[j] = s.ragged  # this layer's keys hold padding slots (a ragged plan at or before it)
         s.sizes[j] = s.state.size
-        self.recorder.layer(("llm", j), s.cur_valid.sum(1).float().mean())  # read back with the stats
+        # a device scalar, read back with the statistics; the same for every layer until a plan
+        self.recorder.layer(("llm", j), s.reuse("count", (s.cur_valid,), lambda: s.cur_valid.sum(1).float().mean()))
         if not s.changed:
             return None
         s.scatter_pending = True
@@ -476,12 +493,18 @@ class LLMSites(PerThreadState):
         ragged = s.cur_slot if s.ragged else None
         kwargs = dict(kwargs)
         if "position_embeddings" in kwargs:
-            kwargs["position_embeddings"] = gather_rotary(kwargs["position_embeddings"], idx)
+            pe = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = s.reuse("rope", (pe, idx), lambda: gather_rotary(pe, idx))
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = gather_positions(kwargs["position_ids"], idx)
+            pid = kwargs["position_ids"]
+            kwargs["position_ids"] = s.reuse("position_ids", (pid, idx), lambda: gather_positions(pid, idx))
         am = kwargs.get("attention_mask")
-        fix = lambda m: self._size_bias(reindex_mask(m, idx, ragged), s.state.size, hs)
-        kwargs["attention_mask"] = {k: fix(v) for k, v in am.items()} if isinstance(am, dict) else fix(am)
+        size = s.state.size
+
+        def fix(kind, m):
+            return s.reuse(("mask", kind), (m, idx, ragged, size),
+                           lambda: self._size_bias(reindex_mask(m, idx, ragged), size, hs))
+        kwargs["attention_mask"] = {k: fix(k, v) for k, v in am.items()} if isinstance(am, dict) else fix(None, am)
         size = s.state.size
         if torch.is_grad_enabled() and torch.is_tensor(size) and size.requires_grad and not hs.requires_grad \
                 and self._has_sizes(s):
@@ -572,6 +595,8 @@ class LLMSites(PerThreadState):
         if self.prefilling:  # a cache the model made itself (forward(use_cache=True)) gets the session too
             self.prefilling = False
             self.sessions.bind(output_cache(output), s)
+        if s is not None:
+            s.reused.clear()  # the prefill's gathers (a mask can be large) are not kept for decoding
         if s is None or not s.changed or not s.scatter_pending:
             return None
         s.scatter_pending = False

@@ -207,7 +207,7 @@ class FrameFusion(Reducer):
         dev = stream.pos.device
         depth = int(self.num_layers or stream.depth or 0)
         k = int(stream.layer or 0)
-        if depth <= 0 or k >= depth:
+        if depth <= 0 or k >= depth or not self.active(stream.memo):  # every sample has pruned
             return None
         ar = torch.arange(N, device=dev)
         target = ar.expand(B, N).clone()   # the current token each token folds into; -1 = dropped
