@@ -925,38 +925,69 @@ def test_a_decode_step_of_a_reduced_vlm_reads_nothing_more_back_to_the_host(name
     assert reduced == unreduced, (reduced, unreduced)
 
 
-def test_a_reduced_prefill_reads_back_no_more_with_more_llm_layers():
-    """statistics and signals inside the LLM read nothing back per layer (each read a device sync
-    that stops the host from running ahead of a GPU): fastv's prefill on a 4- and an 8-layer
-    decoder reads back the same number of values"""
+def _onevision_with_llm_layers(case, layers):
     import transformers as tf
-    case = V.llava_onevision("sdpa")
     cfg = case.model.config
-    text = {**cfg.text_config.to_dict(), "num_hidden_layers": 8, "layer_types": None}
+    text = {**cfg.text_config.to_dict(), "num_hidden_layers": layers, "layer_types": None}
     torch.manual_seed(0)
-    deeper = tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(
+    model = tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(
         vision_config=cfg.vision_config.to_dict(), text_config=tf.Qwen2Config(**text),
         image_token_index=cfg.image_token_index, video_token_index=cfg.video_token_index,
         vision_feature_select_strategy="full")).eval()
-    deeper.set_attn_implementation("sdpa")
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _count_ops(model, inputs, which):
+    """operators run by one forward: which(name) picks the ones counted"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += str(func) in HOST_READS
+            Count.n += bool(which(str(func)))
             return func(*args, **(kwargs or {}))
+    with torch.no_grad(), Count():
+        model(**inputs)
+    return Count.n
+
+
+def test_a_reduced_prefill_reads_back_no_more_with_more_llm_layers():
+    """statistics and signals inside the LLM read nothing back per layer (each read a device sync
+    that stops the host from running ahead of a GPU): fastv's prefill on a 4- and an 8-layer
+    decoder reads back the same number of values"""
+    case = V.llava_onevision("sdpa")
+    deeper = _onevision_with_llm_layers(case, 8)
     reads = []
     for model in (case.model, deeper):
-        with tr.reduce(model, "llm.layer.1=fastv(ratio=0.5)") as h, torch.no_grad():
-            Count.n = 0
-            with Count():
-                model(**case.batch)
-            reads.append(Count.n)
+        with tr.reduce(model, "llm.layer.1=fastv(ratio=0.5)") as h:
+            reads.append(_count_ops(model, case.batch, HOST_READS.__contains__))
             st = h.stats  # the statistics still hold every layer's count
             L = model.config.text_config.num_hidden_layers  # layers from the first site on are counted
             assert set(st["tokens_per_layer"]) == {("llm", j) for j in range(1, L)}
             assert all(isinstance(v, float) for v in st["tokens_per_layer"].values())
             assert st["sites"]["llm.layer.1"]["tokens_out"] < st["sites"]["llm.layer.1"]["tokens_in"]
     assert reads[0] == reads[1], reads
+
+
+@pytest.mark.parametrize("spec", ["llm.layer.1=fastv(ratio=0.5)", "llm.layer.*=framefusion(cost=0.3)"])
+def test_layers_after_a_reduction_launch_what_unreduced_layers_do(spec):
+    """on a GPU the host issues every operator: the layers after a reduction share one gather of
+    the rotary table, position ids and mask, and a finished FrameFusion plans nothing, so four more
+    decoder layers add as many operators to the reduced prefill as to the unreduced one"""
+    case = V.llava_onevision("sdpa")
+    views = ("view", "slice", "unsqueeze", "expand", "transpose", "reshape", "select", "t.", "detach", "alias",
+             "permute", "squeeze", "_unsafe_view", "split", "unbind", "as_strided")
+    compute = lambda name: not any(name.startswith("aten." + v) for v in views)
+    single = case.singles[0]
+    added = {}
+    for reduced in (False, True):
+        ops = []
+        for layers in (8, 12):
+            model = _onevision_with_llm_layers(case, layers)
+            if reduced:
+                tr.reduce(model, spec)
+            ops.append(_count_ops(model, single, compute))
+        added[reduced] = ops[1] - ops[0]
+    assert added[True] <= added[False], added
