@@ -261,14 +261,15 @@ class _Session:
         self.ragged_at: dict = {}  # layer -> whether its keys hold such slots
         self.sized = False        # sizes left 1 (a merge folded tokens, or a soft mask)
         self.prompt_padded = True  # the prompt itself has padding
-        self.reused: dict = {}    # kind -> (inputs, result) of the prefill's per-layer gathers
+        self.reused: dict = {}    # kind -> (inputs, result) of one forward's per-layer gathers
 
     def reuse(self, kind, inputs: tuple, make):
-        """make() once while `inputs` stay the same objects: the layers after a reduction receive
-        the model's one rotary table, position ids and mask, and gather them with the same
-        indices, so one gather serves them all (held for the prefill only)."""
+        """make() once while `inputs` stay the same objects (ints: equal): the layers after a
+        reduction receive the model's one rotary table, position ids and mask, and gather them
+        with the same indices, so one gather serves them all (held for one forward only)."""
         hit = self.reused.get(kind)
-        if hit is not None and len(hit[0]) == len(inputs) and all(a is b for a, b in zip(hit[0], inputs)):
+        if hit is not None and len(hit[0]) == len(inputs) and all(
+                a is b or (type(a) is int and type(b) is int and a == b) for a, b in zip(hit[0], inputs)):
             return hit[1]
         out = make()
         self.reused[kind] = (inputs, out)
@@ -535,8 +536,9 @@ class LLMSites(PerThreadState):
             return None
         am = kwargs.get("attention_mask")
         like = am if torch.is_tensor(am) else None
-        # keys: the columns this layer kept at prefill, then every token decoded since
-        kv_valid = torch.cat([kept, kept.new_ones(kept.shape[0], extra)], dim=1)
+        # keys: the columns this layer kept at prefill, then every token decoded since (layers
+        # that kept the same columns share one)
+        kv_valid = s.reuse("kv_valid", (kept, extra), lambda: torch.cat([kept, kept.new_ones(kept.shape[0], extra)], 1))
         window = None
         W = sliding_window_of(cache, j)
         if W is not None:
@@ -562,10 +564,14 @@ class LLMSites(PerThreadState):
         elif like is None and window is None and not (s.ragged or s.prompt_padded) and not self._has_sizes(s):
             mask = None
         else:
-            mask = mask_from_valid(kv_valid, q, like, causal=True, window=window)
-            if self._has_sizes(s):  # the sizes of the keys kept above (the last ones, in a window)
-                sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
-                mask = self._size_bias(mask, sizes[:, -kv_valid.shape[1]:], hs)
+            def make():
+                m = mask_from_valid(kv_valid, q, like, causal=True, window=window)
+                if self._has_sizes(s):  # the sizes of the keys kept above (the last ones, in a window)
+                    sizes = torch.cat([s.sizes[j], s.sizes[j].new_ones(kept.shape[0], extra)], dim=1)
+                    m = self._size_bias(m, sizes[:, -kv_valid.shape[1]:], hs)
+                return m
+            # layers with the same kept keys and sizes share one mask (a window cuts per layer)
+            mask = make() if window is not None else s.reuse("decode_mask", (kv_valid, q, like, s.sizes[j]), make)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask if not isinstance(am, dict) else {k: mask for k in am}
         return args, kwargs
@@ -596,7 +602,7 @@ class LLMSites(PerThreadState):
             self.prefilling = False
             self.sessions.bind(output_cache(output), s)
         if s is not None:
-            s.reused.clear()  # the prefill's gathers (a mask can be large) are not kept for decoding
+            s.reused.clear()  # one forward's gathers (a mask can be large) are not kept for the next
         if s is None or not s.changed or not s.scatter_pending:
             return None
         s.scatter_pending = False

@@ -991,3 +991,36 @@ def test_layers_after_a_reduction_launch_what_unreduced_layers_do(spec):
             ops.append(_count_ops(model, single, compute))
         added[reduced] = ops[1] - ops[0]
     assert added[True] <= added[False], added
+
+
+def test_a_reduced_decode_step_launches_no_more_per_layer():
+    """after fastv the decode steps' key masks are shared by the layers that kept the same keys:
+    a reduced step runs a fixed number of operators more than an unreduced one, whatever the depth"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    case = V.llava_onevision("sdpa")
+    single = case.singles[0]
+    views = ("view", "slice", "unsqueeze", "expand", "transpose", "reshape", "select", "t.", "detach", "alias",
+             "permute", "squeeze", "_unsafe_view", "split", "unbind", "as_strided")
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not any(str(func).startswith("aten." + v) for v in views)
+            return func(*args, **(kwargs or {}))
+
+    def per_step(model):
+        counts = []
+        for new in (2, 6):
+            Count.n = 0
+            with torch.no_grad(), Count():
+                model.generate(**single, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            counts.append(Count.n)
+        return (counts[1] - counts[0]) / 4
+    extra = []
+    for layers in (8, 12):
+        model = _onevision_with_llm_layers(case, layers)
+        unreduced = per_step(model)
+        with tr.reduce(model, "llm.layer.1=fastv(ratio=0.5)"):
+            extra.append(per_step(model) - unreduced)
+    assert extra[0] == extra[1] and extra[0] <= 4, extra
