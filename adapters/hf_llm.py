@@ -506,7 +506,6 @@ class LLMSites(PerThreadState):
             return s.reuse(("mask", kind), (m, idx, ragged, size),
                            lambda: self._size_bias(reindex_mask(m, idx, ragged), size, hs))
         kwargs["attention_mask"] = {k: fix(k, v) for k, v in am.items()} if isinstance(am, dict) else fix(None, am)
-        size = s.state.size
         if torch.is_grad_enabled() and torch.is_tensor(size) and size.requires_grad and not hs.requires_grad \
                 and self._has_sizes(s):
             # A soft key mask is the only input of this layer's attention that needs a gradient
