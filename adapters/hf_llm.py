@@ -641,7 +641,7 @@ class LLMSites(PerThreadState):
         if s is None or query.shape[2] <= 1 or query.shape[2] != key.shape[2]:
             return  # decode steps: no signal (reducers here act at prefill)
         st = s.state
-        if not any(red.active(st.memo) for red in self.consumers[j]):
+        if not any(red.may_act(st.memo) for red in self.consumers[j]):
             return  # every reducer reading this layer's signals is done for this forward
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         # known on the host: without prompt padding or a ragged plan every row is valid, and the

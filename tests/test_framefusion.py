@@ -444,7 +444,7 @@ def test_matches_a_hand_written_merge_on_the_trained_model():
 
 def test_no_signal_is_computed_after_framefusion_is_done(monkeypatch):
     """once every sample has pruned (FrameFusion's last step), later layers compute no attention
-    rows for it (Reducer.active); the logits are those of a run that computes them all"""
+    rows for it (Reducer.may_act); the logits are those of a run that computes them all"""
     import transformers as tf
     from tokenreduce.adapters import hf_llm
     orig = V._qwen2
@@ -464,9 +464,24 @@ def test_no_signal_is_computed_after_framefusion_is_done(monkeypatch):
         skipping = case.model(**case.batch).logits
         n_skipping = len(calls)
         calls.clear()
-        monkeypatch.setattr(FrameFusion, "active", lambda self, memo: True)
+        monkeypatch.setattr(FrameFusion, "may_act", lambda self, memo: True)
         every = case.model(**case.batch).logits
         n_every = len(calls)
     assert n_every == 11  # layers 0..10 feed the sites at layers 1..11
     assert 0 < n_skipping < n_every
     assert torch.equal(skipping, every)
+
+
+def test_a_reducer_may_have_its_own_field_named_active(cases):
+    """the adapter asks reducers `may_act(memo)`; a user's reducer with an `active` switch of its
+    own still runs at an LLM site"""
+    from tokenreduce.reducers.fastv import FastV
+
+    @dataclasses.dataclass
+    class SwitchedFastV(FastV):
+        name = "switched_fastv_test"
+        active: bool = True
+    case = cases[("llava_onevision", "sdpa")]
+    with tr.reduce(case.model, Policy([Stage("llm.layer.2", SwitchedFastV(ratio=0.5))])) as h, torch.no_grad():
+        assert case.model(**case.batch).logits.shape[:2] == case.batch["input_ids"].shape
+        assert h.stats["sites"]["llm.layer.2"]["tokens_out"] < h.stats["sites"]["llm.layer.2"]["tokens_in"]

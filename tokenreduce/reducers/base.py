@@ -69,10 +69,11 @@ class Reducer:
     def plan(self, stream: TokenStream) -> Plan | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def active(self, memo: dict) -> bool:
+    def may_act(self, memo: dict) -> bool:
         """Whether this reducer may still act in the forward whose scratch space is `memo` (the
         stream's memo). An adapter computes no signal for a layer whose consumers have all
-        finished (FrameFusion after its pruning step)."""
+        finished (FrameFusion after its pruning step). (Not `active`: a reducer's own field
+        may well carry that name.)"""
         return True
 
     # -- validation ---------------------------------------------------------------------------

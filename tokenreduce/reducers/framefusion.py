@@ -164,7 +164,7 @@ class FrameFusion(Reducer):
         except ValueError:
             return 1.0
 
-    def active(self, memo: dict) -> bool:
+    def may_act(self, memo: dict) -> bool:
         st = memo.get(f"framefusion@{id(self)}")
         return st is None or any(phase != DONE for phase in st["phase"])
 
@@ -207,7 +207,7 @@ class FrameFusion(Reducer):
         dev = stream.pos.device
         depth = int(self.num_layers or stream.depth or 0)
         k = int(stream.layer or 0)
-        if depth <= 0 or k >= depth or not self.active(stream.memo):  # every sample has pruned
+        if depth <= 0 or k >= depth or not self.may_act(stream.memo):  # every sample has pruned
             return None
         ar = torch.arange(N, device=dev)
         target = ar.expand(B, N).clone()   # the current token each token folds into; -1 = dropped
