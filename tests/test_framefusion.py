@@ -339,22 +339,27 @@ def test_end_to_end_video_models(cases, name, attn):
             assert torch.allclose(g.scores[t][b_], single.scores[t][0], atol=1e-4)
 
 
-def test_end_to_end_keeps_about_the_budget():
-    """A 12-layer OneVision: the summed per-layer visual fraction ≈ depth * cost (one token of
-    rounding per layer), with the model's real depth in the budget."""
+def _deep_onevision(layers=12):
+    """the tiny OneVision case with a `layers`-layer Qwen2 decoder"""
     import transformers as tf
     orig = V._qwen2
 
     def deeper(vocab=128):
         d = orig(vocab).to_dict()
-        d["num_hidden_layers"] = 12
+        d["num_hidden_layers"] = layers
         d.pop("layer_types", None)
         return tf.Qwen2Config(**d)
     V._qwen2 = deeper
     try:
-        case = V.llava_onevision("sdpa")
+        return V.llava_onevision("sdpa")
     finally:
         V._qwen2 = orig
+
+
+def test_end_to_end_keeps_about_the_budget():
+    """A 12-layer OneVision: the summed per-layer visual fraction ≈ depth * cost (one token of
+    rounding per layer), with the model's real depth in the budget."""
+    case = _deep_onevision(12)
     ff = FrameFusion(cost=0.3, similarity_lower_bound=0.3)
     probe = VisualCount()
     with tr.reduce(case.model, Policy([Stage("llm.layer.*", ff), Stage("llm.layer.*", probe)])):
@@ -445,17 +450,8 @@ def test_matches_a_hand_written_merge_on_the_trained_model():
 def test_no_signal_is_computed_after_framefusion_is_done(monkeypatch):
     """once every sample has pruned (FrameFusion's last step), later layers compute no attention
     rows for it (Reducer.may_act); the logits are those of a run that computes them all"""
-    import transformers as tf
     from tokenreduce.adapters import hf_llm
-    orig = V._qwen2
-
-    def deeper(vocab=128):
-        d = orig(vocab).to_dict()
-        d["num_hidden_layers"] = 12
-        d.pop("layer_types", None)
-        return tf.Qwen2Config(**d)
-    monkeypatch.setattr(V, "_qwen2", deeper)
-    case = V.llava_onevision("sdpa")
+    case = _deep_onevision(12)
     calls = []
     real = hf_llm.last_query_attention
     monkeypatch.setattr(hf_llm, "last_query_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
