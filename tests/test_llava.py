@@ -893,20 +893,35 @@ def test_qwen2_5_vl_images_of_two_sizes_in_a_batch(spec):
 # operators that read a tensor's value back to the host: each one a device sync on a GPU
 HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
               "aten.equal.default", "aten.item.default"}
+# operators that launch no kernel (views): left out when counting what the host issues
+VIEWS = ("view", "slice", "unsqueeze", "expand", "transpose", "reshape", "select", "t.", "detach", "alias",
+         "permute", "squeeze", "_unsafe_view", "split", "unbind", "as_strided")
 
 
-def _host_reads(model, inputs, new):
+def _is_compute(name):
+    return not any(name.startswith("aten." + v) for v in VIEWS)
+
+
+def _count_ops(which, run):
+    """the operators run() dispatches that which(name) picks, under no_grad"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += str(func) in HOST_READS
+            Count.n += bool(which(str(func)))
             return func(*args, **(kwargs or {}))
     with torch.no_grad(), Count():
-        model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        run()
     return Count.n
+
+
+def _ops_per_decode_step(model, inputs, which):
+    """operators of one greedy decode step: generating 6 tokens against generating 2"""
+    def generate(n):
+        return lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return (_count_ops(which, generate(6)) - _count_ops(which, generate(2))) / 4
 
 
 @pytest.mark.parametrize("name", ["llava_onevision", "qwen2_vl"])
@@ -916,12 +931,9 @@ def test_a_decode_step_of_a_reduced_vlm_reads_nothing_more_back_to_the_host(name
     reduced model reads back what the unreduced model's step does (generate's own stopping check)"""
     case = V.BUILDERS[name]("sdpa")
     single = case.singles[0]
-
-    def per_step():
-        return (_host_reads(case.model, single, 6) - _host_reads(case.model, single, 2)) / 4
-    unreduced = per_step()
+    unreduced = _ops_per_decode_step(case.model, single, HOST_READS.__contains__)
     with tr.reduce(case.model, spec):
-        reduced = per_step()
+        reduced = _ops_per_decode_step(case.model, single, HOST_READS.__contains__)
     assert reduced == unreduced, (reduced, unreduced)
 
 
@@ -938,21 +950,6 @@ def _onevision_with_llm_layers(case, layers):
     return model
 
 
-def _count_ops(model, inputs, which):
-    """operators run by one forward: which(name) picks the ones counted"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += bool(which(str(func)))
-            return func(*args, **(kwargs or {}))
-    with torch.no_grad(), Count():
-        model(**inputs)
-    return Count.n
-
-
 def test_a_reduced_prefill_reads_back_no_more_with_more_llm_layers():
     """statistics and signals inside the LLM read nothing back per layer (each read a device sync
     that stops the host from running ahead of a GPU): fastv's prefill on a 4- and an 8-layer
@@ -962,7 +959,7 @@ def test_a_reduced_prefill_reads_back_no_more_with_more_llm_layers():
     reads = []
     for model in (case.model, deeper):
         with tr.reduce(model, "llm.layer.1=fastv(ratio=0.5)") as h:
-            reads.append(_count_ops(model, case.batch, HOST_READS.__contains__))
+            reads.append(_count_ops(HOST_READS.__contains__, lambda: model(**case.batch)))
             st = h.stats  # the statistics still hold every layer's count
             L = model.config.text_config.num_hidden_layers  # layers from the first site on are counted
             assert set(st["tokens_per_layer"]) == {("llm", j) for j in range(1, L)}
@@ -977,9 +974,6 @@ def test_layers_after_a_reduction_launch_what_unreduced_layers_do(spec):
     the rotary table, position ids and mask, and a finished FrameFusion plans nothing, so four more
     decoder layers add as many operators to the reduced prefill as to the unreduced one"""
     case = V.llava_onevision("sdpa")
-    views = ("view", "slice", "unsqueeze", "expand", "transpose", "reshape", "select", "t.", "detach", "alias",
-             "permute", "squeeze", "_unsafe_view", "split", "unbind", "as_strided")
-    compute = lambda name: not any(name.startswith("aten." + v) for v in views)
     single = case.singles[0]
     added = {}
     for reduced in (False, True):
@@ -988,7 +982,7 @@ def test_layers_after_a_reduction_launch_what_unreduced_layers_do(spec):
             model = _onevision_with_llm_layers(case, layers)
             if reduced:
                 tr.reduce(model, spec)
-            ops.append(_count_ops(model, single, compute))
+            ops.append(_count_ops(_is_compute, lambda: model(**single)))
         added[reduced] = ops[1] - ops[0]
     assert added[True] <= added[False], added
 
@@ -996,31 +990,12 @@ def test_layers_after_a_reduction_launch_what_unreduced_layers_do(spec):
 def test_a_reduced_decode_step_launches_no_more_per_layer():
     """after fastv the decode steps' key masks are shared by the layers that kept the same keys:
     a reduced step runs a fixed number of operators more than an unreduced one, whatever the depth"""
-    from torch.utils._python_dispatch import TorchDispatchMode
     case = V.llava_onevision("sdpa")
     single = case.singles[0]
-    views = ("view", "slice", "unsqueeze", "expand", "transpose", "reshape", "select", "t.", "detach", "alias",
-             "permute", "squeeze", "_unsafe_view", "split", "unbind", "as_strided")
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += not any(str(func).startswith("aten." + v) for v in views)
-            return func(*args, **(kwargs or {}))
-
-    def per_step(model):
-        counts = []
-        for new in (2, 6):
-            Count.n = 0
-            with torch.no_grad(), Count():
-                model.generate(**single, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            counts.append(Count.n)
-        return (counts[1] - counts[0]) / 4
     extra = []
     for layers in (8, 12):
         model = _onevision_with_llm_layers(case, layers)
-        unreduced = per_step(model)
+        unreduced = _ops_per_decode_step(model, single, _is_compute)
         with tr.reduce(model, "llm.layer.1=fastv(ratio=0.5)"):
-            extra.append(per_step(model) - unreduced)
+            extra.append(_ops_per_decode_step(model, single, _is_compute) - unreduced)
     assert extra[0] == extra[1] and extra[0] <= 4, extra

@@ -164,12 +164,16 @@ class FrameFusion(Reducer):
         except ValueError:
             return 1.0
 
+    @property
+    def _memo_key(self) -> str:
+        return f"framefusion@{id(self)}"  # this instance's state in a forward's memo
+
     def may_act(self, memo: dict) -> bool:
-        st = memo.get(f"framefusion@{id(self)}")
+        st = memo.get(self._memo_key)
         return st is None or any(phase != DONE for phase in st["phase"])
 
     def _state(self, stream: TokenStream) -> dict:
-        key = f"framefusion@{id(self)}"
+        key = self._memo_key
         st = stream.memo.get(key)
         if st is None or len(st["phase"]) != stream.batch:
             st = {"phase": [MERGING] * stream.batch, "sparsity": [[] for _ in range(stream.batch)],
