@@ -138,6 +138,18 @@ def test_bench_vit_cuda_graph_needs_a_cuda_device(capsys):
     assert "--cuda-graph needs a CUDA device (--device cuda), got --device cpu" in err
 
 
+def test_bench_vit_graph_report_claims_no_reducer_time():
+    """A CUDA-graph replay runs no Python: its report says the reducers take no host time rather
+    than passing off the first eager forward's set-up (80 ms on an H100) as their cost."""
+    from tokenreduce.eval.bench import format_vit
+    res = {"model": "m", "batch": 1, "image": 224, "device": "cuda", "dtype": "float16", "cuda_graph": True,
+           "graph_vs_eager_max_abs": 0.0, "policy": "p", "baseline_ms": 2.0, "reduced_ms": 1.0, "speedup": 2.0,
+           "flops_fraction": 0.5, "flops_bound_speedup": 2.0, "speedup_vs_flops_bound": 1.0, "tokens": [197],
+           "reducer_ms": None, "machine_before": {"loadavg": [0]}, "machine_after": {"loadavg": [0]}}
+    assert "time in reducers: none in a replay" in format_vit(res)
+    assert "time in reducers 1.50 ms/forward" in format_vit(dict(res, cuda_graph=False, reducer_ms=1.5))
+
+
 def test_bench_video_sizes_that_videomae_cannot_take(capsys):
     err = _error(capsys, ["bench", "video", "--model", "videomae", "--frames", "3", "--runs", "1"])
     assert "--frames 3" in err and "multiple of 2" in err
