@@ -95,6 +95,24 @@ def cuda_graphed(fn, device):
     return replay
 
 
+def compiled(fn, reference):
+    """`fn` under torch.compile, its first call checked against `reference` (its eager output).
+
+    The caller holds `hook_guards()` open while it calls the result: by default dynamo does not
+    guard on module hooks, so a model compiled without them (the baseline) hands its graph to
+    another model of the same class (the reduced one), which then runs unreduced."""
+    c = torch.compile(fn)
+    diff = float((first_tensor(c()) - first_tensor(reference)).abs().max())
+    return c, diff
+
+
+def hook_guards():
+    """Make torch.compile guard on module hooks (so that adding, or removing, a reduction's hooks
+    recompiles) for the duration of a with-block."""
+    import torch._dynamo
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
+
+
 def first_tensor(out):
     """The first tensor of a model's output (a tensor, a tuple, or a transformers ModelOutput)."""
     while not torch.is_tensor(out):
@@ -103,11 +121,14 @@ def first_tensor(out):
 
 
 def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", batch=8, runs=10, warmup=3,
-              device="cpu", dtype="float32", image=None, cuda_graph=False) -> dict:
+              device="cpu", dtype="float32", image=None, cuda_graph=False, compile=False) -> dict:
     """Baseline vs reduced ms/batch, speed-up, analytic FLOPs fraction, tokens per layer.
-    cuda_graph: time both models as CUDA-graph replays (no host overhead); the reduced graph's
-    output is checked against its eager forward."""
+    cuda_graph: time both models as CUDA-graph replays (no host overhead); compile: both under
+    torch.compile. Either way the reduced model's output is checked against its eager forward."""
     check_counts(batch=batch, runs=runs, warmup=warmup, **({} if image is None else {"image": image}))
+    if cuda_graph and compile:
+        raise ValueError("give --cuda-graph or --compile, not both (each times the models its own way: graph "
+                         "replays of the eager forward, or torch.compile's code)")
     check_device(device)
     if cuda_graph and torch.device(device).type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda), got --device {device}")
@@ -138,26 +159,34 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
     load_before = machine()
 
     def run(m):
-        with torch.no_grad() if cuda_graph else torch.inference_mode():
+        # capture and torch.compile take no inference tensors
+        with torch.no_grad() if cuda_graph or compile else torch.inference_mode():
             return call_vision(m, x)
     fns = {"baseline": lambda: run(model), "reduced": lambda: run(reduced)}
     graph_error = None
-    if cuda_graph:
+    if cuda_graph or compile:
         eager = run(reduced)
-        # the replays run no Python: the counts are the eager forward's, and the reducers take no
-        # host time at all (that first forward's time is mostly one-off set-up, not a timing)
+        # the counts are the eager forward's; a replay runs no Python and compiled code times no
+        # reducer (that first forward's time is mostly one-off set-up, not a timing)
         stats = dict(handle.stats, reducer_ms=None)
+    if cuda_graph:
         fns = {k: cuda_graphed(f, device) for k, f in fns.items()}
         graph_error = float((first_tensor(fns["reduced"]()) - first_tensor(eager)).abs().max())
-    ms = time_interleaved(fns, runs, warmup, device)
-    if not cuda_graph:
+        ms = time_interleaved(fns, runs, warmup, device)
+    elif compile:
+        with hook_guards():
+            fns["baseline"], _ = compiled(fns["baseline"], run(model))
+            fns["reduced"], graph_error = compiled(fns["reduced"], eager)
+            ms = time_interleaved(fns, runs, warmup, device)
+    else:
+        ms = time_interleaved(fns, runs, warmup, device)
         stats = handle.stats
     frac = stats.get("flops_fraction", 1.0)
     speedup = ms["baseline"] / ms["reduced"]
     out = {
         "benchmark": "vit", "model": name, "policy": handle.policy.to_spec(), "batch": batch, "image": size,
         "device": str(device), "dtype": dtype, "runs": runs, "warmup": warmup, "cuda_graph": bool(cuda_graph),
-        "graph_vs_eager_max_abs": graph_error, "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
+        "compile": bool(compile), "graph_vs_eager_max_abs": graph_error, "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
         "speedup": round(speedup, 3), "flops_fraction": round(frac, 4),
         "flops_bound_speedup": round(1.0 / frac, 3), "speedup_vs_flops_bound": round(speedup * frac, 3),
         "reducer_ms": None if stats["reducer_ms"] is None else round(stats["reducer_ms"], 3), "tokens": stats.get("tokens"),
@@ -171,14 +200,17 @@ def format_vit(res: dict) -> str:
     lines = [
         f"model {res['model']}  batch {res['batch']}  {res['image']}px  {res['device']} {res['dtype']}"
         + ("  (CUDA-graph replays; reduced graph vs eager max |diff| "
-           f"{res['graph_vs_eager_max_abs']:.2e})" if res.get("cuda_graph") else ""),
+           f"{res['graph_vs_eager_max_abs']:.2e})" if res.get("cuda_graph") else "")
+        + ("  (torch.compile; reduced compiled vs eager max |diff| "
+           f"{res['graph_vs_eager_max_abs']:.2e})" if res.get("compile") else ""),
         f"policy {res['policy']}",
         f"baseline {res['baseline_ms']:.1f} ms/batch   reduced {res['reduced_ms']:.1f} ms/batch   "
         f"speed-up {res['speedup']:.2f}x",
         f"FLOPs fraction {res['flops_fraction']:.3f}  (FLOPs-bound speed-up {res['flops_bound_speedup']:.2f}x; "
         f"measured / bound = {res['speedup_vs_flops_bound']:.2f})",
         f"tokens per layer {res['tokens']}",
-        ("time in reducers: none in a replay (their Python ran once, at capture)" if res["reducer_ms"] is None
+        (("time in reducers: not timed in compiled code" if res.get("compile") else
+          "time in reducers: none in a replay (their Python ran once, at capture)") if res["reducer_ms"] is None
          else f"time in reducers {res['reducer_ms']:.2f} ms/forward"),
         f"load average {res['machine_before']['loadavg']} -> {res['machine_after']['loadavg']}",
     ]

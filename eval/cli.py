@@ -145,7 +145,7 @@ def cmd_sites(args) -> int:
 BENCH_ONLY = {"--frames": ("frames", ("vlm", "video")), "--layers": ("layers", ("vlm", "video")),
               "--vision-layers": ("vision_layers", ("vlm",)), "--decode-tokens": ("decode_tokens", ("vlm",)),
               "--policies": ("policies", ("vlm",)),
-              "--cuda-graph": ("cuda_graph", ("vit",))}
+              "--cuda-graph": ("cuda_graph", ("vit",)), "--compile": ("compile", ("vit",))}
 
 
 def cmd_bench(args) -> int:
@@ -171,7 +171,8 @@ def cmd_bench(args) -> int:
         from .bench import bench_vit, format_vit, write_json
         res = bench_vit(args.model or "vit_base_patch16_224", args.policy or "vision.block.*=tome(r=13)",
                         batch=8 if args.batch is None else args.batch, runs=args.runs, warmup=args.warmup,
-                        device=args.device, dtype=args.dtype, image=args.image, cuda_graph=bool(args.cuda_graph))
+                        device=args.device, dtype=args.dtype, image=args.image, cuda_graph=bool(args.cuda_graph),
+                        compile=bool(args.compile))
         print(format_vit(res))
     else:
         try:
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True, default=None,
                    help="vit: time both models as CUDA-graph replays (no Python or launch overhead; for a "
                         "forward that reads nothing back to the host: ToMe with a fixed r, vtc_cls with a fixed keep)")
+    b.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="vit: time both models under torch.compile (guarding on module hooks, so the "
+                        "baseline's compiled code is not reused for the reduced model)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
                    help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "

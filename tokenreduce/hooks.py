@@ -137,7 +137,10 @@ class Recorder:
 
     def begin(self) -> PassRecord:
         self.last = PassRecord()
-        self.forwards += 1
+        if not torch.compiler.is_compiling():
+            # compiled code would hold the count as a constant and recompile at every forward;
+            # `forwards` counts the eager ones
+            self.forwards += 1
         return self.last
 
     def site(self, name, n_in, n_out, ms, rows: int = 1):
@@ -164,10 +167,16 @@ def tokens_per_sample(stream: TokenStream):
     return stream.valid.sum(1).float().mean()
 
 
+def _clock() -> float:
+    # torch.compile cannot trace the wall clock (a graph break at every site): a compiled forward
+    # records no reducer time
+    return 0.0 if torch.compiler.is_compiling() else time.perf_counter()
+
+
 def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) -> tuple:
     """Run the reducers of one site in order. Returns (stream, [applied plans])."""
     plans = []
-    t0 = time.perf_counter()
+    t0 = _clock()
     n_in = tokens_per_sample(stream) if recorder is not None else None
     for red in reducers:
         try:
@@ -186,7 +195,7 @@ def run_stages(stream: TokenStream, reducers, recorder: Recorder | None = None) 
                             f"forward on the meta device does not have; run it on real tensors ({exc})") from None
     if recorder is not None:
         recorder.site(stream.site, n_in, tokens_per_sample(stream) if plans else n_in,
-                      (time.perf_counter() - t0) * 1e3, rows=int(stream.pos.shape[0]))
+                      (_clock() - t0) * 1e3, rows=int(stream.pos.shape[0]))
         if recorder.trace_enabled:
             recorder.last.trace[stream.site] = {"pos": stream.pos, "size": stream.size, "source": stream.source,
                                                 "frame": stream.frame, "valid": stream.valid}
