@@ -35,6 +35,20 @@ def test_reduced_vit_traces_as_one_graph(spec):
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
 
 
+@pytest.mark.parametrize("name", ["hf:tiny-clip", "hf:tiny-siglip", "hf:tiny-dinov2"])
+def test_reduced_hf_towers_trace_as_one_graph(name):
+    from tokenreduce.eval.bench import call_vision, image_size
+    from tokenreduce.eval.models import load_model
+    model = load_model(name).eval()
+    size = image_size(model)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    tr.reduce(model, "vision.block.*=tome(r=2)")
+    dynamo.reset()
+    with torch.no_grad():
+        explained = dynamo.explain(lambda: call_vision(model, x))()
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
 def test_compiled_reduction_matches_eager_compiles_once_and_is_removable():
     base = _vit()
     reduced = copy.deepcopy(base)
