@@ -130,8 +130,28 @@ def measure_once(model, inputs, decode_tokens, device) -> dict:
             "kv_bytes": kv, "peak_bytes": peak}
 
 
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+SDPA_ON_CPU = ("auto", "flash", "math")
+
+
+def sdpa_backend(name: str, device):
+    """A context that pins scaled_dot_product_attention to one kernel ("auto": torch's choice).
+    On an H100 torch picks cuDNN for bf16, which builds an execution graph per new key length:
+    a decode step of a reduced model (several key lengths) may pay that more often."""
+    from contextlib import nullcontext
+    valid = SDPA_ON_CPU if torch.device(device).type == "cpu" else SDPA_BACKENDS
+    if name not in valid:
+        raise ValueError(f"--sdpa {name!r} is not available on {device}; valid: {', '.join(valid)}")
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([kinds[name]])
+
+
 def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, warmup=1, decode_tokens=8,
-              device="cpu", dtype="float32") -> dict:
+              device="cpu", dtype="float32", sdpa="auto") -> dict:
     """policies: {name: spec}; the unreduced "baseline" is always measured (first). Policies the
     caller gave must all run (an error names the bad one); of the built-in DEFAULT_POLICIES, one
     whose method cannot run here (when installed, or on this input, e.g. --frames 1 for a method
@@ -139,6 +159,7 @@ def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, 
     check_counts(frames=frames, vision_layers=vision_layers, layers=llm_layers, runs=runs, warmup=warmup,
                  decode_tokens=decode_tokens)
     check_device(device)
+    sdpa_backend(sdpa, device)  # refuse a kernel the device lacks before building anything
     dt = getattr(torch, dtype)
     given = policies is not None
     policies = dict(DEFAULT_POLICIES if policies is None else policies)
@@ -174,7 +195,8 @@ def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, 
         for name, spec in list(available.items()):
             h = tr.reduce(model, spec) if spec else None
             try:
-                m = measure_once(model, inputs, decode_tokens, device)
+                with sdpa_backend(sdpa, device):
+                    m = measure_once(model, inputs, decode_tokens, device)
                 if h is not None:
                     stats[name] = h.stats
             except tr.TokenReduceError as exc:  # a method that cannot take this input (e.g. a single frame)
@@ -208,14 +230,15 @@ def bench_vlm(frames=8, vision_layers=27, llm_layers=24, policies=None, runs=3, 
         row["reducer_share_of_ttft"] = row["reducer_ms"] / row["ttft_ms"]
     return {"benchmark": "vlm", "model": "LLaVA-OneVision-0.5B-shaped (random weights)", "frames": frames,
             "visual_tokens": n_visual, "vision_layers": vision_layers, "llm_layers": llm_layers, "device": device,
-            "dtype": dtype, "runs": runs, "decode_tokens": decode_tokens,
+            "dtype": dtype, "sdpa": sdpa, "runs": runs, "decode_tokens": decode_tokens,
             "policies": {n: p.to_spec() for n, p in available.items()}, "results": rows,
             "machine": machine()}
 
 
 def format_table(res: dict) -> str:
     lines = [f"{res['model']}: {res['frames']} frames, {res['visual_tokens']} visual tokens, vision {res['vision_layers']} "
-             f"/ LLM {res['llm_layers']} layers, {res['device']} {res['dtype']}, median of {res['runs']}, "
+             f"/ LLM {res['llm_layers']} layers, {res['device']} {res['dtype']}"
+             f"{'' if res.get('sdpa', 'auto') == 'auto' else ', sdpa ' + res['sdpa']}, median of {res['runs']}, "
              f"load {res['machine']['loadavg']}",
              "| method | LLM tokens | prefill ms | prefill x | TTFT ms | TTFT x | decode tok/s | KV MB | KV saved | "
              "FLOPs frac | reducer % of TTFT |",
@@ -252,7 +275,7 @@ def main_from_args(args) -> dict:
     if unused:
         raise ValueError(f"bench vlm builds its own LLaVA-OneVision-0.5B-shaped model at batch 1: {', '.join(unused)} "
                          "cannot apply; it takes --frames, --vision-layers, --layers, --policy, --policies, --runs, "
-                         "--warmup, --decode-tokens, --device, --dtype, --threads, --json")
+                         "--warmup, --decode-tokens, --sdpa, --device, --dtype, --threads, --json")
     policies = parse_policies(args.policies) if getattr(args, "policies", None) is not None else None
     if getattr(args, "policy", None):
         if policies is not None and "policy" in policies:
@@ -265,7 +288,7 @@ def main_from_args(args) -> dict:
         return default if value is None else value
     res = bench_vlm(frames=arg("frames", 8), vision_layers=arg("vision_layers", 27), llm_layers=arg("layers", 24),
                     runs=args.runs, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                    decode_tokens=arg("decode_tokens", 8), policies=policies)
+                    decode_tokens=arg("decode_tokens", 8), policies=policies, sdpa=arg("sdpa", "auto"))
     print(format_table(res))
     return res
 
@@ -283,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--policies", default=None, help='JSON {"name": "spec", ...}')
+    p.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS, help="attention kernel (default: torch's choice)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     res = main_from_args(args)

@@ -144,7 +144,7 @@ def cmd_sites(args) -> int:
 # flags of `bench` that only some benchmarks take: flag -> (attribute, the benchmarks that take it)
 BENCH_ONLY = {"--frames": ("frames", ("vlm", "video")), "--layers": ("layers", ("vlm", "video")),
               "--vision-layers": ("vision_layers", ("vlm",)), "--decode-tokens": ("decode_tokens", ("vlm",)),
-              "--policies": ("policies", ("vlm",)),
+              "--policies": ("policies", ("vlm",)), "--sdpa": ("sdpa", ("vlm",)),
               "--cuda-graph": ("cuda_graph", ("vit",)), "--compile": ("compile", ("vit",))}
 
 
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True, default=None,
                    help="vit: time both models as CUDA-graph replays (no Python or launch overhead; for a "
                         "forward that reads nothing back to the host: ToMe with a fixed r, vtc_cls with a fixed keep)")
+    b.add_argument("--sdpa", default=None, choices=["auto", "flash", "efficient", "cudnn", "math"],
+                   help="vlm: pin the attention kernel (default auto, torch's choice; a CPU has flash and math)")
     b.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="vit: time both models under torch.compile (guarding on module hooks, so the "
                         "baseline's compiled code is not reused for the reduced model)")

@@ -209,6 +209,29 @@ def test_bench_vlm_a_user_policy_that_fails_on_the_input_still_fails(capsys, tin
     assert "skipping" not in captured.out
 
 
+def test_bench_vlm_pins_the_attention_kernel(capsys, tiny_onevision, monkeypatch):
+    """--sdpa math: every SDPA call of the timed forwards runs the math kernel (a CUDA-only
+    kernel on a CPU is refused naming the valid ones)"""
+    import torch.nn.functional as F
+
+    from tokenreduce.eval.cli import main
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return real(*a, **k)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert main(SMALL_VLM + ["--policy", "projector.out=random(keep=0.5)", "--sdpa", "math"]) == 0
+    out = capsys.readouterr().out
+    assert "sdpa math" in out and "| policy |" in out
+    assert seen and all(seen)
+    err = _error(capsys, SMALL_VLM + ["--sdpa", "cudnn"])
+    assert "--sdpa 'cudnn' is not available on cpu; valid: auto, flash, math" in err
+    err = _error(capsys, ["bench", "vit", "--sdpa", "math"])
+    assert "--sdpa is for bench vlm" in err
+
+
 def test_bench_vlm_policies_json_errors_name_the_flag(capsys):
     err = _error(capsys, ["bench", "vlm", "--policies", "{bad"])
     assert "--policies must be a JSON object {name: spec}" in err
