@@ -95,13 +95,17 @@ def cuda_graphed(fn, device):
     return replay
 
 
-def compiled(fn, reference):
-    """`fn` under torch.compile, its first call checked against `reference` (its eager output).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compiled(fn, reference, mode="default"):
+    """`fn` under torch.compile (`mode`: one of COMPILE_MODES; "reduce-overhead" replays CUDA
+    graphs on a GPU), its first call checked against `reference` (its eager output).
 
     The caller holds `hook_guards()` open while it calls the result: by default dynamo does not
     guard on module hooks, so a model compiled without them (the baseline) hands its graph to
     another model of the same class (the reduced one), which then runs unreduced."""
-    c = torch.compile(fn)
+    c = torch.compile(fn, mode=mode)
     diff = float((first_tensor(c()) - first_tensor(reference)).abs().max())
     return c, diff
 
@@ -124,8 +128,12 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
               device="cpu", dtype="float32", image=None, cuda_graph=False, compile=False) -> dict:
     """Baseline vs reduced ms/batch, speed-up, analytic FLOPs fraction, tokens per layer.
     cuda_graph: time both models as CUDA-graph replays (no host overhead); compile: both under
-    torch.compile. Either way the reduced model's output is checked against its eager forward."""
+    torch.compile (True, or a mode of COMPILE_MODES). Either way the reduced model's output is
+    checked against its eager forward."""
     check_counts(batch=batch, runs=runs, warmup=warmup, **({} if image is None else {"image": image}))
+    mode = "default" if compile is True else compile or None
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"--compile {mode!r}: not a torch.compile mode; valid: {', '.join(COMPILE_MODES)}")
     if cuda_graph and compile:
         raise ValueError("give --cuda-graph or --compile, not both (each times the models its own way: graph "
                          "replays of the eager forward, or torch.compile's code)")
@@ -175,8 +183,8 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
         ms = time_interleaved(fns, runs, warmup, device)
     elif compile:
         with hook_guards():
-            fns["baseline"], _ = compiled(fns["baseline"], run(model))
-            fns["reduced"], graph_error = compiled(fns["reduced"], eager)
+            fns["baseline"], _ = compiled(fns["baseline"], run(model), mode)
+            fns["reduced"], graph_error = compiled(fns["reduced"], eager, mode)
             ms = time_interleaved(fns, runs, warmup, device)
     else:
         ms = time_interleaved(fns, runs, warmup, device)
@@ -186,7 +194,7 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
     out = {
         "benchmark": "vit", "model": name, "policy": handle.policy.to_spec(), "batch": batch, "image": size,
         "device": str(device), "dtype": dtype, "runs": runs, "warmup": warmup, "cuda_graph": bool(cuda_graph),
-        "compile": bool(compile), "graph_vs_eager_max_abs": graph_error, "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
+        "compile": mode or False, "graph_vs_eager_max_abs": graph_error, "baseline_ms": round(ms["baseline"], 2), "reduced_ms": round(ms["reduced"], 2),
         "speedup": round(speedup, 3), "flops_fraction": round(frac, 4),
         "flops_bound_speedup": round(1.0 / frac, 3), "speedup_vs_flops_bound": round(speedup * frac, 3),
         "reducer_ms": None if stats["reducer_ms"] is None else round(stats["reducer_ms"], 3), "tokens": stats.get("tokens"),
@@ -201,7 +209,7 @@ def format_vit(res: dict) -> str:
         f"model {res['model']}  batch {res['batch']}  {res['image']}px  {res['device']} {res['dtype']}"
         + ("  (CUDA-graph replays; reduced graph vs eager max |diff| "
            f"{res['graph_vs_eager_max_abs']:.2e})" if res.get("cuda_graph") else "")
-        + ("  (torch.compile; reduced compiled vs eager max |diff| "
+        + (f"  (torch.compile, mode {res['compile']}; reduced compiled vs eager max |diff| "
            f"{res['graph_vs_eager_max_abs']:.2e})" if res.get("compile") else ""),
         f"policy {res['policy']}",
         f"baseline {res['baseline_ms']:.1f} ms/batch   reduced {res['reduced_ms']:.1f} ms/batch   "

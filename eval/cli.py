@@ -172,7 +172,7 @@ def cmd_bench(args) -> int:
         res = bench_vit(args.model or "vit_base_patch16_224", args.policy or "vision.block.*=tome(r=13)",
                         batch=8 if args.batch is None else args.batch, runs=args.runs, warmup=args.warmup,
                         device=args.device, dtype=args.dtype, image=args.image, cuda_graph=bool(args.cuda_graph),
-                        compile=bool(args.compile))
+                        compile=args.compile or False)
         print(format_vit(res))
     else:
         try:
@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward that reads nothing back to the host: ToMe with a fixed r, vtc_cls with a fixed keep)")
     b.add_argument("--sdpa", default=None, choices=["auto", "flash", "efficient", "cudnn", "math"],
                    help="vlm: pin the attention kernel (default auto, torch's choice; a CPU has flash and math)")
-    b.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                   help="vit: time both models under torch.compile (guarding on module hooks, so the "
-                        "baseline's compiled code is not reused for the reduced model)")
+    b.add_argument("--compile", dest="compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="vit: time both models under torch.compile, MODE default, reduce-overhead (CUDA "
+                        "graphs on a GPU), max-autotune or max-autotune-no-cudagraphs (guarding on module "
+                        "hooks, so the baseline's compiled code is not reused for the reduced model)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
                    help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "

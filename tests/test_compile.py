@@ -81,13 +81,22 @@ def test_bench_vit_compile_times_both_models_compiled():
     """`bench vit --compile` (inductor): the reduced model's compiled output is its eager one, and
     the report says the reducers are not timed in compiled code."""
     dynamo.reset()
-    res = bench_vit(_vit(), "vision.block.*=tome(r=3)", batch=2, runs=2, warmup=1, compile=True)
+    res = bench_vit(_vit(), "vision.block.*=tome(r=3)", batch=2, runs=2, warmup=1, compile="reduce-overhead")
     dynamo.reset()
-    assert res["compile"] and res["graph_vs_eager_max_abs"] < 1e-4
+    assert res["compile"] == "reduce-overhead" and res["graph_vs_eager_max_abs"] < 1e-4
     assert res["reducer_ms"] is None and res["tokens"] == [37, 34, 31, 28]
     assert res["baseline_ms"] > 0 and res["reduced_ms"] > 0
 
 
-def test_bench_vit_takes_cuda_graph_or_compile_not_both():
+def test_bench_vit_compile_flags():
+    """--cuda-graph and --compile exclude each other; --compile alone is torch's default mode and
+    an unknown mode is refused naming the valid ones"""
+    from tokenreduce.eval.cli import build_parser
     with pytest.raises(ValueError, match="--cuda-graph or --compile, not both"):
         bench_vit(_vit(), "vision.block.*=tome(r=3)", device="cuda", cuda_graph=True, compile=True)
+    with pytest.raises(ValueError, match="--compile 'fast': not a torch.compile mode; valid: default, reduce-overhead"):
+        bench_vit(_vit(), "vision.block.*=tome(r=3)", compile="fast")
+    parse = build_parser().parse_args
+    assert parse(["bench", "vit", "--compile"]).compile == "default"
+    assert parse(["bench", "vit", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parse(["bench", "vit"]).compile is None
