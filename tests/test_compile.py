@@ -76,6 +76,21 @@ def test_compiled_reduction_matches_eager_compiles_once_and_is_removable():
     dynamo.reset()
 
 
+def test_a_compiled_model_is_refused_reduce_first():
+    """Code compiled before reduce() would run without the hooks: torch.compile's wrapper and a
+    module whose .compile() was called are refused with the order that works; reducing the
+    module and then compiling it is the supported way (tested above)."""
+    wrapped = torch.compile(_vit(), backend="eager")
+    with pytest.raises(tr.TokenReduceError, match=r"torch.compile's wrapper around a VisionTransformer.*"
+                                                  r"reduce\(model, policy\); model = torch.compile\(model\)"):
+        tr.reduce(wrapped, "vision.block.*=tome(r=3)")
+    model = _vit()
+    model.compile(backend="eager")
+    with pytest.raises(tr.TokenReduceError, match=r"VisionTransformer.compile\(\) was called before reduce\(\)"):
+        tr.reduce(model, "vision.block.*=tome(r=3)")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing installed
+
+
 @pytest.mark.slow
 def test_bench_vit_compile_times_both_models_compiled():
     """`bench vit --compile` (inductor): the reduced model's compiled output is its eager one, and

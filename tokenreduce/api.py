@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 
-from .errors import SiteError, TokenReduceError
+from .errors import SiteError, TokenReduceError, UnsupportedModelError
 from .hooks import COPY_REFUSED, Recorder
 from .policy import Policy, describe_sites
 from .registry import find_adapter
@@ -94,6 +94,21 @@ class Handle:
         return f"<tokenreduce.Handle {self.adapter.name} [{state}] {self.policy.to_spec(strict=False) or 'no stages'}>"
 
 
+def _refuse_compiled(model) -> None:
+    """Compiled code made before reduce() would run without its hooks (dynamo does not guard on
+    module hooks by default), so a compiled model is refused: reduce, then compile."""
+    inner = getattr(model, "_orig_mod", None)
+    if inner is not None and type(model).__name__ == "OptimizedModule":
+        raise UnsupportedModelError(
+            f"this is torch.compile's wrapper around a {type(inner).__name__}; code it compiled would not run the "
+            "hooks reduce() adds. Reduce the module itself, then compile it: reduce(model, policy); "
+            "model = torch.compile(model)")
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.compile() was called before reduce(); its compiled code would not run the "
+            "hooks reduce() adds. Reduce first, then call model.compile()")
+
+
 def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     """Install `policy` on `model` in place and return a Handle.
 
@@ -103,6 +118,7 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     known to be valid: a policy that fails to parse or resolve leaves the old one installed; one
     that fails while installing takes its own hooks off again and leaves the model unreduced).
     """
+    _refuse_compiled(model)
     policy = Policy.coerce(policy)
     adapter_cls = adapter or find_adapter(model)
     ad = _make_adapter(adapter_cls, model, adapter_options)
