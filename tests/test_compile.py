@@ -25,8 +25,8 @@ def _x(batch=2):
 @pytest.mark.parametrize("spec", ["vision.block.*=tome(r=3)", "vision.block.1=vtc_cls(keep=0.5)",
                                   "vision.block.1=tome(r=4, prop_attn=False)"])
 def test_reduced_vit_traces_as_one_graph(spec):
-    """Nothing in a fixed-budget reducer's forward breaks dynamo's graph (the reducer clock broke
-    it at every site before: 27 breaks on this 3-block ViT)."""
+    """Nothing in a fixed-budget reducer's forward breaks dynamo's graph (the reducers' wall clock
+    broke it twice at every site before)."""
     model = _vit()
     tr.reduce(model, spec)
     dynamo.reset()
