@@ -126,10 +126,11 @@ class TimmViTAdapter(ViTAdapter):
             peak = t.amax(1)
             mean, weighted = 0.5 * (peak + mean), 0.5 * (peak + weighted)
         # only the pool of this forward's own tokens is replaced: forward_head(other features)
-        # must pool what it is given, not the last forward's tokens
-        if tokens.shape[0] != x.shape[0] or not torch.equal(mean, x):
+        # must pool what it is given, not the last forward's tokens. Decided on the device (no
+        # value read back), so that the forward can be captured in a CUDA graph or compiled
+        if tokens.shape[0] != x.shape[0] or mean.shape != x.shape:
             return None
-        return (weighted,)
+        return (torch.where((mean == x).all(), weighted, x),)
 
     def _sized_attention_pool(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("x")
@@ -139,9 +140,11 @@ class TimmViTAdapter(ViTAdapter):
             return None
         start = tokens.shape[1] - x.shape[1]  # the pool sees the tokens after the prefix, or all of them
         # only the pool of this forward's own tokens: forward_head(other features) pools as given
-        if start not in (0, self.num_prefix) or not torch.equal(tokens[:, start:], x):
+        # (a zero bias), decided on the device as in _weighted_avg_pool
+        if start not in (0, self.num_prefix) or tokens[:, start:].shape != x.shape:
             return None
-        bias = size[:, start:].log()[:, None, None, :]
+        own = (tokens[:, start:] == x).all()
+        bias = torch.where(own, size[:, start:].log(), 0.0)[:, None, None, :]
         kwargs = dict(kwargs)
         kwargs["attn_mask"] = merge_bias(kwargs.get("attn_mask"), bias, x.dtype)
         return (x,), kwargs

@@ -12,27 +12,40 @@ timm = pytest.importorskip("timm")
 dynamo = pytest.importorskip("torch._dynamo")
 
 
-def _vit():
+def _vit(**kw):
     torch.manual_seed(0)
     return timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, embed_dim=48, num_heads=3,
-                             img_size=48, patch_size=8).eval()
+                             img_size=48, patch_size=8, **kw).eval()
 
 
 def _x(batch=2):
     return torch.randn(batch, 3, 48, 48, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("spec", ["vision.block.*=tome(r=3)", "vision.block.1=vtc_cls(keep=0.5)",
-                                  "vision.block.1=tome(r=4, prop_attn=False)"])
-def test_reduced_vit_traces_as_one_graph(spec):
-    """Nothing in a fixed-budget reducer's forward breaks dynamo's graph (the reducers' wall clock
-    broke it twice at every site before)."""
-    model = _vit()
+POOLS = {"cls": {}, "avg": dict(global_pool="avg", class_token=False), "avgmax": dict(global_pool="avgmax"),
+         "map": dict(global_pool="map"), "registers+avg": dict(global_pool="avg", reg_tokens=2)}
+
+
+SPECS = ["vision.block.*=tome(r=3)", "vision.block.1=vtc_cls(keep=0.5)", "vision.block.1=tome(r=4, prop_attn=False)"]
+
+
+@pytest.mark.parametrize("pool, spec", [(p, s) for p in POOLS for s in SPECS
+                                        if not (s.startswith("vision.block.1=vtc_cls") and p == "avg")])  # no CLS
+def test_reduced_vit_traces_as_one_graph(pool, spec):
+    """Nothing in a fixed-budget reducer's forward breaks dynamo's graph, whatever the ViT pools:
+    the reducers' wall clock broke it twice at every site, the size-weighted average / attention
+    pool compared the pooled tokens on the host, and so did the prefix-order check of a plan
+    with several protected tokens (registers)."""
+    model = _vit(**POOLS[pool])
     tr.reduce(model, spec)
     dynamo.reset()
     with torch.no_grad():
+        want = model(_x())
         explained = dynamo.explain(model)(_x())
+        got = torch.compile(model, backend="eager", fullgraph=True)(_x())
+    dynamo.reset()
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("name", ["hf:tiny-clip", "hf:tiny-siglip", "hf:tiny-dinov2"])

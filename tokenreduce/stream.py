@@ -343,6 +343,14 @@ def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:
     return plan
 
 
+def _sorted_on_host(key: Tensor) -> bool:
+    """Whether each row of `key` is already ascending, asked only where reading it back is free:
+    on the CPU, outside torch.compile (a value read breaks its graph). Elsewhere False, and the
+    caller's stable sort is an identity on sorted keys."""
+    return (key.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((key[:, 1:] >= key[:, :-1]).all()))
+
+
 def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
     """Permutation of the plan's slots that realises the stream's order rule (None = as is)."""
     keep = plan.keep
@@ -350,7 +358,7 @@ def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
         key = keep.clone()
         if plan.valid is not None:
             key = key.masked_fill(~plan.valid, torch.iinfo(key.dtype).max)
-        if keep.device.type == "cpu" and bool((key[:, 1:] >= key[:, :-1]).all()):
+        if _sorted_on_host(key):
             return None
         return torch.argsort(key, dim=1, stable=True)
     # prefix: protected tokens first in their original relative order (a ViT reads CLS and the
@@ -362,8 +370,8 @@ def _order_permutation(stream: TokenStream, plan: Plan) -> Tensor | None:
     key = torch.where(kind == int(Kind.VISUAL), N + slot, keep)
     if plan.valid is not None:
         key = key.masked_fill(~plan.valid, 2 * N + K)
-    if keep.device.type == "cpu" and bool((key[:, 1:] >= key[:, :-1]).all()):
-        return None  # (on an accelerator the check would cost a sync; a stable sort is an identity)
+    if _sorted_on_host(key):
+        return None
     return torch.argsort(key, dim=1, stable=True)
 
 
