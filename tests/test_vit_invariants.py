@@ -354,11 +354,16 @@ def test_a_meta_device_forward_says_which_reducer_needs_values():
     for spec in ("vision.block.1=random(keep=0.5)", "vision.block.1=vtc_cls(keep=3)"):
         with tr.reduce(m, spec) as h, torch.no_grad():
             assert m(x).shape == (2, 1000) and h.stats["tokens"][-1] == 1 + {"r": 8, "v": 3}[spec[15]]
-    # a model that pools the patches alone checks that a patch is left, on the host (with pruning:
-    # ToMe's size-weighted pool there compares values)
+    # a model that pools the patches alone checks that a patch is left, on the host (with pruning);
+    # after merging, its size-weighted pool (average or attention) decides on the device whether
+    # it pools this forward's tokens
     avg = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, global_pool="avg").eval()
     with tr.reduce(avg, "vision.block.1=vtc_cls(keep=3)"), torch.no_grad():
         assert avg.to("meta")(x).shape == (2, 1000)
+    for pool in ("avg", "map"):
+        pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, global_pool=pool)
+        with tr.reduce(pooled.eval(), "vision.block.*=tome(r=3)") as h, torch.no_grad():
+            assert pooled.to("meta")(x).shape == (2, 1000) and h.stats["tokens"][-1] == 17 - 6
     with tr.reduce(m, "vision.block.1=uniform(keep=0.5)"), torch.no_grad():  # reads patch indices back
         with pytest.raises(tr.SiteError, match="vision.block.1: uniform needs concrete values .* meta device"):
             m(x)
