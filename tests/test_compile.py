@@ -26,7 +26,8 @@ POOLS = {"cls": {}, "avg": dict(global_pool="avg", class_token=False), "avgmax":
          "map": dict(global_pool="map"), "registers+avg": dict(global_pool="avg", reg_tokens=2)}
 
 
-SPECS = ["vision.block.*=tome(r=3)", "vision.block.1=vtc_cls(keep=0.5)", "vision.block.1=tome(r=4, prop_attn=False)"]
+SPECS = ["vision.block.*=tome(r=3)", "vision.block.1=vtc_cls(keep=0.5)", "vision.block.1=tome(r=4, prop_attn=False)",
+         "vision.block.1=uniform(keep=0.5)"]
 
 
 @pytest.mark.parametrize("pool, spec", [(p, s) for p in POOLS for s in SPECS
@@ -35,7 +36,7 @@ def test_reduced_vit_traces_as_one_graph(pool, spec):
     """Nothing in a fixed-budget reducer's forward breaks dynamo's graph, whatever the ViT pools:
     the reducers' wall clock broke it twice at every site, the size-weighted average / attention
     pool compared the pooled tokens on the host, and so did the prefix-order check of a plan
-    with several protected tokens (registers)."""
+    with several protected tokens (registers); uniform on whole frames read patch indices back."""
     model = _vit(**POOLS[pool])
     tr.reduce(model, spec)
     dynamo.reset()

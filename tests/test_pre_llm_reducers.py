@@ -468,3 +468,36 @@ def test_prumerge_plus_row_keeping_every_token_matches_its_run_alone():
     assert kept["tokens_in"] == 13 and kept["tokens_out"] < 13  # one row prunes
     for b in range(2):
         assert torch.allclose(both[b], alone[b], atol=1e-5), b
+
+
+@pytest.mark.parametrize("grid, prefix, suffix, keep", [
+    ((1, 4, 4), 1, 0, 0.5), ((1, 14, 14), 1, 0, 0.3), ((1, 5, 7), 5, 0, 11),    # ViTs: CLS, registers
+    ((8, 2, 2), 0, 1, 0.3), ((4, 3, 3), 0, 1, 13), ((3, 4, 5), 2, 3, 0.7),     # frames + newline / text
+    ((2, 3, 3), 0, 0, 18), ((2, 3, 3), 0, 0, 1)])
+def test_uniform_on_whole_frames_picks_what_the_per_frame_lattice_picks(grid, prefix, suffix, keep, monkeypatch):
+    """Every frame whole: uniform's plan is a (frame, patch) table lookup with a count known on
+    the host; it keeps exactly the tokens the per-frame path (which reads indices back) keeps,
+    shares of k % T frames included, with the protected / text tokens around the frames."""
+    from tokenreduce.reducers import uniform as U
+    T, H, W = grid
+    n_vis = T * H * W
+    B, N = 2, prefix + n_vis + suffix
+    kind = torch.full((B, N), int(Kind.PROTECTED))
+    kind[:, prefix:prefix + n_vis] = int(Kind.VISUAL)
+    x = torch.randn(B, N, 4)
+    # protected prefix alone (a ViT): counts known on the host; with text after: one count read
+    stream = TokenStream.start(x, kind=None if not suffix else kind, grid=grid, num_prefix=prefix)
+    assert (stream.host_num_visual() is None) == bool(suffix)
+    frame = torch.full((B, N), -1)
+    frame[:, prefix:prefix + n_vis] = torch.arange(T).repeat_interleave(H * W)
+    stream.frame = frame
+    red = U.UniformPrune(keep=keep)
+    assert U._whole_frames(stream) == (grid, n_vis)
+    fast = red.plan(stream)
+    monkeypatch.setattr(U, "_whole_frames", lambda s: None)
+    slow = red.plan(stream)
+    if slow is None:
+        assert fast is None
+        return
+    assert fast is not None and torch.equal(fast.keep, slow.keep)
+    assert fast.valid is None and slow.valid is None

@@ -364,7 +364,11 @@ def test_a_meta_device_forward_says_which_reducer_needs_values():
         pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, global_pool=pool)
         with tr.reduce(pooled.eval(), "vision.block.*=tome(r=3)") as h, torch.no_grad():
             assert pooled.to("meta")(x).shape == (2, 1000) and h.stats["tokens"][-1] == 17 - 6
-    with tr.reduce(m, "vision.block.1=uniform(keep=0.5)"), torch.no_grad():  # reads patch indices back
+    # uniform on whole frames is a table lookup with a host count; after another reduction it
+    # reads the surviving patch indices back
+    with tr.reduce(m, "vision.block.0=uniform(keep=0.5)") as h, torch.no_grad():
+        assert m(x).shape == (2, 1000) and h.stats["tokens"][-1] == 1 + 8
+    with tr.reduce(m, "vision.block.0=uniform(keep=0.5); vision.block.1=uniform(keep=0.5)"), torch.no_grad():
         with pytest.raises(tr.SiteError, match="vision.block.1: uniform needs concrete values .* meta device"):
             m(x)
 

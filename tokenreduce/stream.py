@@ -219,12 +219,7 @@ class TokenStream:
     def host_budget(self, keep: int | float) -> int | None:
         """`budget(keep)` as an int when `host_num_visual()` is known, else None."""
         nv = self.host_num_visual()
-        if nv is None:
-            return None
-        _check_keep(keep)
-        # Python's round is budget()'s torch.round: half to even, on the same double product
-        k = round(nv * keep) if isinstance(keep, float) else keep
-        return max(0, min(k, nv))
+        return None if nv is None else keep_count(nv, keep)
 
     def budget(self, keep: int | float) -> Tensor:
         """(B,) long: a `keep` budget (an int count, or a float fraction in (0, 1]) resolved per
@@ -317,6 +312,14 @@ class Plan:
     @property
     def num_kept(self) -> int:
         return self.keep.shape[1]
+
+
+def keep_count(num_visual: int, keep: int | float) -> int:
+    """`TokenStream.budget(keep)` for a sample with `num_visual` visual tokens, on the host."""
+    _check_keep(keep)
+    # Python's round is budget()'s torch.round: half to even, on the same double product
+    k = round(num_visual * keep) if isinstance(keep, float) else keep
+    return max(0, min(k, num_visual))
 
 
 def keep_top_visual(stream: TokenStream, scores: Tensor, k) -> Plan:

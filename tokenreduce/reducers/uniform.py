@@ -8,7 +8,7 @@ import torch
 
 from ..ops import grid_lattice, nearest_unique
 from ..registry import register_reducer
-from ..stream import Plan, TokenStream
+from ..stream import Plan, TokenStream, keep_count
 from .base import Reducer, check_budget
 
 
@@ -34,6 +34,9 @@ class UniformPrune(Reducer):
         check_budget(self.name, "keep", self.keep)
 
     def plan(self, stream: TokenStream) -> Plan | None:
+        whole = _whole_frames(stream)
+        if whole is not None:
+            return self._plan_whole_frames(stream, *whole)
         k = stream.prune_budget(self.keep)
         if k is None:
             return None
@@ -41,6 +44,22 @@ class UniformPrune(Reducer):
         for b, kb in enumerate([k] * stream.batch if isinstance(k, int) else k.tolist()):
             mask[b, self._pick(stream, b, kb)] = True
         return Plan.from_mask(mask)
+
+    def _plan_whole_frames(self, stream: TokenStream, grid, nv: int) -> Plan | None:
+        """Every row holds every token of every frame of one grid: each frame keeps the lattice
+        picks of its share of the budget, the same patches in every row, so the plan is a table
+        lookup on (frame, patch) with a count known on the host (nothing read back per frame)."""
+        k = keep_count(nv, self.keep)
+        if k >= nv:
+            return None
+        T, H, W = grid
+        vis = stream.visual
+        table = torch.zeros(T * H * W, dtype=torch.bool, device=vis.device)
+        table[torch.tensor(_lattice_picks(T, H, W, k), dtype=torch.long, device=vis.device)] = True
+        picked = table.view(T, H * W)[stream.frame.clamp(min=0), stream.patch.clamp(min=0)]
+        plan = Plan.from_mask(~vis | (vis & picked), count=stream.pos.shape[1] - nv + k)
+        plan.checked = True  # unique in-range indices, every non-visual token kept
+        return plan
 
     @staticmethod
     def _pick(stream: TokenStream, b: int, k: int) -> torch.Tensor:
@@ -78,6 +97,39 @@ class UniformPrune(Reducer):
             rest = vis[~torch.isin(vis, out)]
             out = torch.cat([out, rest[torch.linspace(0, len(rest) - 1, k - len(out)).round().long().to(dev)]])
         return out.sort().values
+
+
+def _whole_frames(stream: TokenStream):
+    """((T, H, W), visual tokens per row) when every row's visual tokens are all T * H * W
+    tokens of one grid (nothing removed or merged yet), else None. Known on the host for a
+    ViT's stream; otherwise one count is read back (instead of several per frame)."""
+    grid = stream.grid
+    if grid is None or stream.row_grids is not None or stream.item is not None or stream.patch is None:
+        return None
+    T, H, W = grid
+    nv = stream.host_num_visual()
+    if nv is None:
+        if stream.valid is not None:
+            return None
+        nv = T * H * W if bool((stream.num_visual() == T * H * W).all()) else None
+    return (grid, nv) if nv == T * H * W else None
+
+
+@torch.compiler.assume_constant_result  # host arithmetic on constants: torch.compile takes the result
+def _lattice_picks(T: int, H: int, W: int, k: int) -> tuple:
+    """Flat (frame * H * W + patch) indices of the lattice picks of whole frames: the first
+    k % T frames take one token more than k // T, as the per-frame path shares the budget."""
+    return _lattice_picks_cached(T, H, W, k)
+
+
+@lru_cache(maxsize=256)
+def _lattice_picks_cached(T: int, H: int, W: int, k: int) -> tuple:
+    out = []
+    for f in range(T):
+        kf = k // T + (1 if f < k % T else 0)
+        if kf:
+            out += [f * H * W + p for p in _full_grid_choice(H, W, kf).tolist()]
+    return tuple(out)
 
 
 @lru_cache(maxsize=256)
