@@ -619,8 +619,9 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                           grid=grids.pop() if len(grids) == 1 else None, row_grids=per_row,
                           item=g(item).masked_fill(pad, -1) if max(items_in_row) > 1 else None)
         self.llm.pending_template = tpl
-        self.recorder.last.extra["prompt_tokens"] = float(valid0.sum(1).float().mean())
-        self.recorder.last.extra["llm_input_tokens"] = float(valid.sum(1).float().mean())
+        # device scalars, read back with the statistics (PassRecord.resolve), not here
+        self.recorder.last.extra["prompt_tokens"] = valid0.sum(1).float().mean()
+        self.recorder.last.extra["llm_input_tokens"] = valid.sum(1).float().mean()
         return kwargs
 
     def _decode_inputs(self, kwargs):

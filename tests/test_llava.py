@@ -968,6 +968,21 @@ def test_a_reduced_prefill_reads_back_no_more_with_more_llm_layers():
     assert reads[0] == reads[1], reads
 
 
+def test_prompt_statistics_are_read_back_with_the_stats_not_in_the_forward():
+    """the prompt's token counts after a reduction before the LLM stay device scalars until the
+    statistics are read (two reads fewer per prefill: 16 -> 14 on this case with random)"""
+    case = V.llava_onevision("sdpa")
+    with tr.reduce(case.model, "projector.out=random(keep=0.3)") as h, torch.no_grad():
+        case.model(**case.batch)
+        extra = h.recorder.last.extra
+        assert torch.is_tensor(extra["llm_input_tokens"]) and torch.is_tensor(extra["prompt_tokens"])
+        st = h.stats
+    L = case.batch["input_ids"].shape[1]
+    assert isinstance(st["prompt_tokens"], float) and st["prompt_tokens"] == float(case.batch["attention_mask"].sum(1).float().mean())
+    assert isinstance(st["llm_input_tokens"], float) and st["llm_input_tokens"] < st["prompt_tokens"] <= L
+    assert 0 < st["flops_fraction"] < 1
+
+
 def test_uniform_on_whole_frames_reads_back_no_more_than_random():
     """uniform at projector.out on a video (every frame whole) picks its lattice by a table
     lookup and reads back one value (whether the frames are whole): no more than random at the

@@ -108,6 +108,9 @@ class PassRecord:
             r.tokens_in, r.tokens_out = _as_float(r.tokens_in), _as_float(r.tokens_out)
         for counts in self.layers.values():
             counts[:] = [_as_float(v) for v in counts]
+        for key, v in self.extra.items():  # per-forward counts (prompt tokens) as device scalars too
+            if torch.is_tensor(v) and v.dim() == 0:
+                self.extra[key] = float(v)
         return self
 
 
