@@ -70,9 +70,10 @@ def cuda_graphed(fn, device):
     """`fn` (no arguments, fixed input tensors) captured once in a CUDA graph; the returned callable
     replays it. Kernel launches and the Python of the hooks are paid once, at capture, which is
     what a GPU too fast for its host needs. Only a forward that neither reads values back to the
-    host nor copies from it can be captured (ToMe with a fixed r; vtc_cls with a fixed `keep`): ATP,
-    PruMerge+, FrameFusion and uniform read their kept counts back, random copies its CPU-drawn
-    scores; their capture fails with a ValueError saying so."""
+    host nor copies from it can be captured (ToMe with a fixed r; vtc_cls with a fixed `keep`;
+    uniform on whole frames): ATP, PruMerge+, FrameFusion and uniform after another reduction read
+    counts or indices back, random copies its CPU-drawn scores; their capture fails with a
+    ValueError saying so."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
@@ -86,8 +87,8 @@ def cuda_graphed(fn, device):
     except RuntimeError as exc:
         raise ValueError(f"--cuda-graph: the forward cannot be captured in a CUDA graph ({str(exc).splitlines()[0]}); "
                          "a captured forward may neither read values back to the host (ATP, PruMerge+, FrameFusion "
-                         "and uniform read their kept counts) nor copy from it (random draws its scores on the "
-                         "CPU)") from None
+                         "and uniform after another reduction read counts or indices) nor copy from it (random "
+                         "draws its scores on the CPU)") from None
 
     def replay():
         graph.replay()
@@ -98,21 +99,11 @@ def cuda_graphed(fn, device):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compiled(fn, reference, mode="default"):
-    """`fn` under torch.compile (`mode`: one of COMPILE_MODES; "reduce-overhead" replays CUDA
-    graphs on a GPU), its first call checked against `reference` (its eager output).
-
-    The caller holds `hook_guards()` open while it calls the result: by default dynamo does not
-    guard on module hooks, so a model compiled without them (the baseline) hands its graph to
-    another model of the same class (the reduced one), which then runs unreduced."""
-    c = torch.compile(fn, mode=mode)
-    diff = float((first_tensor(c()) - first_tensor(reference)).abs().max())
-    return c, diff
-
-
 def hook_guards():
     """Make torch.compile guard on module hooks (so that adding, or removing, a reduction's hooks
-    recompiles) for the duration of a with-block."""
+    recompiles) for the duration of a with-block, calls of the compiled code included: by default
+    dynamo does not guard on them, so a model compiled without hooks (the baseline) hands its
+    graph to another model of the same class (the reduced one), which then runs unreduced."""
     import torch._dynamo
     return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
 
@@ -122,6 +113,11 @@ def first_tensor(out):
     while not torch.is_tensor(out):
         out = out[0]
     return out
+
+
+def max_abs_diff(out, reference) -> float:
+    """Largest absolute difference between the first tensors of two model outputs."""
+    return float((first_tensor(out) - first_tensor(reference)).abs().max())
 
 
 def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", batch=8, runs=10, warmup=3,
@@ -179,12 +175,12 @@ def bench_vit(model="vit_base_patch16_224", policy="vision.block.*=tome(r=13)", 
         stats = dict(handle.stats, reducer_ms=None)
     if cuda_graph:
         fns = {k: cuda_graphed(f, device) for k, f in fns.items()}
-        graph_error = float((first_tensor(fns["reduced"]()) - first_tensor(eager)).abs().max())
+        graph_error = max_abs_diff(fns["reduced"](), eager)
         ms = time_interleaved(fns, runs, warmup, device)
     elif compile:
-        with hook_guards():
-            fns["baseline"], _ = compiled(fns["baseline"], run(model), mode)
-            fns["reduced"], graph_error = compiled(fns["reduced"], eager, mode)
+        with hook_guards():  # "reduce-overhead" replays CUDA graphs on a GPU
+            fns = {k: torch.compile(f, mode=mode) for k, f in fns.items()}
+            graph_error = max_abs_diff(fns["reduced"](), eager)
             ms = time_interleaved(fns, runs, warmup, device)
     else:
         ms = time_interleaved(fns, runs, warmup, device)
