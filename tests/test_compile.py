@@ -9,14 +9,13 @@ import tokenreduce as tr
 from tokenreduce.eval.bench import bench_vit, hook_guards
 from tokenreduce.hooks import PassRecord
 
-timm = pytest.importorskip("timm")
+from test_vit_invariants import _tiny_timm
+
 dynamo = pytest.importorskip("torch._dynamo")
 
 
 def _vit(**kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, embed_dim=48, num_heads=3,
-                             img_size=48, patch_size=8, **kw).eval()
+    return _tiny_timm(depth=3, embed_dim=48, num_heads=3, img_size=48, patch_size=8, **kw)
 
 
 def _x(batch=2):
