@@ -465,8 +465,9 @@ class LLMSites(PerThreadState):
             stream, plans = run_stages(stream, self.by_site[name], self.recorder)
             n = hs.shape[1]
             for p in plans:
-                s.ragged |= p.valid is not None
-                s.sized |= p.size_scale is not None or (p.assign is not None and p.keep.shape[1] < n)
+                # assigned, not `|=` (torch 2.10-2.12 compile `False |= <SymBool>` to invalid code)
+                s.ragged = s.ragged or p.valid is not None
+                s.sized = s.sized or p.size_scale is not None or bool(p.assign is not None and p.keep.shape[1] < n)
                 s.owner = _fold_owner(s.owner, p, n)
                 n = p.keep.shape[1]
                 s.cur_cols = s.cur_cols.gather(1, p.keep)

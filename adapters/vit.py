@@ -331,9 +331,12 @@ class ViTAdapter(PerThreadState, Adapter):
         # sizes leave 1 only when a merge folds tokens together (known on the host: fewer slots)
         n = x.shape[1]
         for p in plans:
-            self._pass.merged |= p.size_scale is not None or (p.assign is not None and p.keep.shape[1] < n)
+            # assigned, not `|=`: under torch.compile with symbolic shapes torch 2.10-2.12 write
+            # `False |= <SymBool>` into the graph's code, a SyntaxError (pytorch/pytorch#184272)
+            if p.size_scale is not None or (p.assign is not None and p.keep.shape[1] < n):
+                self._pass.merged = True
             n = p.keep.shape[1]
-        return stream.x, bool(plans)
+        return stream.x, len(plans) > 0  # not bool(plans): torch 2.11's dynamo breaks the graph on bool(list)
 
     def _block_pre(self, i, module, args):
         x = args[0]

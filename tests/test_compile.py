@@ -49,6 +49,26 @@ def test_reduced_vit_traces_as_one_graph(pool, spec):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("spec", ["vision.block.*=tome(r=3)", "vision.block.1=uniform(keep=0.5)"])
+def test_reduced_vit_recompiles_once_for_a_new_batch_size(spec):
+    """A second batch size makes dynamo recompile with the batch as a symbol (automatic dynamic
+    shapes); the reducers' host arithmetic must trace on it too, as one graph, and a third size
+    reuses that code."""
+    model = _vit(global_pool="avg", reg_tokens=2)
+    tr.reduce(model, spec)
+    dynamo.reset()
+    frames = []
+    def count(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+    compiled = torch.compile(model, backend=count, fullgraph=True)
+    with torch.no_grad():
+        for batch in (2, 3, 4):
+            torch.testing.assert_close(compiled(_x(batch)), model(_x(batch)))
+    dynamo.reset()
+    assert len(frames) == 2  # batch 2 (static), batch 3 (symbolic batch); batch 4 reuses it
+
+
 @pytest.mark.parametrize("name", ["hf:tiny-clip", "hf:tiny-siglip", "hf:tiny-dinov2"])
 def test_reduced_hf_towers_trace_as_one_graph(name):
     from tokenreduce.eval.bench import call_vision, image_size
