@@ -126,3 +126,31 @@ def test_matching_with_a_host_known_protected_count_equals_the_masked_matching(P
     for f, s in zip(fast, slow):
         assert torch.equal(f, s)
     assert not bool(torch.isin(fast[3], torch.arange(P)).any())  # a protected token is never merged away
+
+
+@pytest.mark.parametrize("P", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("N", [14, 15])
+def test_protected_first_matching_is_the_stream_order_without_a_resort(P, N):
+    """protected_first lists the first P tokens in their own order, then the reference's
+    [unmerged A, B]: exactly what applying the plain matching and re-sorting it into the ViT
+    stream's prefix order gives (an argsort on the device per block), merges included."""
+    g = torch.Generator().manual_seed(10 * P + N)
+    x = torch.randn(3, N, 6, generator=g)
+    s = TokenStream.start(x, num_prefix=P)
+    plain = bipartite_soft_matching(x, 4, s.protected, num_protected=P)
+    first = bipartite_soft_matching(x, 4, s.protected, num_protected=P, protected_first=True)
+    assert torch.equal(first[3], plain[3]) and torch.equal(first[2], plain[2])  # same merges
+    assert torch.equal(first[0][:, :P], torch.arange(P).expand(3, P))
+    resorted, _ = apply_plan(s, Plan(keep=plain[0], assign=plain[1], checked=True))  # ordered=None: re-sorted
+    direct, applied = apply_plan(s, Plan(keep=first[0], assign=first[1], checked=True, ordered="prefix"))
+    assert torch.equal(applied.keep, first[0])  # taken as is
+    for field in ("x", "pos", "size", "kind"):
+        assert torch.equal(getattr(direct, field), getattr(resorted, field)), field
+    # every token folds into the slot that holds its destination token
+    assert torch.equal(first[0].gather(1, first[1]), plain[0].gather(1, plain[1]))
+
+
+def test_protected_first_needs_the_host_count():
+    x = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="num_protected"):
+        bipartite_soft_matching(x, 2, torch.zeros(1, 8, dtype=torch.bool), protected_first=True)

@@ -9,7 +9,8 @@ from torch import Tensor
 
 def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = None,
                             sort_unmerged: bool | None = None,
-                            num_protected: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            num_protected: int | None = None,
+                            protected_first: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Alg. 1).
 
     Tokens are split alternately into A (even indices) and B (odd). Every A token finds its most
@@ -18,10 +19,14 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     (their B columns are -inf), which is how the reference protects CLS / distillation tokens.
 
     metric: (B, N, D). protected: (B, N) bool. num_protected: the protected tokens per sample when
-    they are the first ones and the count is known on the host (saves device syncs). Returns
+    they are the first ones and the count is known on the host (saves device syncs).
+    protected_first (with num_protected): the survivors come ordered [the protected tokens in
+    their own order, unmerged A, the rest of B], which is what a ViT reading its class and
+    register tokens by index needs; otherwise a stream re-sorts them after every merge (an
+    argsort and its gathers per block, on the device). Returns
       keep:   (B, N - r) current indices of the survivors, ordered [unmerged A, all of B]
               (unmerged A sorted ascending when protected tokens exist, as the reference does
-              with a class token);
+              with a class token), or protected first as above;
       assign: (B, N) the slot in `keep` each token folds into;
       score:  (B, N // 2 rounded up) best-match similarity of each A token (for inspection).
       merged: (B, r) the merged A tokens' current indices (every other token is kept).
@@ -55,13 +60,31 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     dst_idx = node_idx.gather(1, src_idx)
     if sort_unmerged is None:
         sort_unmerged = n_prot > 0
+    if protected_first and (num_protected is None or (n_prot and not sort_unmerged)):
+        raise ValueError("protected_first needs num_protected (the first tokens, known on the host) and "
+                         "sorted unmerged tokens")
     if sort_unmerged:
         unm_idx = unm_idx.sort(dim=1).values
     n_unm = unm_idx.shape[1]
     unm_tok, src_tok = unm_idx * 2, src_idx * 2
-    keep = torch.cat([unm_tok, torch.arange(1, N, 2, device=dev).expand(B, nb)], dim=1)
-    assign = torch.empty(B, N, dtype=torch.long, device=dev)
     # B tokens fold into their own slot; unmerged A into theirs; merged A into their dst's slot.
+    assign = torch.empty(B, N, dtype=torch.long, device=dev)
+    if protected_first and n_prot:
+        # the protected A rows are -inf: never merged, and the first n_prot_a of the sorted
+        # unmerged A (tokens 0, 2, ...); the protected B tokens are B's first P // 2 (1, 3, ...).
+        # Slots: protected token t -> t, then the other unmerged A, then the other B tokens.
+        pb = n_prot // 2
+        first_b = n_prot + n_unm - n_prot_a  # the slot of B token pb
+        keep = torch.cat([torch.arange(n_prot, device=dev).expand(B, n_prot), unm_tok[:, n_prot_a:],
+                          torch.arange(2 * pb + 1, N, 2, device=dev).expand(B, nb - pb)], dim=1)
+        assign[:, 1::2] = torch.cat([torch.arange(pb, device=dev) * 2 + 1,
+                                     torch.arange(first_b, first_b + nb - pb, device=dev)])
+        assign.scatter_(1, unm_tok, torch.cat([torch.arange(n_prot_a, device=dev) * 2,
+                                               torch.arange(n_prot, n_prot + n_unm - n_prot_a, device=dev)])
+                        .expand(B, n_unm))
+        assign.scatter_(1, src_tok, dst_idx + (first_b - pb))  # dst is never protected (-inf columns)
+        return keep, assign, node_max, src_tok
+    keep = torch.cat([unm_tok, torch.arange(1, N, 2, device=dev).expand(B, nb)], dim=1)
     assign[:, 1::2] = torch.arange(n_unm, n_unm + nb, device=dev)
     assign.scatter_(1, unm_tok, torch.arange(n_unm, device=dev).expand(B, n_unm))
     assign.scatter_(1, src_tok, dst_idx + n_unm)

@@ -74,9 +74,9 @@ class ToMe(Reducer):
         r = self.schedule(stream.depth)[stream.layer]
         if r <= 0:
             return None
+        # with the protected count known on the host (CLS, registers) the matching lists them
+        # first, in the stream's prefix order, so no re-sort follows on the device
+        prefix = stream.num_protected is not None
         keep, assign, _, merged = bipartite_soft_matching(stream.signal("keys"), r, stream.protected,
-                                                          num_protected=stream.num_protected)
-        # protected tokens come first when they are the first one (CLS, in the sorted unmerged A
-        # half) or none: the stream's prefix order holds without a sort
-        prefix = stream.num_protected is not None and stream.num_protected <= 1
+                                                          num_protected=stream.num_protected, protected_first=prefix)
         return Plan(keep=keep, assign=assign, checked=True, ordered="prefix" if prefix else None, merged=merged)
