@@ -253,6 +253,23 @@ def test_bench_vlm_runs_the_given_policies_against_the_baseline(tmp_path, capsys
     assert res["results"]["policy"]["llm_input_tokens"] < res["results"]["fast"]["llm_input_tokens"]
 
 
+def test_bench_vlm_reports_the_spread_of_the_per_round_speed_ups(tmp_path, capsys, tiny_onevision):
+    """each round runs every method once, so a round's ratio compares like with like; the
+    table gives the median and the range of those ratios, the JSON the range"""
+    path = tmp_path / "vlm.json"
+    argv = [a if a != "1" or i != SMALL_VLM.index("--runs") + 1 else "3" for i, a in enumerate(SMALL_VLM)]
+    assert main(argv + ["--policy", "projector.out=random(keep=0.5)", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(path.read_text())
+    assert res["runs"] == 3
+    for key in ("prefill", "ttft", "decode"):
+        lo, hi = res["results"]["policy"][f"{key}_speedup_range"]
+        assert lo <= hi and lo > 0
+        assert res["results"]["baseline"][f"{key}_speedup_range"] == [1.0, 1.0]
+    lo, hi = res["results"]["policy"]["prefill_speedup_range"]
+    assert f"({lo:.2f}-{hi:.2f})" in out and "lowest and highest" in out
+
+
 # -- 6 / 7: sweeps -------------------------------------------------------------------------------
 def test_sweep_checks_every_policy_before_running(tmp_path, capsys):
     from tokenreduce.eval.sweep import plan_runs
