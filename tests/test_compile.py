@@ -27,7 +27,7 @@ POOLS = {"cls": {}, "avg": dict(global_pool="avg", class_token=False), "avgmax":
 
 
 SPECS = ["vision.block.*=tome(r=3)", "vision.block.1=vtc_cls(keep=0.5)", "vision.block.1=tome(r=4, prop_attn=False)",
-         "vision.block.1=uniform(keep=0.5)"]
+         "vision.block.1=uniform(keep=0.5)", "vision.block.1=random(keep=0.5)", "vision.block.*=random(keep=0.8, shared=True)"]
 
 
 @pytest.mark.parametrize("pool, spec", [(p, s) for p in POOLS for s in SPECS
@@ -67,6 +67,41 @@ def test_reduced_vit_recompiles_once_for_a_new_batch_size(spec):
             torch.testing.assert_close(compiled(_x(batch)), model(_x(batch)))
     dynamo.reset()
     assert len(frames) == 2  # batch 2 (static), batch 3 (symbolic batch); batch 4 reuses it
+
+
+@pytest.mark.parametrize("spec", ["vision.block.1=random(keep=0.5)",
+                                  "vision.block.1=tome(r=3); vision.block.2=uniform(keep=0.5)"])
+def test_a_stage_that_breaks_the_graph_still_runs_under_torch_compile_defaults(spec):
+    """torch.compile with torch's own settings (no hook guards asked for) on a model whose stage
+    breaks the graph (uniform after a merge reads indices; random, once the batch is a symbol,
+    draws outside it): each block is then compiled as its own frame, and without guards on
+    hooks a reduced block ran the code compiled for an unhooked one, so the compiled model ran
+    unreduced (max |diff| to the unreduced output 0.0). reduce() turns hook guards on while
+    it is installed and the last remove() restores the user's setting."""
+    import gc
+
+    from tokenreduce import api
+    gc.collect()  # reductions earlier tests left on models now gone
+    # the user's own setting: saved by the reductions still installed, if any
+    user = api._SAVED_HOOK_GUARDS[0] if api._SAVED_HOOK_GUARDS else dynamo.config.skip_nnmodule_hook_guards
+    model = _vit()
+    with torch.no_grad():
+        unreduced = model(_x(3))
+    h = tr.reduce(model, spec)
+    assert dynamo.config.skip_nnmodule_hook_guards is False
+    dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for batch in (2, 3, 4):
+            got, want = compiled(_x(batch)), model(_x(batch))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert (compiled(_x(3)) - unreduced).abs().max() > 1e-3
+    other = tr.reduce(_vit(), "vision.block.*=tome(r=2)")
+    h.remove()
+    assert dynamo.config.skip_nnmodule_hook_guards is False  # another reduction is still installed
+    other.remove()
+    assert dynamo.config.skip_nnmodule_hook_guards is (False if api._installed() else user)
+    dynamo.reset()
 
 
 @pytest.mark.parametrize("name", ["hf:tiny-clip", "hf:tiny-siglip", "hf:tiny-dinov2"])

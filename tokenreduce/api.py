@@ -10,6 +10,28 @@ from .registry import find_adapter
 
 _ATTR = "_tokenreduce_handle"
 _ACTIVE: "weakref.WeakSet[Handle]" = weakref.WeakSet()  # installed handles, to find nested ones
+_SAVED_HOOK_GUARDS = []  # the user's skip_nnmodule_hook_guards while any reduction is installed
+
+
+def _installed() -> bool:
+    return any(not h.removed for h in _ACTIVE)
+
+
+def _guard_hooks_while_reduced(installing: bool) -> None:
+    """torch.compile (dynamo) does not guard on module hooks by default: code compiled for one
+    block runs for any other block of its class, whatever hooks that one has. Where a reducer's
+    stage breaks the graph (a value read back, random's CPU draw), each block is compiled as its
+    own frame and a reduced block reused the code of an unhooked one: the compiled model ran
+    unreduced, silently (measured). So while any reduction is installed dynamo guards on hooks
+    (code compiled from then on recompiles where hooks differ); the last remove() restores the
+    user's setting. Code compiled before reduce() carries no such guards: compile after it."""
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    if installing and not _SAVED_HOOK_GUARDS:
+        _SAVED_HOOK_GUARDS.append(cfg.skip_nnmodule_hook_guards)
+        cfg.skip_nnmodule_hook_guards = False
+    elif not installing and _SAVED_HOOK_GUARDS and not _installed():
+        cfg.skip_nnmodule_hook_guards = _SAVED_HOOK_GUARDS.pop()
 
 
 class Handle:
@@ -76,6 +98,7 @@ class Handle:
         if self.model.__dict__.get(_ATTR) is self:
             del self.model.__dict__[_ATTR]
         self.removed = True
+        _guard_hooks_while_reduced(installing=False)
 
     def _refuse_copy(self, *_):
         raise TokenReduceError(COPY_REFUSED)
@@ -146,6 +169,7 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
         raise
     model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict
     _ACTIVE.add(handle)
+    _guard_hooks_while_reduced(installing=True)
     return handle
 
 

@@ -45,14 +45,23 @@ class RandomPrune(Reducer):
         k = stream.prune_budget(self.keep)
         if k is None:
             return None
-        # the site's name, hashed (not its length: vision.layer.K and vision.block.K would collide)
-        # modulo 2**63: any int seed (e.g. time.time_ns()) stays in the generator's range
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + (stream.layer or 0) * 7919
-                                           + zlib.crc32(stream.site.encode())) % 2 ** 63)
         if self.shared:
-            table = torch.rand(stream.num_tokens, generator=g).to(stream.x.device)
+            table = _draw(self.seed, stream.layer or 0, stream.site, (stream.num_tokens,)).to(stream.x.device)
             rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
             scores = table[rank]
         else:
-            scores = torch.rand(stream.pos.shape, generator=g).to(stream.x.device)
+            scores = _draw(self.seed, stream.layer or 0, stream.site, tuple(stream.pos.shape)).to(stream.x.device)
         return keep_top_visual(stream, scores, k)
+
+
+# torch.compile calls it while tracing and embeds the draw (a function of constants: one graph);
+# where a size is a symbol (after a second batch size) the graph breaks there
+@torch.compiler.assume_constant_result
+def _draw(seed: int, layer: int, site: str, shape: tuple) -> torch.Tensor:
+    """The site's scores, drawn on the CPU (the same picks on every device): seeded by `seed`,
+    the layer and the site's name, hashed (not its length: vision.layer.K and vision.block.K
+    would collide), modulo 2**63 so that any int seed (e.g. time.time_ns()) stays in the
+    generator's range."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 7919 + zlib.crc32(site.encode())) % 2 ** 63)
+    return torch.rand(shape, generator=g)
+
