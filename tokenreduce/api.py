@@ -140,6 +140,9 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     Reducing an already reduced model replaces the previous policy (only once the new one is
     known to be valid: a policy that fails to parse or resolve leaves the old one installed; one
     that fails while installing takes its own hooks off again and leaves the model unreduced).
+    While any reduction is installed, torch.compile guards on module hooks
+    (torch._dynamo.config.skip_nnmodule_hook_guards = False; the last remove() restores the
+    setting): compile after reduce().
     """
     _refuse_compiled(model)
     policy = Policy.coerce(policy)
