@@ -463,8 +463,8 @@ def apply_plan(stream: TokenStream, plan: Plan) -> tuple[TokenStream, Plan]:
         w = stream.size if plan.weight is None else plan.weight.to(torch.float32)  # merge weights
         wk, wm = w.gather(1, keep), w.gather(1, merged)
         ft = torch.promote_types(stream.x.dtype, torch.float32)
-        size = (wk if plan.weight is None else stream.size.gather(1, keep)).scatter_add(
-            1, dst, wm if plan.weight is None else stream.size.gather(1, merged))
+        sk, sm = (wk, wm) if plan.weight is None else (stream.size.gather(1, keep), stream.size.gather(1, merged))
+        size = sk.scatter_add(1, dst, sm)
         x = gather_tokens(stream.x, keep)
         at_dst = dst[..., None].expand(-1, -1, x.shape[-1])
         if plan.normalize:

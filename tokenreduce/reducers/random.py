@@ -45,12 +45,10 @@ class RandomPrune(Reducer):
         k = stream.prune_budget(self.keep)
         if k is None:
             return None
-        if self.shared:
-            table = _draw(self.seed, stream.layer or 0, stream.site, (stream.num_tokens,)).to(stream.x.device)
-            rank = (stream.visual.long().cumsum(1) - 1).clamp(min=0)
-            scores = table[rank]
-        else:
-            scores = _draw(self.seed, stream.layer or 0, stream.site, tuple(stream.pos.shape)).to(stream.x.device)
+        shape = (stream.num_tokens,) if self.shared else tuple(stream.pos.shape)
+        scores = _draw(self.seed, stream.layer or 0, stream.site, shape).to(stream.x.device)
+        if self.shared:  # one table, indexed by each token's rank among its sample's visual tokens
+            scores = scores[(stream.visual.long().cumsum(1) - 1).clamp(min=0)]
         return keep_top_visual(stream, scores, k)
 
 
@@ -64,4 +62,3 @@ def _draw(seed: int, layer: int, site: str, shape: tuple) -> torch.Tensor:
     generator's range."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 7919 + zlib.crc32(site.encode())) % 2 ** 63)
     return torch.rand(shape, generator=g)
-
