@@ -104,6 +104,25 @@ def test_a_stage_that_breaks_the_graph_still_runs_under_torch_compile_defaults(s
     dynamo.reset()
 
 
+def test_code_compiled_before_reduce_for_the_same_class_is_not_reused():
+    """A baseline copy compiled first left code for VisionTransformer.forward that guards on no
+    hooks: the reduced copy, compiled after reduce(), ran it and gave the baseline's output
+    (max |diff| 0.0). reduce() drops that code; both models then recompile and run their own
+    forward."""
+    base = _vit()
+    red = copy.deepcopy(base)
+    dynamo.reset()
+    with torch.no_grad():
+        compiled_base = torch.compile(base, backend="eager")
+        before = compiled_base(_x())
+        tr.reduce(red, "vision.block.*=tome(r=3)")
+        got = torch.compile(red, backend="eager")(_x())
+        torch.testing.assert_close(got, red(_x()), rtol=0, atol=0)
+        assert (got - before).abs().max() > 1e-3
+        torch.testing.assert_close(compiled_base(_x()), base(_x()), rtol=0, atol=0)
+    dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["hf:tiny-clip", "hf:tiny-siglip", "hf:tiny-dinov2"])
 def test_reduced_hf_towers_trace_as_one_graph(name):
     from tokenreduce.eval.bench import call_vision, image_size

@@ -34,6 +34,27 @@ def _guard_hooks_while_reduced(installing: bool) -> None:
         cfg.skip_nnmodule_hook_guards = _SAVED_HOOK_GUARDS.pop()
 
 
+def _drop_code_compiled_without_hooks(model) -> None:
+    """Code torch.compile made before this reduction for the forward of one of the model's
+    classes (a baseline copy compiled first, say) guards on no hooks, so it ran in place of the
+    reduced forward: the compiled reduced model gave the baseline's output (measured). Dropping
+    those entries makes the next compiled call of either model recompile, now guarding hooks."""
+    import inspect
+
+    import torch._dynamo
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    seen = set()
+    for module in model.modules():
+        fn = getattr(type(module), "forward", None)
+        while fn is not None:  # a decorated forward: the wrapper's code and each one inside it
+            code = getattr(fn, "__code__", None)
+            if code is not None and code not in seen:
+                seen.add(code)
+                if _debug_get_cache_entry_list(code):
+                    torch._dynamo.reset_code(code)
+            fn = getattr(fn, "__wrapped__", None)
+
+
 class Handle:
     """A reduction installed on a model. `.remove()` (or leaving a `with` block) undoes it exactly.
 
@@ -142,7 +163,8 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     that fails while installing takes its own hooks off again and leaves the model unreduced).
     While any reduction is installed, torch.compile guards on module hooks
     (torch._dynamo.config.skip_nnmodule_hook_guards = False; the last remove() restores the
-    setting): compile after reduce().
+    setting), and code torch.compile made earlier for the model's classes is dropped (it would
+    run without the hooks; a baseline compiled before recompiles once).
     """
     _refuse_compiled(model)
     policy = Policy.coerce(policy)
@@ -173,6 +195,7 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict
     _ACTIVE.add(handle)
     _guard_hooks_while_reduced(installing=True)
+    _drop_code_compiled_without_hooks(model)
     return handle
 
 
