@@ -39,8 +39,6 @@ def _drop_code_compiled_without_hooks(model) -> None:
     classes (a baseline copy compiled first, say) guards on no hooks, so it ran in place of the
     reduced forward: the compiled reduced model gave the baseline's output (measured). Dropping
     those entries makes the next compiled call of either model recompile, now guarding hooks."""
-    import inspect
-
     import torch._dynamo
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     seen = set()
