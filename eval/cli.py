@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vlm: pin the attention kernel (default auto, torch's choice; a CPU has flash and math)")
     b.add_argument("--compile", dest="compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="vit: time both models under torch.compile, MODE default, reduce-overhead (CUDA "
-                        "graphs on a GPU), max-autotune or max-autotune-no-cudagraphs (guarding on module "
-                        "hooks, so the baseline's compiled code is not reused for the reduced model)")
+                        "graphs on a GPU), max-autotune or max-autotune-no-cudagraphs (the reduction makes "
+                        "torch.compile guard on module hooks, so the baseline's compiled code is not reused "
+                        "for the reduced model)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("quality", add_help=False,
                    help="real DINOv2-S: linear-probe accuracy / CLS cosine / FLOPs / speed per policy "

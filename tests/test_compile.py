@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenreduce as tr
-from tokenreduce.eval.bench import bench_vit, hook_guards
+from tokenreduce.eval.bench import bench_vit
 from tokenreduce.hooks import PassRecord
 
 from test_vit_invariants import _tiny_timm
@@ -147,22 +147,21 @@ def test_compiled_reduction_matches_eager_compiles_once_and_is_removable():
         tokens = handle.stats["tokens"]
         assert not torch.allclose(want_reduced, want_base, atol=1e-3)  # the reduction shows
         dynamo.reset()
-        with hook_guards():
-            compiled_reduced = torch.compile(reduced, backend="eager")
-            compiled_base = torch.compile(base, backend="eager")
-            handle.recorder.last = PassRecord()  # the eager forward's record, cleared
-            assert "tokens" not in handle.stats
-            torch.testing.assert_close(compiled_reduced(x), want_reduced)
-            assert handle.stats["tokens"] == tokens  # the statistics are recorded in compiled code too
-            # the recorder's forward count once made every forward recompile
-            with dynamo.config.patch(error_on_recompile=True):
-                for _ in range(3):
-                    torch.testing.assert_close(compiled_reduced(x), want_reduced)
-            # a model of the same class compiled without hooks does not lend its graph to the reduced one
-            torch.testing.assert_close(compiled_base(x), want_base)
-            torch.testing.assert_close(compiled_reduced(x), want_reduced)
-            handle.remove()
-            torch.testing.assert_close(compiled_reduced(x), want_base)
+        compiled_reduced = torch.compile(reduced, backend="eager")
+        compiled_base = torch.compile(base, backend="eager")
+        handle.recorder.last = PassRecord()  # the eager forward's record, cleared
+        assert "tokens" not in handle.stats
+        torch.testing.assert_close(compiled_reduced(x), want_reduced)
+        assert handle.stats["tokens"] == tokens  # the statistics are recorded in compiled code too
+        # the recorder's forward count once made every forward recompile
+        with dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                torch.testing.assert_close(compiled_reduced(x), want_reduced)
+        # a model of the same class compiled without hooks does not lend its graph to the reduced one
+        torch.testing.assert_close(compiled_base(x), want_base)
+        torch.testing.assert_close(compiled_reduced(x), want_reduced)
+        handle.remove()
+        torch.testing.assert_close(compiled_reduced(x), want_base)
     dynamo.reset()
 
 

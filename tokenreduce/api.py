@@ -24,7 +24,8 @@ def _guard_hooks_while_reduced(installing: bool) -> None:
     own frame and a reduced block reused the code of an unhooked one: the compiled model ran
     unreduced, silently (measured). So while any reduction is installed dynamo guards on hooks
     (code compiled from then on recompiles where hooks differ); the last remove() restores the
-    user's setting. Code compiled before reduce() carries no such guards: compile after it."""
+    user's setting. Code compiled before reduce() carries no such guards: reduce() drops it
+    (_drop_code_compiled_without_hooks)."""
     import torch._dynamo
     cfg = torch._dynamo.config
     if installing and not _SAVED_HOOK_GUARDS:
