@@ -165,19 +165,61 @@ def test_compiled_reduction_matches_eager_compiles_once_and_is_removable():
     dynamo.reset()
 
 
-def test_a_compiled_model_is_refused_reduce_first():
-    """Code compiled before reduce() would run without the hooks: torch.compile's wrapper and a
-    module whose .compile() was called are refused with the order that works; reducing the
-    module and then compiling it is the supported way (tested above)."""
-    wrapped = torch.compile(_vit(), backend="eager")
-    with pytest.raises(tr.TokenReduceError, match=r"torch.compile's wrapper around a VisionTransformer.*"
-                                                  r"reduce\(model, policy\); model = torch.compile\(model\)"):
-        tr.reduce(wrapped, "vision.block.*=tome(r=3)")
+@pytest.mark.parametrize("spec", ["vision.block.*=tome(r=3)", "vision.block.1=random(keep=0.5)"])
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_a_model_compiled_before_reduce_runs_the_reduction_and_the_removal(how, spec):
+    """torch.compile's wrapper and a module whose .compile() ran: reduce() reduces the module
+    (inside the wrapper), and the code compiled before, which guards on no hooks, is dropped,
+    so the compiled model runs the reduced forward, then the unreduced one after remove()."""
+    from tokenreduce import api
     model = _vit()
-    model.compile(backend="eager")
-    with pytest.raises(tr.TokenReduceError, match=r"VisionTransformer.compile\(\) was called before reduce\(\)"):
-        tr.reduce(model, "vision.block.*=tome(r=3)")
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing installed
+    reference = copy.deepcopy(model)
+    tr.reduce(reference, spec)
+    dynamo.reset()
+    with torch.no_grad():
+        base = model(_x())
+        want = reference(_x())
+        if how == "torch.compile":
+            compiled = torch.compile(model, backend="eager")
+        else:
+            model.compile(backend="eager")
+            compiled = model
+        torch.testing.assert_close(compiled(_x()), base, rtol=0, atol=0)  # compiled unreduced
+        handle = tr.reduce(compiled, spec)
+        assert handle.model is model and model.__dict__[api._ATTR] is handle
+        assert set(tr.sites(compiled)) == set(tr.sites(model))
+        got = compiled(_x())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert (got - base).abs().max() > 1e-3
+        assert handle.stats["sites"]  # the hooks ran
+        assert tr.unreduce(compiled)
+        torch.testing.assert_close(compiled(_x()), base, rtol=0, atol=0)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    dynamo.reset()
+
+
+def test_a_reduced_model_collected_without_remove_gives_the_hook_guard_setting_back(monkeypatch):
+    """The last reduction restores the user's skip_nnmodule_hook_guards when removed, and also
+    when its model is garbage-collected without remove() (its hooks went with it)."""
+    import gc
+    import weakref
+
+    from tokenreduce import api
+    gc.collect()
+    monkeypatch.setattr(api, "_ACTIVE", weakref.WeakSet())  # reductions other tests left installed
+    monkeypatch.setattr(api, "_SAVED_HOOK_GUARDS", [])
+    with dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        first, second = _vit(), _vit()
+        tr.reduce(first, "vision.block.*=tome(r=2)")
+        tr.reduce(second, "vision.block.*=tome(r=2)")
+        assert dynamo.config.skip_nnmodule_hook_guards is False
+        del first
+        gc.collect()
+        assert dynamo.config.skip_nnmodule_hook_guards is False  # the second is still reduced
+        del second
+        gc.collect()
+        assert dynamo.config.skip_nnmodule_hook_guards is True
+        assert api._SAVED_HOOK_GUARDS == []
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 
-from .errors import SiteError, TokenReduceError, UnsupportedModelError
+from .errors import SiteError, TokenReduceError
 from .hooks import COPY_REFUSED, Recorder
 from .policy import Policy, describe_sites
 from .registry import find_adapter
@@ -23,8 +23,8 @@ def _guard_hooks_while_reduced(installing: bool) -> None:
     stage breaks the graph (a value read back, random's CPU draw), each block is compiled as its
     own frame and a reduced block reused the code of an unhooked one: the compiled model ran
     unreduced, silently (measured). So while any reduction is installed dynamo guards on hooks
-    (code compiled from then on recompiles where hooks differ); the last remove() restores the
-    user's setting. Code compiled before reduce() carries no such guards: reduce() drops it
+    (code compiled from then on recompiles where hooks differ); the last remove(), or the
+    collection of the last reduced model, restores the user's setting. Code compiled before reduce() carries no such guards: reduce() drops it
     (_drop_code_compiled_without_hooks)."""
     import torch._dynamo
     cfg = torch._dynamo.config
@@ -42,9 +42,15 @@ def _drop_code_compiled_without_hooks(model) -> None:
     those entries makes the next compiled call of either model recompile, now guarding hooks."""
     import torch._dynamo
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo import external_utils
+    # the frames torch.compile's wrapper or Module.compile() may compile on top of the forward
+    # (which one depends on torch's version and config.wrap_top_frame); they are shared by every
+    # module, so a compiled module elsewhere recompiles once too
+    tops = [torch.nn.Module._call_impl, torch.nn.Module._wrapped_call_impl]
+    if hasattr(external_utils, "wrap_inline"):
+        tops.append(external_utils.wrap_inline(len))  # its inner function's code
     seen = set()
-    for module in model.modules():
-        fn = getattr(type(module), "forward", None)
+    for fn in tops + [getattr(type(module), "forward", None) for module in model.modules()]:
         while fn is not None:  # a decorated forward: the wrapper's code and each one inside it
             code = getattr(fn, "__code__", None)
             if code is not None and code not in seen:
@@ -137,19 +143,15 @@ class Handle:
         return f"<tokenreduce.Handle {self.adapter.name} [{state}] {self.policy.to_spec(strict=False) or 'no stages'}>"
 
 
-def _refuse_compiled(model) -> None:
-    """Compiled code made before reduce() would run without its hooks (dynamo does not guard on
-    module hooks by default), so a compiled model is refused: reduce, then compile."""
+def _unwrap_compiled(model):
+    """torch.compile's wrapper (OptimizedModule) holds the module it compiles in `_orig_mod` and
+    calls that module, so reducing it means reducing the module inside. Its code, like that of a
+    module whose `.compile()` ran, was compiled without the hooks reduce() adds and guards on none:
+    reduce() drops it (_drop_code_compiled_without_hooks), so the next call recompiles with them."""
     inner = getattr(model, "_orig_mod", None)
     if inner is not None and type(model).__name__ == "OptimizedModule":
-        raise UnsupportedModelError(
-            f"this is torch.compile's wrapper around a {type(inner).__name__}; code it compiled would not run the "
-            "hooks reduce() adds. Reduce the module itself, then compile it: reduce(model, policy); "
-            "model = torch.compile(model)")
-    if getattr(model, "_compiled_call_impl", None) is not None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}.compile() was called before reduce(); its compiled code would not run the "
-            "hooks reduce() adds. Reduce first, then call model.compile()")
+        return _unwrap_compiled(inner)
+    return model
 
 
 def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
@@ -160,12 +162,13 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     Reducing an already reduced model replaces the previous policy (only once the new one is
     known to be valid: a policy that fails to parse or resolve leaves the old one installed; one
     that fails while installing takes its own hooks off again and leaves the model unreduced).
-    While any reduction is installed, torch.compile guards on module hooks
+    model may be torch.compile's wrapper (the module inside it is reduced) or a module whose
+    .compile() ran. While any reduction is installed, torch.compile guards on module hooks
     (torch._dynamo.config.skip_nnmodule_hook_guards = False; the last remove() restores the
     setting), and code torch.compile made earlier for the model's classes is dropped (it would
-    run without the hooks; a baseline compiled before recompiles once).
+    run without the hooks; the model, and a baseline compiled before, recompile once).
     """
-    _refuse_compiled(model)
+    model = _unwrap_compiled(model)
     policy = Policy.coerce(policy)
     adapter_cls = adapter or find_adapter(model)
     ad = _make_adapter(adapter_cls, model, adapter_options)
@@ -194,13 +197,16 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     model.__dict__[_ATTR] = handle  # plain attribute: not a submodule, not in state_dict
     _ACTIVE.add(handle)
     _guard_hooks_while_reduced(installing=True)
+    # a model dropped without remove() takes its hooks with it: the setting then follows the
+    # reductions still installed (weakrefs to the dead handle are cleared before this runs)
+    weakref.finalize(handle, _guard_hooks_while_reduced, installing=False)
     _drop_code_compiled_without_hooks(model)
     return handle
 
 
 def unreduce(model) -> bool:
     """Remove whatever reduction is installed on `model`. Returns True if there was one."""
-    h = model.__dict__.get(_ATTR)
+    h = _unwrap_compiled(model).__dict__.get(_ATTR)
     if h is None:
         return False
     h.remove()
@@ -209,6 +215,7 @@ def unreduce(model) -> bool:
 
 def sites(model, **adapter_options) -> dict:
     """The sites `model` publishes: name -> SiteInfo."""
+    model = _unwrap_compiled(model)
     return _make_adapter(find_adapter(model), model, adapter_options).sites()
 
 
