@@ -69,6 +69,37 @@ def test_reduced_vit_recompiles_once_for_a_new_batch_size(spec):
     assert len(frames) == 2  # batch 2 (static), batch 3 (symbolic batch); batch 4 reuses it
 
 
+@pytest.mark.parametrize("pool, spec", [("registers+avg", "vision.block.*=tome(r=3, inflection=-1)"),
+                                        ("cls", "vision.block.*=vtc_cls(keep=0.8)"),
+                                        ("cls", "vision.block.1=tome(r=3); vision.block.2=uniform(keep=0.5)")])
+def test_dynamic_true_keeps_the_token_counts_plain_ints(pool, spec):
+    """torch.compile(dynamic=True) makes a reducer's float (ToMe's inflection, a keep fraction)
+    and a count read back from the device symbols; the token counts derived from them nested
+    into expressions (37 - Max(0, TruncToInt(3.0 - 3.0*zf88)) after one ToMe block) that sympy
+    took about 5.5 minutes over on this 3-block ViT. The schedule is now worked out when the
+    stage is installed and the others are fixed (guarded) where they are read: every token
+    count in the graphs is a plain int, the batch stays a symbol, and the output is eager's."""
+    import re
+    model = _vit(**POOLS[pool])
+    tr.reduce(model, spec)
+    shapes = []
+
+    def backend(gm, example_inputs):
+        shapes.extend(tuple(n.meta["example_value"].shape) for n in gm.graph.nodes
+                      if isinstance(n.meta.get("example_value"), torch.Tensor))
+        return gm.forward
+    dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3):
+            torch.testing.assert_close(compiled(_x(batch)), model(_x(batch)), rtol=0, atol=0)
+    dynamo.reset()
+    assert shapes
+    float_sized = [s for s in shapes if re.search(r"zf|ToInt|sqrt", str(s))]
+    assert not float_sized, float_sized[:3]
+    assert any("s" in str(s[0]) for s in shapes if s)  # the batch is a symbol: dynamic shapes were on
+
+
 @pytest.mark.parametrize("spec", ["vision.block.1=random(keep=0.5)",
                                   "vision.block.1=tome(r=3); vision.block.2=uniform(keep=0.5)"])
 def test_a_stage_that_breaks_the_graph_still_runs_under_torch_compile_defaults(spec):

@@ -91,6 +91,18 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     return keep, assign, node_max, src_tok
 
 
+def fixed_under_compile(value):
+    """`value` itself in eager code. Traced by torch.compile with dynamic shapes, a reducer's
+    float (`keep=0.8`) or a count read back from the device is a symbol, and sizes derived from
+    it nest into expressions that sympy takes tens of seconds to minutes over; this fixes the
+    value the trace saw, guarded (another value recompiles), so the sizes stay plain ints."""
+    if not torch.compiler.is_compiling():
+        return value
+    # imported here: the module costs about 2 s of import time (sympy)
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
+    return guard_scalar(value)
+
+
 def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:
     """ToMe's per-layer merge schedule (tome.utils.parse_r).
 
@@ -113,6 +125,7 @@ def parse_r(num_layers: int, r, inflection: float = 0.0) -> list:
 
 def grid_lattice(h: int, w: int, k: int) -> Tensor:
     """k points spread evenly over an h x w grid: (k, 2) float (row, col) coordinates."""
+    h, w, k = fixed_under_compile(h), fixed_under_compile(w), fixed_under_compile(k)
     if k <= 0:
         return torch.zeros(0, 2)
     rows = max(1, min(h, round(math.sqrt(k * h / max(w, 1)))))

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .ops import fixed_under_compile
+
 
 class Kind(enum.IntEnum):
     """What a token is. Only VISUAL tokens may be removed or merged away."""
@@ -317,6 +319,8 @@ class Plan:
 def keep_count(num_visual: int, keep: int | float) -> int:
     """`TokenStream.budget(keep)` for a sample with `num_visual` visual tokens, on the host."""
     _check_keep(keep)
+    if isinstance(keep, float):
+        keep = fixed_under_compile(keep)  # a symbolic float under torch.compile's dynamic shapes
     # Python's round is budget()'s torch.round: half to even, on the same double product
     k = round(num_visual * keep) if isinstance(keep, float) else keep
     return max(0, min(k, num_visual))

@@ -70,8 +70,16 @@ class ToMe(Reducer):
     def schedule(self, depth: int) -> list:
         return parse_r(depth, self.r, self.inflection)
 
+    def check_site(self, site: SiteInfo) -> None:
+        super().check_site(site)
+        if site.depth is not None:
+            # worked out here, on the host: traced in the forward with torch.compile's dynamic
+            # shapes, `inflection` is a symbolic float and every later size a symbolic expression
+            self.__dict__.setdefault("_schedules", {})[site.depth] = self.schedule(site.depth)
+
     def plan(self, stream: TokenStream) -> Plan | None:
-        r = self.schedule(stream.depth)[stream.layer]
+        known = self.__dict__.get("_schedules", {}).get(stream.depth)
+        r = (known or self.schedule(stream.depth))[stream.layer]
         if r <= 0:
             return None
         # with the protected count known on the host (CLS, registers) the matching lists them
