@@ -67,27 +67,22 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
         unm_idx = unm_idx.sort(dim=1).values
     n_unm = unm_idx.shape[1]
     unm_tok, src_tok = unm_idx * 2, src_idx * 2
-    # B tokens fold into their own slot; unmerged A into theirs; merged A into their dst's slot.
-    assign = torch.empty(B, N, dtype=torch.long, device=dev)
     if protected_first and n_prot:
         # the protected A rows are -inf: never merged, and the first n_prot_a of the sorted
         # unmerged A (tokens 0, 2, ...); the protected B tokens are B's first P // 2 (1, 3, ...).
         # Slots: protected token t -> t, then the other unmerged A, then the other B tokens.
         pb = n_prot // 2
-        first_b = n_prot + n_unm - n_prot_a  # the slot of B token pb
         keep = torch.cat([torch.arange(n_prot, device=dev).expand(B, n_prot), unm_tok[:, n_prot_a:],
                           torch.arange(2 * pb + 1, N, 2, device=dev).expand(B, nb - pb)], dim=1)
-        assign[:, 1::2] = torch.cat([torch.arange(pb, device=dev) * 2 + 1,
-                                     torch.arange(first_b, first_b + nb - pb, device=dev)])
-        assign.scatter_(1, unm_tok, torch.cat([torch.arange(n_prot_a, device=dev) * 2,
-                                               torch.arange(n_prot, n_prot + n_unm - n_prot_a, device=dev)])
-                        .expand(B, n_unm))
-        assign.scatter_(1, src_tok, dst_idx + (first_b - pb))  # dst is never protected (-inf columns)
-        return keep, assign, node_max, src_tok
-    keep = torch.cat([unm_tok, torch.arange(1, N, 2, device=dev).expand(B, nb)], dim=1)
-    assign[:, 1::2] = torch.arange(n_unm, n_unm + nb, device=dev)
-    assign.scatter_(1, unm_tok, torch.arange(n_unm, device=dev).expand(B, n_unm))
-    assign.scatter_(1, src_tok, dst_idx + n_unm)
+        dst_slot = dst_idx + (n_prot + n_unm - n_prot_a - pb)  # B token j >= pb (dst is never protected)
+    else:
+        keep = torch.cat([unm_tok, torch.arange(1, N, 2, device=dev).expand(B, nb)], dim=1)
+        dst_slot = dst_idx + n_unm
+    # every token is kept (its own slot) or merged (its dst's slot): two scatters fill assign
+    K = keep.shape[1]
+    assign = torch.empty(B, N, dtype=torch.long, device=dev)
+    assign.scatter_(1, keep, torch.arange(K, device=dev).expand(B, K))
+    assign.scatter_(1, src_tok, dst_slot)
     return keep, assign, node_max, src_tok
 
 
