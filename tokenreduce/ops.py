@@ -19,7 +19,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     (their B columns are -inf), which is how the reference protects CLS / distillation tokens.
 
     metric: (B, N, D). protected: (B, N) bool. num_protected: the protected tokens per sample when
-    they are the first ones and the count is known on the host (saves device syncs).
+    they are the first ones and the count is known on the host (saves device syncs; `protected`
+    may then be None).
     protected_first (with num_protected): the survivors come ordered [the protected tokens in
     their own order, unmerged A, the rest of B], which is what a ViT reading its class and
     register tokens by index needs; otherwise a stream re-sorts them after every merge (an
@@ -37,7 +38,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     a, b = metric[:, ::2], metric[:, 1::2]
     na, nb = a.shape[1], b.shape[1]
     scores = a @ b.transpose(-1, -2)
-    if protected is not None and num_protected is not None:
+    if num_protected is not None:  # `protected` is not read: the count says it all
         # the first num_protected tokens: (P + 1) // 2 of them in A, P // 2 in B (slices: no mask reads)
         n_prot, n_prot_a = num_protected, (num_protected + 1) // 2
         if n_prot_a:

@@ -85,6 +85,6 @@ class ToMe(Reducer):
         # with the protected count known on the host (CLS, registers) the matching lists them
         # first, in the stream's prefix order, so no re-sort follows on the device
         prefix = stream.num_protected is not None
-        keep, assign, _, merged = bipartite_soft_matching(stream.signal("keys"), r, stream.protected,
+        keep, assign, _, merged = bipartite_soft_matching(stream.signal("keys"), r, None if prefix else stream.protected,
                                                           num_protected=stream.num_protected, protected_first=prefix)
         return Plan(keep=keep, assign=assign, checked=True, ordered="prefix" if prefix else None, merged=merged)
