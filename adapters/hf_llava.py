@@ -61,7 +61,7 @@ KINDS = {
     # sites' token bookkeeping does not follow)
     _T + "internvl.modeling_internvl.InternVLForConditionalGeneration": "generic",
     _T + "gemma3.modeling_gemma3.Gemma3ForConditionalGeneration": "generic",
-    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "generic",  # Pixtral tower: no grid
+    _T + "mistral3.modeling_mistral3.Mistral3ForConditionalGeneration": "generic",  # Pixtral tower: grids from image_sizes
     _T + "aya_vision.modeling_aya_vision.AyaVisionForConditionalGeneration": "generic",
     _T + "paligemma.modeling_paligemma.PaliGemmaForConditionalGeneration": "generic",
 }
@@ -297,6 +297,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                 args, kwargs = self._reduce_frames(args, kwargs)
             out = fn(*args, **kwargs)
             grids = kwargs.get(f"{modality}_grid_thw", args[1] if len(args) > 1 and self.kind == "qwen2_vl" else None)
+            if not self.square_grids and modality == "image":
+                grids = self._pixtral_grids(args, kwargs)
             self._reduce_projector_out(out, modality, grids)
             return out
         return get_features
@@ -316,6 +318,19 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
                     else:
                         args = (reduced,) + tuple(args[1:])
         return args, kwargs
+
+    def _pixtral_grids(self, args, kwargs):
+        """(1, rows, cols) of each image of a Pixtral tower, which keeps the image's aspect ratio,
+        from the `image_sizes` of the features call (Mistral 3 passes them second, a Llava class
+        by name): one token per patch_size x spatial_merge_size pixels (Mistral 3's 2x2 patch
+        merger; none in a Llava class), the tokens row-major. None without image_sizes."""
+        sizes = kwargs.get("image_sizes")
+        if sizes is None and len(args) > 1 and torch.is_tensor(args[1]) and args[1].dim() == 2:
+            sizes = args[1]
+        if sizes is None:
+            return None
+        per_token = self.tower.patch_size * (getattr(self.cfg, "spatial_merge_size", None) or 1)
+        return [(1, int(h) // per_token, int(w) // per_token) for h, w in torch.as_tensor(sizes).tolist()]
 
     def _fresh_item_state(self, x: Tensor, modality: str, index: int, grids) -> tuple:
         """Token bookkeeping for one item (N, D) as the projector produced it, and the number of
@@ -337,6 +352,8 @@ class LlavaFamilyAdapter(PerThreadState, Adapter):
             t, h, w = (int(v) for v in grids[index])
             m = getattr(self.tower, "spatial_merge_size", 2)
             grid = (t, h // m, w // m)
+        elif not self.square_grids and grids is not None and index < len(grids):
+            grid = grids[index]  # a Pixtral tower's image: its own rows and columns
         elif modality == "video" and self.kind in ("onevision", "next_video") and self._video_frames:
             T = self._video_frames
             per = n_vis // T

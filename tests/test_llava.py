@@ -724,6 +724,52 @@ def test_pixtral_images_of_other_aspect_ratios_are_not_taken_for_square_grids(na
     assert len(kept) == 4 and any(p % 8 >= 4 for p in kept), kept  # the right half of the image is reached
 
 
+@tr.register_reducer
+@dataclasses.dataclass
+class RecordGrid(tr.Reducer):
+    """Test reducer: records each stream's grid and patch numbers, changes nothing."""
+    name = "record_grid_test"
+    summary = "test only"
+    site_families = ("projector.out", "llm.layer")
+    seen: list = dataclasses.field(default_factory=list)
+
+    def plan(self, stream):
+        self.seen.append((stream.site, stream.grid, stream.patch[0].tolist()))
+        return None
+
+
+@pytest.mark.parametrize("name, size, grid", [("mistral3", (56, 224), (1, 2, 8)), ("mistral3", (84, 56), (1, 3, 2)),
+                                              ("llava_pixtral", (28, 112), (1, 2, 8))])
+def test_pixtral_images_get_their_own_grid_from_image_sizes(name, size, grid):
+    """a Pixtral tower keeps each image's aspect ratio, so its tokens' grid comes from the
+    image_sizes of the call (one token per 14 x 2 pixels with Mistral 3's 2x2 merger, per 14
+    in a Llava class), row-major with an [IMG_BREAK] text token after each row. The streams at
+    projector.out and in the LLM carry it (they had none), and uniform keeps the lattice picks
+    of that grid, as on every other gridded image."""
+    from tokenreduce.reducers.uniform import _full_grid_choice
+    model = V.mistral3("sdpa").model if name == "mistral3" else _llava_with_a_pixtral_tower()
+    _, rows, cols = grid
+    run = []
+    for _ in range(rows):
+        run += [V.IMG] * cols + [30]  # each row ended by [IMG_BREAK]
+    ids = torch.tensor([[5, 6] + run + [8, 9]])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                 pixel_values=torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)),
+                 image_sizes=torch.tensor([list(size)]))
+    spy = RecordGrid()
+    policy = tr.Policy([tr.Stage("projector.out", spy), tr.Stage("llm.layer.1", spy)])
+    with torch.no_grad(), tr.reduce(model, policy):
+        model(**batch)
+    (site0, grid0, patch0), (site1, grid1, patch1) = spy.seen
+    assert (site0, grid0, patch0) == ("projector.out", grid, list(range(rows * cols)))
+    in_llm = [p for p in patch1 if p >= 0]
+    assert (site1, grid1, in_llm) == ("llm.layer.1", grid, list(range(rows * cols)))
+    k = rows * cols // 2
+    with torch.no_grad(), tr.reduce(model, f"projector.out=uniform(keep={k})") as h:
+        model(**batch)
+    assert h.trace["projector.out"]["pos"][0].tolist() == sorted(_full_grid_choice(rows, cols, k).tolist())
+
+
 def test_gradient_checkpointing_in_the_llm_is_refused_with_llm_sites():
     """HF checkpointing re-runs each decoder layer in backward, where the llm.layer hooks see the
     tokens of the end of the forward (backward failed with a size mismatch inside the attention
