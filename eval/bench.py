@@ -71,9 +71,9 @@ def cuda_graphed(fn, device):
     replays it. Kernel launches and the Python of the hooks are paid once, at capture, which is
     what a GPU too fast for its host needs. Only a forward that neither reads values back to the
     host nor copies from it can be captured (ToMe with a fixed r; vtc_cls with a fixed `keep`;
-    uniform on whole frames): ATP, PruMerge+, FrameFusion and uniform after another reduction read
-    counts or indices back, random copies its CPU-drawn scores; their capture fails with a
-    ValueError saying so."""
+    uniform on whole frames; random, whose CPU draw the warm-up copies to the device, once): ATP,
+    PruMerge+, FrameFusion and uniform after another reduction read counts or indices back; their
+    capture fails with a ValueError saying so."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
@@ -87,8 +87,7 @@ def cuda_graphed(fn, device):
     except RuntimeError as exc:
         raise ValueError(f"--cuda-graph: the forward cannot be captured in a CUDA graph ({str(exc).splitlines()[0]}); "
                          "a captured forward may neither read values back to the host (ATP, PruMerge+, FrameFusion "
-                         "and uniform after another reduction read counts or indices) nor copy from it (random "
-                         "draws its scores on the CPU)") from None
+                         "and uniform after another reduction read counts or indices) nor copy from it") from None
 
     def replay():
         graph.replay()

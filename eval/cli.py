@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True, default=None,
                    help="vit: time both models as CUDA-graph replays (no Python or launch overhead; for a "
                         "forward that reads nothing back to the host: ToMe with a fixed r, vtc_cls with a fixed keep, "
-                        "uniform on whole frames)")
+                        "uniform on whole frames, random)")
     b.add_argument("--sdpa", default=None, choices=["auto", "flash", "efficient", "cudnn", "math"],
                    help="vlm: pin the attention kernel (default auto, torch's choice; a CPU has flash and math)")
     b.add_argument("--compile", dest="compile", nargs="?", const="default", default=None, metavar="MODE",

@@ -373,6 +373,40 @@ def test_a_meta_device_forward_says_which_reducer_needs_values():
             m(x)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_random_copies_its_draw_to_the_device_once(shared):
+    """random draws on the CPU (the same picks on every device) and copied the draw to the
+    model's device in every forward: a host-to-device copy, which a CUDA-graph capture refuses.
+    The copy is now made once and kept: the second forward (on the meta device here) copies
+    nothing from the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+                src = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+                if src.device.type == "cpu" and out.device.type == "meta":
+                    self.count += 1
+            return out
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval().to("meta")
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    spec = f"vision.block.1=random(keep=0.5, seed=12345, shared={shared})"  # a seed no other test uses
+    with tr.reduce(m, spec) as h, torch.no_grad():
+        copies = []
+        for _ in range(2):
+            with HostCopies() as mode:
+                m(x)
+            copies.append(mode.count)
+            assert h.stats["tokens"][-1] == 1 + 8
+    assert copies == [1, 0], copies
+
+
 def test_timm_diff_attention_is_refused_at_reduce_time():
     m = _tiny_timm(img_size=64, embed_dim=64, depth=2, num_heads=4, attn_layer="diff")
     with pytest.raises(tr.UnsupportedModelError, match="with attention DiffAttention; tokenreduce supports"):

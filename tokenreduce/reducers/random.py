@@ -1,7 +1,9 @@
 """Random pruning baseline."""
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +48,7 @@ class RandomPrune(Reducer):
         if k is None:
             return None
         shape = (stream.num_tokens,) if self.shared else tuple(stream.pos.shape)
-        scores = _draw(self.seed, stream.layer or 0, stream.site, shape).to(stream.x.device)
+        scores = _draw_on(self.seed, stream.layer or 0, stream.site, shape, stream.x.device)
         if self.shared:  # one table, indexed by each token's rank among its sample's visual tokens
             scores = scores[(stream.visual.long().cumsum(1) - 1).clamp(min=0)]
         return keep_top_visual(stream, scores, k)
@@ -62,3 +64,28 @@ def _draw(seed: int, layer: int, site: str, shape: tuple) -> torch.Tensor:
     generator's range."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 7919 + zlib.crc32(site.encode())) % 2 ** 63)
     return torch.rand(shape, generator=g)
+
+
+_ON_DEVICE: OrderedDict = OrderedDict()  # (seed, layer, site, shape, device) -> the draw there, newest last
+_ON_DEVICE_MAX = 64
+_ON_DEVICE_LOCK = threading.Lock()
+
+
+def _draw_on(seed: int, layer: int, site: str, shape: tuple, device: torch.device) -> torch.Tensor:
+    """`_draw(...)` on `device`, copied there once and kept (the 64 latest draws): later forwards
+    make no host-to-device copy, which a CUDA-graph capture refuses (the bench warms up before
+    it captures). The copy is only read (ranked), never written."""
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return _draw(seed, layer, site, shape).to(device)
+    key = (seed, layer, site, shape, device)
+    with _ON_DEVICE_LOCK:
+        scores = _ON_DEVICE.get(key)
+        if scores is not None:
+            _ON_DEVICE.move_to_end(key)
+            return scores
+    scores = _draw(seed, layer, site, shape).to(device)
+    with _ON_DEVICE_LOCK:
+        _ON_DEVICE[key] = scores
+        while len(_ON_DEVICE) > _ON_DEVICE_MAX:
+            _ON_DEVICE.popitem(last=False)
+    return scores
