@@ -24,8 +24,8 @@ def _guard_hooks_while_reduced(installing: bool) -> None:
     own frame and a reduced block reused the code of an unhooked one: the compiled model ran
     unreduced, silently (measured). So while any reduction is installed dynamo guards on hooks
     (code compiled from then on recompiles where hooks differ); the last remove(), or the
-    collection of the last reduced model, restores the user's setting. Code compiled before reduce() carries no such guards: reduce() drops it
-    (_drop_code_compiled_without_hooks)."""
+    collection of the last reduced model, restores the user's setting. Code compiled before
+    reduce() carries no such guards: reduce() drops it (_drop_code_compiled_without_hooks)."""
     import torch._dynamo
     cfg = torch._dynamo.config
     if installing and not _SAVED_HOOK_GUARDS:
@@ -164,9 +164,10 @@ def reduce(model, policy, *, adapter=None, **adapter_options) -> Handle:
     that fails while installing takes its own hooks off again and leaves the model unreduced).
     model may be torch.compile's wrapper (the module inside it is reduced) or a module whose
     .compile() ran. While any reduction is installed, torch.compile guards on module hooks
-    (torch._dynamo.config.skip_nnmodule_hook_guards = False; the last remove() restores the
-    setting), and code torch.compile made earlier for the model's classes is dropped (it would
-    run without the hooks; the model, and a baseline compiled before, recompile once).
+    (torch._dynamo.config.skip_nnmodule_hook_guards = False; the last remove(), or the garbage
+    collection of the last reduced model, restores the setting), and code torch.compile made
+    earlier for the model's classes is dropped (it would run without the hooks; the model, and a
+    baseline compiled before, recompile once).
     """
     model = _unwrap_compiled(model)
     policy = Policy.coerce(policy)
